@@ -7,10 +7,7 @@ import importlib
 import sys
 
 from rlmt_jax.commands import COMMANDS
-
-
-class UserError(Exception):
-    """An error the user can fix (bad config, missing file, malformed input); printed without a trace."""
+from rlmt_jax.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
