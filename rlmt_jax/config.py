@@ -1,0 +1,648 @@
+"""Run configuration: typed frozen dataclasses, YAML files, `key=value` overrides, validation up front.
+
+    cfg = resolve("configs/grpo_llama31_8b_instruct.yaml", ["rollout.temperature=0.8"])
+    cfg = resolve(None, [])                  # the shipped tiny default (configs/tiny.yaml)
+    text = to_yaml(cfg); load_yaml_text(text) == cfg
+
+Every problem a user can cause (unknown key, wrong type, impossible combination) is one `UserError` that
+names the dotted key. Defaults follow the paper's main run (GRPO, Llama-3.1-8B-Instruct, think/strict);
+shipped recipes state every number anyway so that a config file reads as the full run.
+
+Paths of the form `builtin:NAME` name things the package ships or makes itself (the tiny default):
+`builtin:tiny-policy` and `builtin:tiny-reward` are built by the trainer from a fixed seed,
+`builtin:tiny-prompts` is the prompt set in rlmt_jax/resources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlmt_jax.errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-policy", "tiny-reward")
+BUILTIN_DATA = {"tiny-prompts": "tiny_prompts.jsonl"}
+DEFAULT_CONFIG = "tiny.yaml"
+RESOLVED_CONFIG_NAME = "config.yaml"
+
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where the models live: Hugging Face directories (a hub id-like path is a local dir you provide)."""
+
+    policy: str | None = None
+    reference: str | None = None  # None: the initial policy
+    reward_model: str | None = None
+    critic: str | None = None  # None: the policy checkpoint with a fresh value head (PPO)
+    tokenizer: str | None = None  # None: the policy's tokenizer
+
+    @property
+    def reference_path(self) -> str | None:
+        return self.reference or self.policy
+
+    @property
+    def critic_path(self) -> str | None:
+        return self.critic or self.policy
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.tokenizer or self.policy
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """How prompts are rendered and how a plan is split from the answer."""
+
+    mode: Literal["think", "zero", "none"] = "think"
+    strict: bool = False  # a missing delimiter turns the answer into "[NULL]"
+    format_penalty: float | None = None  # a fixed reward for malformed output; None: the RM scores it
+    zero_family: Literal["llama", "qwen"] | None = None  # picks the EOS text of the zero template
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The prompt set (RL) or the conversations with thinking traces (SFT)."""
+
+    train_path: str | None = None
+    format: Literal["auto", "jsonl", "parquet", "datasets"] = "auto"
+    prompt_column: str | None = None  # None: `messages`, else `prompt`
+    max_prompt_tokens: int = 1024  # longer prompts are left-truncated
+    shuffle_seed: int = 0
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling from the policy."""
+
+    n: int = 8  # samples per prompt
+    prompts_per_step: int = 64  # over all hosts
+    max_new_tokens: int = 4096
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int | None = None  # None: off
+    prompt_buckets: tuple[int, ...] = ()  # padded prompt lengths; data.max_prompt_tokens is always one
+    cache_dtype: DType | None = None  # None: runtime.dtype
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    std_normalize: bool = True  # (r - mean) / (std + eps); False: r - mean
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    gamma: float = 1.0
+    gae_lambda: float = 1.0
+    whiten_advantages: bool = True
+    value_clip: float | None = 0.5
+    value_coef: float = 0.5
+    critic_lr: float = 1e-5
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0
+    min_valid: int = 4  # prompts with fewer parseable answers are skipped
+    max_pair_tokens: int = 8192  # longer pairs are dropped
+    epochs: int = 2
+    batch_size: int = 128  # pairs per optimizer step
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    epochs: int = 2
+    batch_size: int = 16  # conversations per optimizer step
+    max_seq_tokens: int = 8192  # longer conversations are truncated on the right
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The algorithm and its loss settings; clip/KL/entropy/aggregation serve GRPO and PPO."""
+
+    name: Literal["grpo", "ppo", "dpo", "sft"] = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0
+    kl_coef: float = 0.001  # 0: no KL term, no reference forward
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.001
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
+    update_epochs: int = 1  # passes over each rollout batch
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW for the policy (the PPO critic uses the same settings with algorithm.ppo.critic_lr)."""
+
+    lr: float = 1e-6
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # global norm; None: off
+    micro_batch_size: int = 8  # sequences per forward/backward over the whole mesh; grads accumulate
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the models compute."""
+
+    dtype: DType = "bfloat16"
+    param_dtype: DType = "float32"
+    remat: Literal["none", "full", "dots"] = "full"
+    scan_layers: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (-1: all remaining devices, at most one axis) and the slices they span.
+
+    `data`, `fsdp`, `tensor` are the whole mesh; `dcn_*` say over how many slices (multi-slice TPU, linked
+    by the data-centre network) each axis is laid; within a slice (ICI) an axis has size / dcn devices.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    initialize_distributed: bool | None = None  # jax.distributed.initialize(); None: when multi-host
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None  # None: <run.output_dir>/checkpoints
+    save_every: int = 50  # steps; also at the end
+    keep: int = 3  # the newest checkpoints kept, plus the best one
+    best_metric: str | None = None  # a metrics.jsonl key; None: no best kept
+    best_mode: Literal["max", "min"] = "max"
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 1  # steps between metric lines
+    samples_per_step: int = 4  # rollouts written to samples.jsonl
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    total_steps: int | None = None  # None: every batch of data.epochs passes
+    export_at_end: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSettings = field(default_factory=RunSettings)
+    model: ModelPaths = field(default_factory=ModelPaths)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def prompt_buckets(self) -> tuple[int, ...]:
+        """The padded prompt lengths the sampler compiles for, ending at data.max_prompt_tokens."""
+        limit = self.data.max_prompt_tokens
+        return tuple(b for b in self.rollout.prompt_buckets if b < limit) + (limit,)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run.output_dir, "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a config from nested dicts, with type checks that name the key.
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config, e.g. 'rollout.temperature'."""
+    keys = []
+    for name, hint in _hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_error(dotted: str, cls: type, prefix: str) -> UserError:
+    section_names = list(_hints(cls))
+    leaf = dotted.rsplit(".", 1)[-1]
+    everywhere = _all_keys()
+    close = [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf]  # right name, wrong section
+    if not close:
+        close = [prefix + k for k in difflib.get_close_matches(leaf, section_names, n=1, cutoff=0.6)]
+    if not close:
+        close = difflib.get_close_matches(dotted, everywhere, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(section_names)}"
+    return UserError(f"unknown config key '{dotted}': {hint}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _type_name(hint: Any) -> str:
+    """Words for an annotation: 'an integer or null', 'a list of 2 numbers'."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_type_name(args[0])})"
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    """Checks `value` against the annotation `hint` and returns it in the field's type."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' is a section: expected a mapping, got {value!r}")
+        return _build(hint, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except UserError:
+                pass
+        raise UserError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise UserError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        # YAML 1.1 reads `1e-6` (no dot) as a string: accept any text Python reads as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"config key '{key}' must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
+            raise UserError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config field '{key}' has an unsupported annotation {hint!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        dotted = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in hints:
+            raise _unknown_key_error(str(dotted), cls, prefix)
+        kwargs[name] = _convert(hints[name], value, dotted)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation of combinations: one UserError naming the key.
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise UserError(f"config key '{key}' {message}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raises one UserError naming the key for the first impossible value or combination; returns cfg."""
+    algo, roll, tmpl, opt, mesh = cfg.algorithm, cfg.rollout, cfg.template, cfg.optimizer, cfg.mesh
+
+    _check(cfg.model.policy is not None, "model.policy", "is required: the policy's Hugging Face directory")
+    if algo.name != "sft":
+        _check(cfg.model.reward_model is not None, "model.reward_model",
+               f"is required by algorithm.name={algo.name}")
+    _check(cfg.data.train_path is not None, "data.train_path", "is required: a JSONL, Parquet or datasets dir")
+    for key in ("policy", "reference", "reward_model", "critic", "tokenizer"):
+        path = getattr(cfg.model, key)
+        if path is not None and path.startswith(BUILTIN_PREFIX):
+            name = path[len(BUILTIN_PREFIX):]
+            _check(name in BUILTIN_MODELS, f"model.{key}",
+                   f"names an unknown built-in model {path!r}; built-ins: "
+                   + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
+    if cfg.data.train_path and cfg.data.train_path.startswith(BUILTIN_PREFIX):
+        name = cfg.data.train_path[len(BUILTIN_PREFIX):]
+        _check(name in BUILTIN_DATA, "data.train_path",
+               f"names an unknown built-in data set {cfg.data.train_path!r}; built-ins: "
+               + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATA))
+
+    # template
+    if tmpl.mode == "zero":
+        _check(tmpl.zero_family is not None, "template.zero_family",
+               "is required with template.mode=zero: llama or qwen (it picks the EOS text)")
+    else:
+        _check(tmpl.zero_family is None, "template.zero_family",
+               f"is only used with template.mode=zero (mode is {tmpl.mode}): remove it")
+    if tmpl.mode == "none":
+        _check(not tmpl.strict, "template.strict", "needs a plan to check: set it false with template.mode=none")
+        _check(tmpl.format_penalty is None, "template.format_penalty",
+               "needs a format to check: leave it null with template.mode=none")
+
+    # data
+    _check(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    _check(cfg.data.epochs >= 1, "data.epochs", "must be >= 1")
+    _check(cfg.data.prompt_column != "", "data.prompt_column", "must be a column name or null")
+
+    # rollout
+    _check(roll.n >= 1, "rollout.n", "must be >= 1")
+    _check(roll.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+    _check(roll.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(roll.temperature > 0, "rollout.temperature",
+           "must be > 0 (log-probs are taken from logits / temperature)")
+    _check(0 < roll.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {roll.top_p}")
+    _check(roll.top_k is None or roll.top_k >= 1, "rollout.top_k", "must be >= 1 or null (off)")
+    buckets = roll.prompt_buckets
+    _check(all(b >= 1 for b in buckets), "rollout.prompt_buckets", "must hold positive lengths")
+    _check(list(buckets) == sorted(set(buckets)), "rollout.prompt_buckets", "must be strictly increasing")
+    _check(not buckets or buckets[-1] <= cfg.data.max_prompt_tokens, "rollout.prompt_buckets",
+           f"must not exceed data.max_prompt_tokens ({cfg.data.max_prompt_tokens})")
+
+    # algorithm
+    if algo.name == "grpo":
+        _check(roll.n >= 2, "rollout.n", f"must be >= 2 for GRPO (advantages compare samples of a group), got {roll.n}")
+    if algo.name == "dpo":
+        _check(algo.dpo.min_valid >= 2, "algorithm.dpo.min_valid", "must be >= 2 (a pair needs two answers)")
+        _check(roll.n >= algo.dpo.min_valid, "rollout.n",
+               f"must be >= algorithm.dpo.min_valid ({algo.dpo.min_valid}) for DPO, got {roll.n}")
+    if algo.name == "sft":
+        _check(cfg.data.epochs == 1, "data.epochs", "is not used by SFT: set algorithm.sft.epochs instead")
+    _check(0 < algo.clip_low < 1, "algorithm.clip_low", "must be in (0, 1)")
+    _check(algo.clip_high > 0, "algorithm.clip_high", "must be > 0")
+    _check(algo.dual_clip is None or algo.dual_clip > 1, "algorithm.dual_clip", "must be > 1 or null (off)")
+    _check(algo.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+    _check(algo.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0")
+    _check(algo.update_epochs >= 1, "algorithm.update_epochs", "must be >= 1")
+    _check(algo.grpo.eps > 0, "algorithm.grpo.eps", "must be > 0")
+    _check(0 <= algo.ppo.gamma <= 1, "algorithm.ppo.gamma", "must be in [0, 1]")
+    _check(0 <= algo.ppo.gae_lambda <= 1, "algorithm.ppo.gae_lambda", "must be in [0, 1]")
+    _check(algo.ppo.value_clip is None or algo.ppo.value_clip > 0, "algorithm.ppo.value_clip",
+           "must be > 0 or null (off)")
+    _check(algo.ppo.value_coef > 0, "algorithm.ppo.value_coef", "must be > 0")
+    _check(algo.ppo.critic_lr > 0, "algorithm.ppo.critic_lr", "must be > 0")
+    _check(algo.dpo.beta > 0, "algorithm.dpo.beta", "must be > 0")
+    _check(0 <= algo.dpo.label_smoothing < 0.5, "algorithm.dpo.label_smoothing", "must be in [0, 0.5)")
+    _check(algo.dpo.max_pair_tokens >= 2, "algorithm.dpo.max_pair_tokens", "must be >= 2")
+    _check(algo.dpo.epochs >= 1, "algorithm.dpo.epochs", "must be >= 1")
+    _check(algo.dpo.batch_size >= 1, "algorithm.dpo.batch_size", "must be >= 1")
+    _check(algo.sft.epochs >= 1, "algorithm.sft.epochs", "must be >= 1")
+    _check(algo.sft.batch_size >= 1, "algorithm.sft.batch_size", "must be >= 1")
+    _check(algo.sft.max_seq_tokens >= 2, "algorithm.sft.max_seq_tokens", "must be >= 2")
+
+    # optimizer
+    _check(opt.lr > 0, "optimizer.lr", "must be > 0")
+    _check(0 <= opt.warmup_ratio < 1, "optimizer.warmup_ratio", "must be in [0, 1)")
+    _check(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(all(0 <= b < 1 for b in opt.betas), "optimizer.betas", "must both be in [0, 1)")
+    _check(opt.eps > 0, "optimizer.eps", "must be > 0")
+    _check(opt.grad_clip is None or opt.grad_clip > 0, "optimizer.grad_clip", "must be > 0 or null (off)")
+    _check(opt.micro_batch_size >= 1, "optimizer.micro_batch_size", "must be >= 1")
+    batch_key, batch = {
+        "grpo": ("rollout.prompts_per_step x rollout.n", roll.prompts_per_step * roll.n),
+        "ppo": ("rollout.prompts_per_step x rollout.n", roll.prompts_per_step * roll.n),
+        "dpo": ("algorithm.dpo.batch_size", algo.dpo.batch_size),
+        "sft": ("algorithm.sft.batch_size", algo.sft.batch_size),
+    }[algo.name]
+    _check(batch % opt.micro_batch_size == 0, "optimizer.micro_batch_size",
+           f"({opt.micro_batch_size}) must divide the update batch, {batch_key} = {batch}")
+
+    # mesh
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    for axis, size in sizes.items():
+        _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}")
+        dcn = getattr(mesh, f"dcn_{axis}")
+        _check(dcn >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {dcn}")
+        _check(size == -1 or size % dcn == 0, f"mesh.dcn_{axis}",
+               f"({dcn}) must divide mesh.{axis} ({size}): each slice holds mesh.{axis} / mesh.dcn_{axis}")
+    fills = [axis for axis, size in sizes.items() if size == -1]
+    _check(len(fills) <= 1, f"mesh.{fills[-1]}" if fills else "mesh",
+           f"cannot be -1 too: one axis only may fill the remaining devices (-1 on {', '.join(fills)})")
+
+    # checkpoint, logging, run
+    ckpt = cfg.checkpoint
+    _check(ckpt.save_every >= 1, "checkpoint.save_every", "must be >= 1")
+    _check(ckpt.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(ckpt.best_metric != "", "checkpoint.best_metric", "must be a metric name or null")
+    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _check(cfg.logging.samples_per_step >= 0, "logging.samples_per_step", "must be >= 0")
+    _check(bool(cfg.run.output_dir), "run.output_dir", "must be a directory path")
+    _check(cfg.run.total_steps is None or cfg.run.total_steps >= 1, "run.total_steps", "must be >= 1 or null")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files, overrides, YAML.
+
+
+def shipped_config_dir() -> Path:
+    """The package's copy of configs/ (rlmt_jax/configs, package data)."""
+    return Path(str(resources.files("rlmt_jax") / "configs"))
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name for p in shipped_config_dir().glob("*.yaml"))
+
+
+def find_config(path_or_name: str) -> Path:
+    """A config file by path, or by the name of a shipped config (`tiny`, `grpo_qwen25_7b_zero.yaml`)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = path_or_name if path_or_name.endswith((".yaml", ".yml")) else f"{path_or_name}.yaml"
+    if os.sep not in path_or_name and (shipped_config_dir() / name).is_file():
+        return shipped_config_dir() / name
+    raise UserError(f"config file '{path_or_name}' not found (shipped configs: {', '.join(shipped_configs())})")
+
+
+def _parse_yaml(text: str, source: str) -> dict:
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"config file '{source}' is not valid YAML: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file '{source}' must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def apply_override(values: dict, override: str) -> None:
+    """Sets `section.key=value` in the nested dict `values`; the value is read as a YAML scalar or list."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"override '{override}' must be key=value, e.g. rollout.temperature=0.8")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    cls: Any = RunConfig
+    node = values
+    for depth, part in enumerate(parts):
+        hints = _hints(cls)
+        prefix = ".".join(parts[:depth])
+        if part not in hints:
+            raise _unknown_key_error(key, cls, f"{prefix}." if prefix else "")
+        hint = hints[part]
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            if not dataclasses.is_dataclass(hint):
+                raise UserError(f"config key '{'.'.join(parts[:depth + 1])}' is a value, not a section: "
+                                f"'{key}' does not exist")
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node, cls = child, hint
+
+
+def from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Builds and validates a config from nested dicts plus `key=value` overrides."""
+    values = _deep_copy(values)
+    for override in overrides:
+        apply_override(values, override)
+    return validate(_build(RunConfig, values))
+
+
+def load_yaml_text(text: str, overrides: list[str] | tuple[str, ...] = (), source: str = "<text>") -> RunConfig:
+    return from_dict(_parse_yaml(text, source), overrides)
+
+
+def resolve(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The validated config of a YAML file (None: the shipped tiny default) with `key=value` overrides."""
+    file = find_config(DEFAULT_CONFIG if path is None else os.fspath(path))
+    try:
+        text = file.read_text()
+    except OSError as err:
+        raise UserError(f"config file '{file}' cannot be read: {err.strerror}") from None
+    return load_yaml_text(text, overrides, source=str(file))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Nested plain dicts and lists (tuples become lists), every field present."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    def walk(obj: Any) -> dict:
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out[f.name] = walk(value) if dataclasses.is_dataclass(value) else plain(value)
+        return out
+
+    return walk(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The full config as YAML; `load_yaml_text(to_yaml(cfg)) == cfg`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+
+
+def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike) -> Path:
+    """Writes the resolved config to `run_dir/config.yaml` atomically (no half-written file) and returns it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / RESOLVED_CONFIG_NAME
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(to_yaml(cfg))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_resolved(run_dir: str | os.PathLike) -> RunConfig:
+    """The config a run saved with `save_resolved`."""
+    path = Path(run_dir) / RESOLVED_CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' is not a run dir: it has no {RESOLVED_CONFIG_NAME}")
+    return load_yaml_text(path.read_text(), source=str(path))
+
+
+def builtin_name(path: str | None) -> str | None:
+    """'tiny-policy' for 'builtin:tiny-policy'; None for an ordinary path."""
+    if path is not None and path.startswith(BUILTIN_PREFIX):
+        return path[len(BUILTIN_PREFIX):]
+    return None
+
+
+def _deep_copy(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {k: _deep_copy(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_deep_copy(v) for v in values]
+    return values
