@@ -1,0 +1,73 @@
+"""The algorithms' math as pure jnp functions: advantages and losses for GRPO, PPO, DPO and SFT."""
+
+from rlmt_jax.algorithms.common import (
+    AGGREGATION_MODES,
+    KL_ESTIMATORS,
+    ActorLossConfig,
+    actor_loss,
+    aggregate,
+    aggregation_weights,
+    chunked_sequence_logprobs_and_entropy,
+    clipped_policy_losses,
+    count_sequences,
+    count_tokens,
+    kl_penalty,
+    logprobs_and_entropy,
+    masked_mean,
+    masked_whiten,
+    sequence_logprobs_and_entropy,
+    shift_right,
+)
+from rlmt_jax.algorithms.dpo import (
+    DPOConfig,
+    PairSelection,
+    PreferencePair,
+    build_preference_pairs,
+    dpo_loss,
+    sequence_logprobs,
+)
+from rlmt_jax.algorithms.grpo import GRPOConfig, group_advantages, grpo_loss
+from rlmt_jax.algorithms.ppo import (
+    PPOConfig,
+    gae_advantages,
+    last_token_rewards,
+    ppo_actor_loss,
+    ppo_advantages,
+    value_loss,
+)
+from rlmt_jax.algorithms.sft import sft_loss
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "KL_ESTIMATORS",
+    "ActorLossConfig",
+    "DPOConfig",
+    "GRPOConfig",
+    "PPOConfig",
+    "PairSelection",
+    "PreferencePair",
+    "actor_loss",
+    "aggregate",
+    "aggregation_weights",
+    "build_preference_pairs",
+    "chunked_sequence_logprobs_and_entropy",
+    "clipped_policy_losses",
+    "count_sequences",
+    "count_tokens",
+    "dpo_loss",
+    "gae_advantages",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "last_token_rewards",
+    "logprobs_and_entropy",
+    "masked_mean",
+    "masked_whiten",
+    "ppo_actor_loss",
+    "ppo_advantages",
+    "sequence_logprobs",
+    "sequence_logprobs_and_entropy",
+    "sft_loss",
+    "shift_right",
+    "value_loss",
+]
