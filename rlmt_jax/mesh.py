@@ -27,7 +27,14 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlmt_jax.config import MeshConfig  # the `mesh:` settings, defined once with the run config
 from rlmt_jax.errors import UserError
+
+__all__ = [
+    "MESH_AXES", "RULES", "AxisRule", "MeshConfig", "activation_constraint", "activation_sharding", "batch_sharding",
+    "batch_split", "device_grid", "initialize_distributed", "is_main_process", "logical_to_spec", "make_mesh",
+    "make_placer", "param_shardings", "resolve_mesh_shape", "shard_batch", "shard_params",
+]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -63,30 +70,6 @@ RULES: Mapping[str, AxisRule] = {
     "seq": AxisRule(param=None, activation=None),
     "cache_seq": AxisRule(param=None, activation=None),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh sizes. `data`, `fsdp`, `tensor` are the sizes inside one slice (ICI); `dcn_*` across slices.
-
-    -1 fills what is left (at most one -1 among the three ICI sizes and one among the DCN sizes).
-    The defaults shard everything FSDP inside a slice and replicate across slices (data parallel).
-    """
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    dcn_data: int = -1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
-
-    @property
-    def ici_sizes(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
-
-    @property
-    def dcn_sizes(self) -> tuple[int, int, int]:
-        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
 
 
 def _fill_sizes(sizes: Sequence[int], total: int, names: Sequence[str], what: str) -> tuple[int, ...]:
