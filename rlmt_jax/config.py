@@ -177,19 +177,37 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (-1: all remaining devices, at most one axis) and the slices they span.
+    """Device mesh sizes, as rlmt_jax.mesh reads them.
 
-    `data`, `fsdp`, `tensor` are the whole mesh; `dcn_*` say over how many slices (multi-slice TPU, linked
-    by the data-centre network) each axis is laid; within a slice (ICI) an axis has size / dcn devices.
+    `data`, `fsdp`, `tensor` are the sizes inside one slice (ICI; on GPU: inside one host); `dcn_*` the
+    sizes across slices (or hosts), linked by the slower data-centre network. A mesh axis is ici x dcn.
+    -1 fills what is left: at most one -1 among the ICI sizes and one among the DCN sizes. The defaults
+    shard FSDP inside a slice and replicate across slices.
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-    dcn_data: int = 1
+    dcn_data: int = -1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
-    initialize_distributed: bool | None = None  # jax.distributed.initialize(); None: when multi-host
+
+    @property
+    def ici_sizes(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    @property
+    def dcn_sizes(self) -> tuple[int, int, int]:
+        return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host start. All null: found from the environment (TPU VM, SLURM, JAX_* variables), or one host."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -251,28 +270,36 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of the config, e.g. 'rollout.temperature'."""
+def _all_keys(cls: type = RunConfig, prefix: str = "", sections: bool = False) -> list[str]:
+    """Every dotted leaf key of the config, e.g. 'rollout.temperature' (and 'rollout' with sections)."""
     keys = []
     for name, hint in _hints(cls).items():
         if dataclasses.is_dataclass(hint):
-            keys += _all_keys(hint, f"{prefix}{name}.")
+            keys += [f"{prefix}{name}"] if sections else []
+            keys += _all_keys(hint, f"{prefix}{name}.", sections)
         else:
             keys.append(f"{prefix}{name}")
     return keys
 
 
+# Names other trainers use for our keys.
+_ALIASES = {"learning_rate": "optimizer.lr", "lambda": "algorithm.ppo.gae_lambda", "lam": "algorithm.ppo.gae_lambda",
+            "num_samples": "rollout.n", "samples_per_prompt": "rollout.n", "top_k": "rollout.top_k",
+            "batch_size": "rollout.prompts_per_step", "max_tokens": "rollout.max_new_tokens"}
+
+
 def _unknown_key_error(dotted: str, cls: type, prefix: str) -> UserError:
-    section_names = list(_hints(cls))
+    """'unknown config key X: did you mean Y?', Y: an alias, the same name in another section, or the closest."""
     leaf = dotted.rsplit(".", 1)[-1]
-    everywhere = _all_keys()
-    close = [k for k in everywhere if k.rsplit(".", 1)[-1] == leaf]  # right name, wrong section
-    if not close:
-        close = [prefix + k for k in difflib.get_close_matches(leaf, section_names, n=1, cutoff=0.6)]
-    if not close:
-        close = difflib.get_close_matches(dotted, everywhere, n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(section_names)}"
-    return UserError(f"unknown config key '{dotted}': {hint}")
+    leaves = _all_keys()
+    close = [_ALIASES[leaf]] if leaf in _ALIASES else []
+    close = close or [k for k in leaves if k.rsplit(".", 1)[-1] == leaf]
+    candidates = [k for k in _all_keys(sections=True) if not dotted.startswith(k + ".")]  # not its own sections
+    close = close or difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+    if close:
+        return UserError(f"unknown config key '{dotted}': did you mean '{close[0]}'?")
+    known = ", ".join(prefix + name for name in _hints(cls))
+    return UserError(f"unknown config key '{dotted}': the keys here are {known}")
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
@@ -472,17 +499,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(batch % opt.micro_batch_size == 0, "optimizer.micro_batch_size",
            f"({opt.micro_batch_size}) must divide the update batch, {batch_key} = {batch}")
 
-    # mesh
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
-    for axis, size in sizes.items():
-        _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}")
-        dcn = getattr(mesh, f"dcn_{axis}")
-        _check(dcn >= 1, f"mesh.dcn_{axis}", f"must be >= 1, got {dcn}")
-        _check(size == -1 or size % dcn == 0, f"mesh.dcn_{axis}",
-               f"({dcn}) must divide mesh.{axis} ({size}): each slice holds mesh.{axis} / mesh.dcn_{axis}")
-    fills = [axis for axis, size in sizes.items() if size == -1]
-    _check(len(fills) <= 1, f"mesh.{fills[-1]}" if fills else "mesh",
-           f"cannot be -1 too: one axis only may fill the remaining devices (-1 on {', '.join(fills)})")
+    # mesh (whether the sizes fit the devices is checked when the mesh is made)
+    for part, names in (("ICI", ("data", "fsdp", "tensor")), ("DCN", ("dcn_data", "dcn_fsdp", "dcn_tensor"))):
+        for name in names:
+            size = getattr(mesh, name)
+            _check(size == -1 or size >= 1, f"mesh.{name}", f"must be >= 1 or -1 (fill), got {size}")
+        fills = [name for name in names if getattr(mesh, name) == -1]
+        _check(len(fills) <= 1, f"mesh.{fills[-1]}" if fills else "mesh",
+               f"cannot be -1 too: one {part} size only may fill the rest (-1 on {', '.join(fills)})")
+    dist = cfg.distributed
+    if dist.num_processes is not None:
+        _check(dist.num_processes >= 1, "distributed.num_processes", "must be >= 1")
+        if dist.num_processes > 1:
+            _check(dist.coordinator_address is not None, "distributed.coordinator_address",
+                   "is required with distributed.num_processes > 1: host:port of process 0")
+            _check(dist.process_id is not None and 0 <= dist.process_id < dist.num_processes,
+                   "distributed.process_id", f"must be in [0, {dist.num_processes}) with distributed.num_processes")
 
     # checkpoint, logging, run
     ckpt = cfg.checkpoint

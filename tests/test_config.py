@@ -1,0 +1,358 @@
+"""Run configuration: shipped recipes, overrides, validation errors that name the key, round trips."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import pytest
+
+from rlmt_jax.config import (
+    RunConfig,
+    find_config,
+    from_dict,
+    load_resolved,
+    load_yaml_text,
+    resolve,
+    save_resolved,
+    shipped_config_dir,
+    shipped_configs,
+    to_yaml,
+)
+from rlmt_jax.errors import UserError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER_CONFIGS = (
+    "grpo_llama31_8b_instruct.yaml",
+    "grpo_qwen25_7b_instruct.yaml",
+    "grpo_llama31_8b_sft_warmstart.yaml",
+    "grpo_llama31_8b_zero.yaml",
+    "grpo_qwen25_7b_zero.yaml",
+    "ppo_llama31_8b.yaml",
+    "dpo_llama31_8b.yaml",
+    "sft_llama31_8b_warmstart.yaml",
+    "rlhf_baseline_llama31_8b_instruct.yaml",
+)
+MINIMAL = {"model": {"policy": "p", "reward_model": "rm"}, "data": {"train_path": "prompts.jsonl"}}
+
+
+def minimal(*overrides: str) -> RunConfig:
+    return from_dict(MINIMAL, list(overrides))
+
+
+# --- shipped configs ----------------------------------------------------------------------------------
+
+
+def test_every_paper_config_and_tiny_are_shipped():
+    assert sorted(PAPER_CONFIGS + ("tiny.yaml",)) == shipped_configs()
+
+
+def test_package_configs_are_identical_copies_of_the_top_level_configs_folder():
+    # configs/ is the source of truth; the package ships a copy (pip installs have no configs/ folder).
+    # To fix a failure: cp configs/*.yaml rlmt_jax/configs/
+    repo = sorted(p.name for p in REPO_CONFIGS.glob("*.yaml"))
+    assert repo == shipped_configs()
+    match, mismatch, errors = filecmp.cmpfiles(REPO_CONFIGS, shipped_config_dir(), repo, shallow=False)
+    assert (mismatch, errors) == ([], [])
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS + ("tiny.yaml",))
+def test_shipped_config_resolves_validates_and_round_trips_through_yaml(name):
+    cfg = resolve(REPO_CONFIGS / name)
+    assert load_yaml_text(to_yaml(cfg)) == cfg
+
+
+def test_no_config_resolves_to_the_tiny_default():
+    cfg = resolve(None)
+    assert cfg == resolve(REPO_CONFIGS / "tiny.yaml")
+    assert cfg.model.policy == "builtin:tiny-policy"
+    assert cfg.model.reward_model == "builtin:tiny-reward"
+    assert cfg.data.train_path == "builtin:tiny-prompts"
+    assert (cfg.algorithm.name, cfg.template.mode, cfg.template.strict) == ("grpo", "think", True)
+    assert cfg.template.format_penalty == -1.0
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens) == (8, 4, 48)
+    assert cfg.run.total_steps == 50
+    assert (cfg.runtime.dtype, cfg.runtime.remat, cfg.runtime.scan_layers) == ("float32", "none", False)
+
+
+def test_grpo_instruct_configs_hold_the_papers_numbers():
+    for name, policy in (("grpo_llama31_8b_instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+                         ("grpo_qwen25_7b_instruct", "Qwen/Qwen2.5-7B-Instruct")):
+        cfg = resolve(name)
+        assert cfg.model.policy == policy
+        assert cfg.model.reward_model == "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
+        assert (cfg.template.mode, cfg.template.strict, cfg.template.format_penalty) == ("think", True, None)
+        r = cfg.rollout
+        assert (r.n, r.prompts_per_step, r.max_new_tokens, r.temperature, r.top_p) == (8, 64, 4096, 0.7, 1.0)
+        assert cfg.data.max_prompt_tokens == 1024
+        a = cfg.algorithm
+        assert (a.name, a.clip_low, a.clip_high, a.dual_clip) == ("grpo", 0.2, 0.2, 3.0)
+        assert (a.kl_coef, a.kl_estimator, a.entropy_coef) == (0.001, "k3", 0.001)
+        assert (a.aggregation, a.grpo.std_normalize, a.grpo.eps) == ("seq_mean_token_mean", True, 1e-6)
+        o = cfg.optimizer
+        assert (o.lr, o.schedule, o.warmup_ratio, o.weight_decay) == (3e-7, "constant", 0.0, 0.01)
+        assert (o.betas, o.grad_clip) == ((0.9, 0.999), 1.0)
+        assert cfg.run.total_steps == 135
+
+
+def test_zero_configs_use_the_zero_template_prompt_limit_896_and_lr_1e6():
+    for name, family, policy in (("grpo_llama31_8b_zero", "llama", "meta-llama/Llama-3.1-8B"),
+                                 ("grpo_qwen25_7b_zero", "qwen", "Qwen/Qwen2.5-7B")):
+        cfg = resolve(name)
+        assert (cfg.template.mode, cfg.template.zero_family, cfg.template.strict) == ("zero", family, False)
+        assert (cfg.model.policy, cfg.data.max_prompt_tokens, cfg.optimizer.lr) == (policy, 896, 1e-6)
+        assert cfg.prompt_buckets == (256, 512, 896)
+
+
+def test_sft_warmstart_grpo_starts_from_the_sft_export_at_lr_1e6_not_strict():
+    cfg = resolve("grpo_llama31_8b_sft_warmstart")
+    assert cfg.model.policy == "runs/sft_llama31_8b_warmstart/export"
+    assert (cfg.template.mode, cfg.template.strict, cfg.optimizer.lr) == ("think", False, 1e-6)
+
+
+def test_ppo_config_has_one_sample_gae_1_1_and_critic_settings():
+    cfg = resolve("ppo_llama31_8b")
+    assert (cfg.algorithm.name, cfg.rollout.n, cfg.rollout.prompts_per_step) == ("ppo", 1, 64)
+    assert (cfg.data.max_prompt_tokens, cfg.rollout.temperature) == (896, 0.7)
+    p = cfg.algorithm.ppo
+    assert (p.gamma, p.gae_lambda, p.whiten_advantages) == (1.0, 1.0, True)
+    assert (p.critic_lr, p.value_clip, p.value_coef) == (1e-5, 0.5, 0.5)
+    assert (cfg.optimizer.lr, cfg.algorithm.clip_low, cfg.algorithm.entropy_coef) == (1e-6, 0.2, 0.001)
+    assert cfg.algorithm.kl_coef == 0.0
+    assert cfg.model.critic_path == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_dpo_config_is_one_online_round_with_the_papers_numbers():
+    cfg = resolve("dpo_llama31_8b")
+    d = cfg.algorithm.dpo
+    assert (cfg.algorithm.name, cfg.rollout.n, cfg.rollout.temperature) == ("dpo", 8, 0.7)
+    assert (d.beta, d.loss_type, d.min_valid, d.max_pair_tokens, d.epochs, d.batch_size) == (
+        0.1, "sigmoid", 4, 8192, 2, 128)
+    o = cfg.optimizer
+    assert (o.lr, o.schedule, o.warmup_ratio, o.weight_decay, o.betas) == (3e-7, "cosine", 0.05, 1e-4, (0.9, 0.95))
+    assert cfg.data.epochs == 1
+
+
+def test_sft_config_has_the_papers_numbers_and_needs_no_reward_model():
+    cfg = resolve("sft_llama31_8b_warmstart")
+    s = cfg.algorithm.sft
+    assert (cfg.algorithm.name, s.epochs, s.batch_size) == ("sft", 2, 16)
+    o = cfg.optimizer
+    assert (o.lr, o.schedule, o.warmup_ratio, o.weight_decay, o.betas) == (4e-6, "cosine", 0.1, 1e-4, (0.9, 0.95))
+    assert cfg.model.reward_model is None
+    assert cfg.model.tokenizer_path == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_rlhf_baseline_is_the_grpo_run_without_a_plan():
+    baseline, thinking = resolve("rlhf_baseline_llama31_8b_instruct"), resolve("grpo_llama31_8b_instruct")
+    assert (baseline.template.mode, baseline.template.strict) == ("none", False)
+    assert baseline.algorithm == thinking.algorithm
+    assert baseline.rollout == thinking.rollout
+    assert baseline.optimizer == thinking.optimizer
+
+
+def test_paper_config_mesh_fills_a_v5p_64_and_an_8xh100_host():
+    from rlmt_jax.mesh import resolve_mesh_shape
+
+    cfg = resolve("grpo_llama31_8b_instruct")
+    assert resolve_mesh_shape(cfg.mesh, 32) == ((1, 32, 1), (1, 1, 1))
+    gpu = resolve("grpo_llama31_8b_instruct", ["mesh.fsdp=8"])
+    assert resolve_mesh_shape(gpu.mesh, 8) == ((1, 8, 1), (1, 1, 1))
+    assert resolve_mesh_shape(resolve("sft_llama31_8b_warmstart").mesh, 32) == ((1, 16, 2), (1, 1, 1))
+
+
+def test_a_shipped_config_is_found_by_its_name_without_the_suffix():
+    assert find_config("grpo_qwen25_7b_zero") == shipped_config_dir() / "grpo_qwen25_7b_zero.yaml"
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(UserError, match=r"config file 'nope.yaml' not found \(shipped configs: dpo_llama31_8b"):
+        resolve("nope.yaml")
+
+
+# --- overrides ----------------------------------------------------------------------------------------
+
+
+def test_overrides_set_dotted_keys_with_yaml_values():
+    cfg = minimal("rollout.temperature=0.8", "rollout.prompt_buckets=[128, 512]", "template.strict=true",
+                  "algorithm.dual_clip=null", "optimizer.betas=[0.9, 0.95]", "run.output_dir=runs/x y")
+    assert cfg.rollout.temperature == 0.8
+    assert cfg.rollout.prompt_buckets == (128, 512)
+    assert cfg.template.strict is True
+    assert cfg.algorithm.dual_clip is None
+    assert cfg.optimizer.betas == (0.9, 0.95)
+    assert cfg.run.output_dir == "runs/x y"
+
+
+def test_override_applies_on_top_of_the_file_and_the_last_one_wins():
+    cfg = resolve("grpo_llama31_8b_instruct", ["rollout.n=4", "rollout.n=16"])
+    assert cfg.rollout.n == 16
+    assert cfg.rollout.prompts_per_step == 64  # the rest of the file is untouched
+
+
+def test_exponent_without_a_dot_is_read_as_a_number():
+    # YAML 1.1 reads `1e-6` as the string '1e-6'; a float key takes it as 1e-06.
+    assert minimal("optimizer.lr=1e-6").optimizer.lr == 1e-6
+    text = "model: {policy: p, reward_model: rm}\ndata: {train_path: x}\noptimizer: {lr: 3e-7}\n"
+    assert load_yaml_text(text).optimizer.lr == 3e-7
+
+
+def test_integer_for_a_float_key_becomes_a_float():
+    cfg = minimal("rollout.temperature=1")
+    assert cfg.rollout.temperature == 1.0 and isinstance(cfg.rollout.temperature, float)
+
+
+def test_prompt_buckets_end_at_the_prompt_limit():
+    assert minimal("rollout.prompt_buckets=[128, 256]").prompt_buckets == (128, 256, 1024)
+    assert minimal("rollout.prompt_buckets=[]", "data.max_prompt_tokens=512").prompt_buckets == (512,)
+    assert minimal("rollout.prompt_buckets=[128, 512]", "data.max_prompt_tokens=512").prompt_buckets == (128, 512)
+
+
+def test_defaults_fill_in_reference_critic_tokenizer_and_checkpoint_dir():
+    cfg = minimal("run.output_dir=runs/a")
+    assert (cfg.model.reference_path, cfg.model.critic_path, cfg.model.tokenizer_path) == ("p", "p", "p")
+    assert cfg.checkpoint_dir == "runs/a/checkpoints"
+    assert minimal("checkpoint.dir=/ckpt").checkpoint_dir == "/ckpt"
+
+
+# --- errors that name the key -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.temprature=0.8", "unknown config key 'rollout.temprature': did you mean 'rollout.temperature'?"),
+        ("temperature=0.8", "unknown config key 'temperature': did you mean 'rollout.temperature'?"),
+        ("rolout.n=4", "unknown config key 'rolout.n': did you mean 'rollout.n'?"),
+        ("rolout.temprature=1", "unknown config key 'rolout.temprature': did you mean 'rollout.temperature'?"),
+        ("optimizer.learning_rate=1e-6", "unknown config key 'optimizer.learning_rate': did you mean 'optimizer.lr'?"),
+        ("algorithm.ppo.lambda=0.95", "unknown config key 'algorithm.ppo.lambda': did you mean "
+                                      "'algorithm.ppo.gae_lambda'?"),
+        ("mesh.zzz=1", "unknown config key 'mesh.zzz': the keys here are mesh.data, mesh.fsdp, mesh.tensor,"),
+        ("algorithm.dpo.betta=0.2", "unknown config key 'algorithm.dpo.betta': did you mean 'algorithm.dpo.beta'?"),
+        ("rollout.temperature.x=1", "config key 'rollout.temperature' is a value, not a section"),
+        ("rollout.temperature", "override 'rollout.temperature' must be key=value"),
+    ],
+)
+def test_unknown_key_or_bad_override_names_the_key_and_suggests_the_closest(override, message):
+    with pytest.raises(UserError) as err:
+        minimal(override)
+    assert str(err.value).startswith(message)
+
+
+def test_unknown_key_in_a_yaml_file_names_the_dotted_key():
+    with pytest.raises(UserError, match=r"unknown config key 'rollout.samples': did you mean 'rollout.n'\?"):
+        load_yaml_text("rollout:\n  samples: 8\n")
+    with pytest.raises(UserError, match=r"unknown config key 'rolout': did you mean 'rollout'\?"):
+        load_yaml_text("rolout:\n  n: 8\n")
+    with pytest.raises(UserError, match=r"unknown config key 'algorithm.ppo.lambda': did you mean "
+                                        r"'algorithm.ppo.gae_lambda'"):
+        load_yaml_text("algorithm:\n  ppo:\n    lambda: 1.0\n")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.n=x", "config key 'rollout.n' must be an integer, got 'x'"),
+        ("rollout.n=2.5", "config key 'rollout.n' must be an integer, got 2.5"),
+        ("rollout.temperature=warm", "config key 'rollout.temperature' must be a number, got 'warm'"),
+        ("template.strict=maybe", "config key 'template.strict' must be true or false, got 'maybe'"),
+        ("template.mode=plan", "config key 'template.mode' must be one of 'think', 'zero', 'none', got 'plan'"),
+        ("optimizer.betas=[0.9]", "config key 'optimizer.betas' must be a list of 2 values (a number, a number)"),
+        ("rollout.prompt_buckets=[64, x]", "config key 'rollout.prompt_buckets[1]' must be an integer, got 'x'"),
+        ("run.total_steps=1.5", "config key 'run.total_steps' must be an integer or null, got 1.5"),
+        ("rollout=3", "config key 'rollout' is a section: expected a mapping, got 3"),
+    ],
+)
+def test_wrong_type_names_the_key_and_the_expected_type(override, message):
+    with pytest.raises(UserError) as err:
+        minimal(override)
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.n=1"], "config key 'rollout.n' must be >= 2 for GRPO"),
+        (["rollout.top_p=0"], "config key 'rollout.top_p' must be in (0, 1], got 0.0"),
+        (["rollout.top_p=1.5"], "config key 'rollout.top_p' must be in (0, 1], got 1.5"),
+        (["rollout.temperature=0"], "config key 'rollout.temperature' must be > 0"),
+        (["rollout.top_k=0"], "config key 'rollout.top_k' must be >= 1 or null"),
+        (["template.mode=zero"], "config key 'template.zero_family' is required with template.mode=zero"),
+        (["template.zero_family=qwen"], "config key 'template.zero_family' is only used with template.mode=zero"),
+        (["template.mode=none", "template.strict=true"], "config key 'template.strict' needs a plan to check"),
+        (["template.mode=none", "template.format_penalty=-1"], "config key 'template.format_penalty' needs a format"),
+        (["algorithm.name=dpo", "rollout.n=3"], "config key 'rollout.n' must be >= algorithm.dpo.min_valid (4)"),
+        (["algorithm.name=sft", "data.epochs=2"], "config key 'data.epochs' is not used by SFT"),
+        (["model.reward_model=null"], "config key 'model.reward_model' is required by algorithm.name=grpo"),
+        (["model.policy=builtin:huge"], "config key 'model.policy' names an unknown built-in model"),
+        (["data.train_path=builtin:nope"], "config key 'data.train_path' names an unknown built-in data set"),
+        (["rollout.prompt_buckets=[512, 256]"], "config key 'rollout.prompt_buckets' must be strictly increasing"),
+        (["rollout.prompt_buckets=[2048]"], "config key 'rollout.prompt_buckets' must not exceed data.max_prompt"),
+        (["optimizer.micro_batch_size=24"], "config key 'optimizer.micro_batch_size' (24) must divide the update "
+                                            "batch, rollout.prompts_per_step x rollout.n = 512"),
+        (["optimizer.warmup_ratio=1"], "config key 'optimizer.warmup_ratio' must be in [0, 1)"),
+        (["algorithm.clip_low=1.2"], "config key 'algorithm.clip_low' must be in (0, 1)"),
+        (["algorithm.dual_clip=0.5"], "config key 'algorithm.dual_clip' must be > 1 or null"),
+        (["mesh.data=-1"], "config key 'mesh.fsdp' cannot be -1 too: one ICI size only may fill the rest"),
+        (["mesh.tensor=0"], "config key 'mesh.tensor' must be >= 1 or -1 (fill), got 0"),
+        (["distributed.num_processes=4"], "config key 'distributed.coordinator_address' is required"),
+        (["distributed.num_processes=4", "distributed.coordinator_address=h:1234", "distributed.process_id=4"],
+         "config key 'distributed.process_id' must be in [0, 4)"),
+    ],
+)
+def test_impossible_value_or_combination_is_one_error_naming_the_key(overrides, message):
+    with pytest.raises(UserError) as err:
+        minimal(*overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_sft_needs_no_reward_model():
+    cfg = from_dict({"model": {"policy": "p"}, "data": {"train_path": "sft.jsonl"},
+                     "algorithm": {"name": "sft"}})
+    assert cfg.model.reward_model is None
+
+
+def test_missing_policy_and_missing_data_are_named():
+    with pytest.raises(UserError, match=r"config key 'model.policy' is required"):
+        from_dict({"model": {"reward_model": "rm"}, "data": {"train_path": "x"}})
+    with pytest.raises(UserError, match=r"config key 'data.train_path' is required"):
+        from_dict({"model": {"policy": "p", "reward_model": "rm"}})
+
+
+def test_a_file_that_is_not_yaml_or_not_a_mapping_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: [n: 4\n")
+    with pytest.raises(UserError, match=r"config file '.*bad.yaml' is not valid YAML"):
+        resolve(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match=r"config file '.*bad.yaml' must hold a mapping of sections, got list"):
+        resolve(bad)
+
+
+# --- round trip and the resolved copy -----------------------------------------------------------------
+
+
+def test_to_yaml_round_trips_a_config_that_differs_from_every_default():
+    cfg = resolve("ppo_llama31_8b", [
+        "rollout.top_k=50", "rollout.prompt_buckets=[64, 128]", "rollout.cache_dtype=float32",
+        "template.format_penalty=-2.5", "algorithm.ppo.value_clip=null", "optimizer.lr=2.5e-7",
+        "checkpoint.best_metric=reward/mean", "checkpoint.best_mode=min", "logging.wandb_project=rlmt",
+        "mesh.dcn_data=2", "distributed.num_processes=1", "run.seed=7",
+    ])
+    text = to_yaml(cfg)
+    assert load_yaml_text(text) == cfg
+    assert "lr: 2.5e-07" in text and "best_metric: reward/mean" in text
+
+
+def test_save_resolved_writes_config_yaml_that_loads_back_equal(tmp_path):
+    cfg = resolve(None, ["rollout.temperature=0.9"])
+    path = save_resolved(cfg, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert load_resolved(tmp_path / "run") == cfg
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no temp file left
+
+
+def test_load_resolved_on_a_dir_without_config_names_it(tmp_path):
+    with pytest.raises(UserError, match=r"is not a run dir: it has no config.yaml"):
+        load_resolved(tmp_path)
