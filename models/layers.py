@@ -1,0 +1,182 @@
+"""Building blocks of the decoder: RMSNorm, rotary embedding (with Llama 3 scaling), GQA attention, gated MLP.
+
+Numerics follow Hugging Face transformers: norms and softmax in float32, rotary tables in float32 and cast to
+the compute dtype, rotate-half layout (HF checkpoints are stored for it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ModelConfig, RopeScaling
+from models.sharding import constrain, param
+
+# A large finite negative, not -inf: a query whose keys are all masked (a pad row) then gets a uniform
+# softmax instead of NaN, as in transformers.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), the mean taken in float32.  x: [..., dim]."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """inv_freq[i] = theta^(-2i/head_dim), i < head_dim/2, with `llama3` scaling when given.  -> [head_dim/2]
+
+    llama3: wavelength w = 2*pi/inv_freq. w < L/high: kept; w > L/low: divided by `factor`; in between,
+    interpolated with s = (L/w - low)/(high - low): (1-s)*inv_freq/factor + s*inv_freq (L = original max positions).
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin for rotate-half rotary embedding.  positions: [batch, seq] -> each [batch, seq, head_dim]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin, rotate_half([a, b]) = [-b, a].  x: [batch, seq, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention. Kernels: q [embed, heads, head_dim], k/v [embed, kv_heads, head_dim],
+    o [heads, head_dim, embed]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.q_proj = param(_normal(rngs, (d, h, hd), pdt), ("embed", "heads", "head_dim"))
+        self.k_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(_normal(rngs, (h, hd, d), pdt), ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            self.q_bias = param(jnp.zeros((h, hd), pdt), ("heads", "head_dim"))
+            self.k_bias = param(jnp.zeros((kv, hd), pdt), ("kv_heads", "head_dim"))
+            self.v_bias = param(jnp.zeros((kv, hd), pdt), ("kv_heads", "head_dim"))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.o_bias = param(jnp.zeros((d,), pdt), ("embed",)) if cfg.o_bias else None
+
+    def _project(self, x, kernel, bias):
+        y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(self.dtype))
+        return y if bias is None else y + bias[...].astype(self.dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache_k: jax.Array | None = None,
+        cache_v: jax.Array | None = None,
+        index: jax.Array | None = None,
+    ):
+        """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (True = may attend).
+
+        Without a cache kv_len = seq. With one (cache_k/v: [batch, cache_len, kv_heads, head_dim]) the new keys
+        and values are written at slots index..index+seq-1 and kv_len = cache_len.
+        Returns (out [batch, seq, embed], new_k, new_v [batch, seq, kv_heads, head_dim]).
+        """
+        q = apply_rope(self._project(x, self.q_proj, self.q_bias), cos, sin)
+        k = apply_rope(self._project(x, self.k_proj, self.k_bias), cos, sin)
+        v = self._project(x, self.v_proj, self.v_bias)
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+        new_k, new_v = k, v
+        if cache_k is not None:
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0)).astype(self.dtype)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0)).astype(self.dtype)
+        out = grouped_attention(q, k, v, mask)
+        out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
+        if self.o_bias is not None:
+            out = out + self.o_bias[...].astype(self.dtype)
+        return out, new_k, new_v
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim) + mask) v with kv heads shared by groups of query heads.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask: [batch, seq, kv_len].
+    -> [batch, seq, heads, head_dim]. Scores and softmax in float32.
+    """
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
+    scores = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bngts,bsnk->btngk", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+class MLP(nnx.Module):
+    """down(silu(gate(x)) * up(x)).  gate/up: [embed, mlp], down: [mlp, embed]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate_proj = param(_normal(rngs, (d, f), pdt), ("embed", "mlp"))
+        self.up_proj = param(_normal(rngs, (d, f), pdt), ("embed", "mlp"))
+        self.down_proj = param(_normal(rngs, (f, d), pdt), ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[...].astype(self.dtype)
+        up = x @ self.up_proj[...].astype(self.dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return hidden @ self.down_proj[...].astype(self.dtype)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.attn = Attention(cfg, rngs)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
+        attn_out, new_k, new_v = self.attn(self.input_norm(x), cos, sin, mask, cache_k, cache_v, index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_norm(x))
+        return constrain(x, ("batch", "seq", "embed")), new_k, new_v

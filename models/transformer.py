@@ -1,0 +1,282 @@
+"""The decoder stack and its three heads: CausalLM (policy), RewardModel (sequence score), ValueModel (critic)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import DecoderBlock, RMSNorm, _normal, rope_inverse_frequencies, rope_tables
+from models.sharding import constrain, param
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Decode state.  k, v: [layers, batch, cache_len, kv_heads, head_dim]; valid: [batch, cache_len] (slot
+    holds a real token).  Slots are filled left to right; a query at slot i attends to valid slots <= i."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
+def default_positions(input_ids: jax.Array) -> jax.Array:
+    """0..seq-1 for every row, as transformers uses when no position ids are given.  -> [batch, seq]"""
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+class Decoder(nnx.Module):
+    """Embedding, `num_hidden_layers` blocks (a Python list, or stacked and scanned), final norm."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), pdt), ("vocab", "embed"))
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked_blocks(layer_rngs):
+                return DecoderBlock(cfg, layer_rngs)
+
+            self.layers = stacked_blocks(rngs)
+            for _, variable in nnx.iter_graph(self.layers):
+                if isinstance(variable, nnx.Param):
+                    variable.set_metadata("logical_axes", ("layers", *variable.get_metadata()["logical_axes"]))
+        else:
+            self.layers = nnx.List([DecoderBlock(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+        index: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """input_ids, positions: [batch, seq]; mask: [batch, seq, kv_len] -> (hidden [batch, seq, embed], cache)."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+        x = constrain(x, ("batch", "seq", "embed"))
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_tables(positions, inv_freq, dtype)
+
+        def block_forward(block_graphdef, block_state, h, cache_k, cache_v):
+            block = nnx.merge(block_graphdef, block_state)
+            return block(h, cos, sin, mask, cache_k, cache_v, index)
+
+        if cfg.remat != "none":
+            block_forward = jax.checkpoint(
+                block_forward, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(0,)
+            )
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def scan_body(carry, layer):
+                h, cache_k, cache_v = carry
+                layer_state, layer_index = layer
+                layer_k = layer_v = None
+                if cache is not None:
+                    layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, keepdims=False)
+                    layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, keepdims=False)
+                h, new_k, new_v = block_forward(graphdef, layer_state, h, layer_k, layer_v)
+                if cache is not None:
+                    cache_k = _write_layer(cache_k, new_k, layer_index, index)
+                    cache_v = _write_layer(cache_v, new_v, layer_index, index)
+                return (h, cache_k, cache_v), None
+
+            carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+            layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, cache_k, cache_v), _ = jax.lax.scan(scan_body, carry, (state, layer_ids))
+        else:
+            cache_k, cache_v = (None, None) if cache is None else (cache.k, cache.v)
+            for layer_index, block in enumerate(self.layers):
+                graphdef, state = nnx.split(block)
+                layer_k = None if cache is None else cache_k[layer_index]
+                layer_v = None if cache is None else cache_v[layer_index]
+                x, new_k, new_v = block_forward(graphdef, state, x, layer_k, layer_v)
+                if cache is not None:
+                    cache_k = _write_layer(cache_k, new_k, layer_index, index)
+                    cache_v = _write_layer(cache_v, new_v, layer_index, index)
+        x = self.final_norm(x)
+        if cache is not None:
+            cache = cache._replace(k=cache_k, v=cache_v)
+        return x, cache
+
+
+def _write_layer(cache: jax.Array, new: jax.Array, layer_index, index) -> jax.Array:
+    """Writes new [batch, seq, kv_heads, head_dim] into cache [layers, batch, len, ...] at (layer, :, index)."""
+    return jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer_index, 0, index, 0, 0))
+
+
+def causal_mask(attention_mask: jax.Array) -> jax.Array:
+    """mask[b, t, s] = attention_mask[b, s] and s <= t.  attention_mask: [batch, seq] -> [batch, seq, seq]."""
+    seq = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def cache_mask(valid: jax.Array, index: jax.Array, seq: int) -> jax.Array:
+    """mask[b, t, s] = valid[b, s] and s <= index + t.  valid: [batch, cache_len] -> [batch, seq, cache_len]."""
+    slots = jnp.arange(valid.shape[1], dtype=jnp.int32)
+    query_slots = index + jnp.arange(seq, dtype=jnp.int32)
+    return valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+
+
+class _WithDecoder(nnx.Module):
+    """Shared forward for the three heads: full-sequence hidden states with an attention mask."""
+
+    config: ModelConfig
+    model: Decoder
+
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """input_ids: [batch, seq] -> final-normed hidden states [batch, seq, embed].
+
+        attention_mask: [batch, seq], 1 for real tokens, 0 for pads (either side). positions: [batch, seq],
+        default 0..seq-1 (as transformers); left-padded prompts want cumsum(mask) - 1.
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, dtype=bool)
+        if positions is None:
+            positions = default_positions(input_ids)
+        hidden, _ = self.model(input_ids, positions, causal_mask(attention_mask))
+        return hidden
+
+
+class CausalLM(_WithDecoder):
+    """LlamaForCausalLM / Qwen2ForCausalLM.  lm_head kernel: [embed, vocab] (tied: the embedding)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Decoder(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(
+                _normal(rngs, (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype)), ("embed", "vocab")
+            )
+        else:
+            self.lm_head = None
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [batch, seq, embed] -> logits [batch, seq, vocab] in the compute dtype."""
+        dtype = jnp.dtype(self.config.dtype)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", hidden, self.model.embed[...].astype(dtype))
+        else:
+            logits = hidden @ self.lm_head[...].astype(dtype)
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """input_ids: [batch, seq] -> logits [batch, seq, vocab]."""
+        return self.lm_logits(self.hidden_states(input_ids, attention_mask, positions))
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens (prompt + response)."""
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool))
+
+    def decode(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        cache: KVCache,
+        index: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs `seq` new tokens against the cache: prefill (seq = prompt length) or one decode step (seq = 1).
+
+        input_ids, positions, attention_mask: [batch, seq]; index: int32 scalar, the first cache slot to write.
+        -> (logits [batch, seq, vocab], cache with slots index..index+seq-1 filled).
+        """
+        index = jnp.asarray(index, jnp.int32)
+        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
+        cache = cache._replace(valid=valid)
+        mask = cache_mask(valid, index, input_ids.shape[1])
+        hidden, cache = self.model(input_ids, positions, mask, cache, index)
+        return self.lm_logits(hidden), cache
+
+
+def last_token_index(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:
+    """Index of the last non-pad token of each row (rightmost), as transformers pools sequence classifiers.
+
+    With an attention mask: the rightmost position whose mask is 1. Without: the rightmost token that is not
+    `pad_token_id` (or the last position when there is no pad id).  -> [batch] int32
+    """
+    seq = input_ids.shape[1]
+    if attention_mask is not None:
+        real = attention_mask.astype(bool)
+    elif pad_token_id is not None:
+        real = input_ids != pad_token_id
+    else:
+        return jnp.full((input_ids.shape[0],), seq - 1, jnp.int32)
+    return jnp.max(jnp.where(real, jnp.arange(seq, dtype=jnp.int32)[None], -1), axis=1).clip(0)
+
+
+class RewardModel(_WithDecoder):
+    """LlamaForSequenceClassification / Qwen2ForSequenceClassification.  score kernel: [embed, num_labels]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Decoder(cfg, rngs)
+        self.score = param(
+            _normal(rngs, (cfg.hidden_size, cfg.num_labels), jnp.dtype(cfg.param_dtype)), ("embed", "labels")
+        )
+
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """input_ids: [batch, seq] -> scores [batch, num_labels] (float32) at each row's last non-pad token."""
+        hidden = self.hidden_states(input_ids, attention_mask, positions)
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return (pooled @ self.score[...].astype(pooled.dtype)).astype(jnp.float32)
+
+
+class ValueModel(_WithDecoder):
+    """PPO critic: the decoder with a per-token scalar head.  value_head kernel: [embed, 1], bias: [1]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Decoder(cfg, rngs)
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.value_head = param(_normal(rngs, (cfg.hidden_size, 1), pdt), ("embed", "labels"))
+        self.value_bias = param(jnp.zeros((1,), pdt), ("labels",))
+
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """input_ids: [batch, seq] -> values [batch, seq] (float32)."""
+        hidden = self.hidden_states(input_ids, attention_mask, positions)
+        values = hidden @ self.value_head[...].astype(hidden.dtype) + self.value_bias[...].astype(hidden.dtype)
+        return values[..., 0].astype(jnp.float32)
+
+
+def value_model_from(policy: CausalLM | RewardModel, rngs: nnx.Rngs) -> ValueModel:
+    """A critic whose decoder starts as a copy of `policy`'s, with a fresh value head (as the recipe's PPO)."""
+    critic = ValueModel(policy.config, rngs)
+    nnx.update(critic.model, jax.tree.map(jnp.copy, nnx.state(policy.model, nnx.Param)))
+    return critic
+
+
+MODEL_CLASSES = {"causal_lm": CausalLM, "seq_cls": RewardModel}
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs | None = None, task: str | None = None):
+    """The module for `cfg.architecture` (or for task 'value': a ValueModel), randomly initialised."""
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    cls = ValueModel if task == "value" else MODEL_CLASSES[cfg.kind]
+    return cls(cfg, rngs)
