@@ -1,0 +1,398 @@
+"""Checkpoints: round trips of every item kind, retention, async writes, fallback past damaged steps."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rlmt_jax.checkpoint import (
+    COMMIT_MARKER,
+    CheckpointStore,
+    params_only,
+    rng_from_json,
+    rng_to_json,
+)
+from rlmt_jax.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinyPolicy(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs, width: int = 16):
+        self.layers = nnx.List([nnx.Linear(8, width, rngs=rngs), nnx.Linear(width, 4, rngs=rngs)])
+        self.norm = nnx.RMSNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+def policy_params(seed: int) -> nnx.State:
+    return nnx.state(TinyPolicy(nnx.Rngs(seed)), nnx.Param)
+
+
+def abstract_params() -> nnx.State:
+    return jax.eval_shape(lambda: nnx.state(TinyPolicy(nnx.Rngs(0)), nnx.Param))
+
+
+TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+
+
+@jax.jit
+def stepped_opt_state(params: dict) -> optax.OptState:
+    """Adam state after one update, so mu, nu and count are not their zero init."""
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    _, state = TX.update(grads, TX.init(params), params)
+    return state
+
+
+def run_items(seed: int) -> dict:
+    params = policy_params(seed)
+    critic = {"head": {"kernel": jax.random.normal(jax.random.key(seed + 100), (4, 1))}}
+    return {
+        "params": params,
+        "opt_state": stepped_opt_state(nnx.to_pure_dict(params)),
+        "critic_params": critic,
+        "critic_opt_state": TX.init(critic),
+        "data_iter": {"epoch": 1, "index": 37 + seed, "seed": 1234},
+        "rng": {"sample": jax.random.key(seed), "legacy": jax.random.PRNGKey(seed + 1)},
+        "meta": {"config_hash": "abc123"},
+    }
+
+
+def abstract_run_items() -> dict:
+    params = abstract_params()
+    critic = {"head": {"kernel": jax.ShapeDtypeStruct((4, 1), jnp.float32)}}
+    return {
+        "params": params,
+        "opt_state": jax.eval_shape(TX.init, nnx.to_pure_dict(params)),
+        "critic_params": critic,
+        "critic_opt_state": jax.eval_shape(TX.init, critic),
+        "data_iter": None,
+        "rng": None,
+        "meta": None,
+    }
+
+
+def assert_trees_equal(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def truncate_largest_file(directory: Path) -> Path:
+    largest = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    size = largest.stat().st_size
+    assert size > 1000, "the params should live in a file large enough to truncate"
+    with open(largest, "r+b") as f:
+        f.truncate(size // 2)
+    return largest
+
+
+def save_steps(store: CheckpointStore, steps, seed_of=lambda s: s, metrics_of=None):
+    for step in steps:
+        metrics = metrics_of(step) if metrics_of else None
+        assert store.save(step, run_items(seed_of(step)), metrics, final=True)
+    store.wait_until_finished()
+
+
+# ------------------------------------------------------------------------------------------ round trip
+
+
+def test_every_item_kind_round_trips_with_equal_arrays(tmp_path):
+    expected = run_items(seed=3)
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        assert store.save(3, expected, final=True)
+        restored = store.restore(abstract_run_items())
+
+    assert restored.step == 3
+    items = restored.items
+    assert isinstance(items["params"], nnx.State)
+    assert_trees_equal(items["params"], expected["params"])
+    # optax namedtuples come back as themselves, so the optimizer can continue from them
+    assert_trees_equal(items["opt_state"], expected["opt_state"])
+    assert int(items["opt_state"][1][0].count) == 1
+    assert_trees_equal(items["critic_params"], expected["critic_params"])
+    assert_trees_equal(items["critic_opt_state"], expected["critic_opt_state"])
+    assert items["data_iter"] == {"epoch": 1, "index": 40, "seed": 1234}
+    assert jax.random.key_impl(items["rng"]["sample"]) == jax.random.key_impl(expected["rng"]["sample"])
+    np.testing.assert_array_equal(
+        jax.random.key_data(items["rng"]["sample"]), jax.random.key_data(expected["rng"]["sample"])
+    )
+    np.testing.assert_array_equal(items["rng"]["legacy"], np.array([0, 4], np.uint32))
+    assert items["meta"]["config_hash"] == "abc123"
+    assert items["meta"]["step"] == 3
+    assert items["meta"]["versions"]["jax"] == jax.__version__
+    # each process keeps its own data iterator state
+    saved_iter = tmp_path / "checkpoints" / "3" / "data_iter" / "process_0-of-1.json"
+    assert json.loads(saved_iter.read_text()) == {"epoch": 1, "index": 40, "seed": 1234}
+
+    # the restored State drives a model exactly as the saved one did
+    model = TinyPolicy(nnx.Rngs(99))
+    nnx.update(model, items["params"])
+    reference = TinyPolicy(nnx.Rngs(3))
+    x = jnp.arange(16.0).reshape(2, 8) / 16
+    np.testing.assert_array_equal(model(x), reference(x))
+
+
+def test_restore_leaves_the_abstract_target_untouched(tmp_path):
+    target = abstract_params()
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        store.save(1, {"params": policy_params(1)}, final=True)
+        store.restore({"params": target})
+    assert isinstance(target["layers"][0]["kernel"].get_value(), jax.ShapeDtypeStruct)
+
+
+def test_rng_json_round_trip_keeps_impl_shape_and_words():
+    keys = {"split": jax.random.split(jax.random.key(7, impl="rbg"), 3), "raw": jax.random.PRNGKey(5)}
+    encoded = rng_to_json(keys)
+    assert encoded["raw"] == {"impl": None, "shape": [2], "data": [0, 5]}
+    assert encoded["split"]["impl"] == "rbg" and encoded["split"]["shape"] == [3, 4]
+    decoded = rng_from_json(encoded)
+    np.testing.assert_array_equal(jax.random.key_data(decoded["split"]), jax.random.key_data(keys["split"]))
+    np.testing.assert_array_equal(decoded["raw"], keys["raw"])
+
+
+# ------------------------------------------------------------------------------------ when and what to keep
+
+
+def test_saves_every_n_steps_and_the_final_step_once(tmp_path):
+    with CheckpointStore.for_run(tmp_path, save_every=2, keep=10, async_save=False) as store:
+        saved = [step for step in range(1, 6) if store.save(step, {"params": policy_params(step)}, final=step == 5)]
+        assert saved == [2, 4, 5]
+        assert store.save(5, {"params": policy_params(5)}, final=True) is False  # already there
+        assert store.all_steps() == [2, 4, 5]
+
+
+def test_keeps_the_last_k_plus_the_best_by_max_metric(tmp_path):
+    rewards = {1: 0.1, 2: 0.9, 3: 0.3, 4: 0.2, 5: 0.4}
+    with CheckpointStore.for_run(tmp_path, keep=2, best_metric="reward", best_mode="max", async_save=False) as store:
+        save_steps(store, rewards, metrics_of=lambda s: {"reward": rewards[s], "kl": 0.0})
+        assert store.all_steps() == [2, 4, 5]
+        assert store.best_step() == 2
+    on_disk = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert on_disk == [2, 4, 5]
+
+
+def test_keeps_the_best_by_min_metric_and_ranks_nan_worst(tmp_path):
+    losses = {1: 0.5, 2: float("nan"), 3: 0.2, 4: 0.7, 5: 0.9, 6: 0.8}
+    with CheckpointStore.for_run(tmp_path, keep=2, best_metric="loss", best_mode="min", async_save=False) as store:
+        save_steps(store, losses, metrics_of=lambda s: {"loss": losses[s]})
+        assert store.all_steps() == [3, 5, 6]
+        assert store.best_step() == 3
+
+
+def test_best_metric_missing_from_the_metrics_is_a_user_error(tmp_path):
+    with CheckpointStore.for_run(tmp_path, best_metric="reward", async_save=False) as store:
+        with pytest.raises(UserError, match="'reward' is not among the step's metrics \\['kl'\\]"):
+            store.save(1, {"params": policy_params(1)}, {"kl": 0.1}, final=True)
+
+
+def test_async_save_then_restore_equals_even_after_the_source_buffers_are_freed(tmp_path):
+    items = run_items(seed=4)
+    expected = jax.tree.map(np.asarray, nnx.to_pure_dict(items["params"]))
+    with CheckpointStore.for_run(tmp_path, async_save=True) as store:
+        assert store.save(10, items, final=True)
+        # a trainer donates its params to the next update right after save returns
+        for leaf in jax.tree.leaves(items["params"]):
+            leaf.delete()
+        assert store.save(10, items, final=True) is False  # the final save of a step still being written
+        store.wait_until_finished()
+        assert store.latest_step() == 10
+        restored = store.restore({"params": jax.eval_shape(lambda: expected)})
+    assert_trees_equal(restored.items["params"], expected)
+
+
+# ------------------------------------------------------------------------------------------- damage
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before_with_a_warning(tmp_path, caplog):
+    with CheckpointStore.for_run(tmp_path, keep=3, async_save=False) as store:
+        save_steps(store, [1, 2])
+        truncate_largest_file(tmp_path / "checkpoints" / "2" / "params")
+        with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+            restored = store.restore(abstract_run_items())
+        assert restored.step == 1
+        assert_trees_equal(restored.items["params"], policy_params(1))
+        assert restored.items["data_iter"]["index"] == 38
+        assert any("checkpoint step 2" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+        # the damaged step is kept aside, so the resumed run can write step 2 again
+        assert (tmp_path / "checkpoints" / "2.unusable").is_dir()
+        assert store.latest_step() == 1
+        assert store.save(2, run_items(22), final=True)
+        assert store.restore({"params": abstract_params()}).step == 2
+
+
+def test_step_dir_without_commit_marker_is_never_taken_as_a_checkpoint(tmp_path, caplog):
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        save_steps(store, [1])
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(ckpts / "1", ckpts / "2")
+    (ckpts / "2" / COMMIT_MARKER).unlink()
+    with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+        store = CheckpointStore.for_run(tmp_path, async_save=False)
+    assert any("step 2" in r.getMessage() and "no commit marker" in r.getMessage() for r in caplog.records)
+    assert store.latest_step() == 1
+    assert store.restore({"params": abstract_params()}).step == 1
+    store.close()
+
+
+KILLED_WRITER = """
+import os, sys
+import jax
+from flax import nnx
+from orbax.checkpoint._src.path import atomicity
+from rlmt_jax.checkpoint import CheckpointStore
+
+store = CheckpointStore.for_run(sys.argv[1], async_save=True)
+params = {"w": jax.numpy.arange(4096.0).reshape(64, 64)}
+store.save(1, {"params": params}, final=True)
+store.wait_until_finished()
+
+async def die_before_commit(self):  # all files written, the rename to the final name never happens
+    os._exit(9)
+
+atomicity.AtomicRenameTemporaryPath.finalize = die_before_commit
+store.save(2, {"params": {"w": params["w"] + 1}}, final=True)
+store.wait_until_finished()
+"""
+
+
+def test_killed_writer_leftover_is_ignored_and_cleaned(tmp_path, caplog):
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert result.returncode == 9, result.stderr[-2000:]
+    ckpts = tmp_path / "checkpoints"
+    leftovers = [p.name for p in ckpts.iterdir() if p.name.startswith("2.orbax-checkpoint-tmp")]
+    assert len(leftovers) == 1
+
+    with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+        store = CheckpointStore.for_run(tmp_path, async_save=False)
+    assert any("unfinished checkpoint write of step 2" in r.getMessage() for r in caplog.records)
+    assert store.all_steps() == [1]
+    restored = store.restore({"params": None})
+    assert restored.step == 1
+    np.testing.assert_array_equal(restored.items["params"]["w"], np.arange(4096.0).reshape(64, 64))
+    assert store.save(2, {"params": {"w": jnp.zeros((64, 64))}}, final=True)
+    store.close()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2"]
+
+
+def test_run_dir_without_checkpoints_restores_none(tmp_path):
+    reader = CheckpointStore.for_run(tmp_path / "fresh", read_only=True)
+    assert reader.latest_step() is None
+    assert reader.restore({"params": abstract_params()}) is None
+    assert not (tmp_path / "fresh").exists()  # a reader creates nothing
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        assert store.latest_step() is None
+        assert store.restore({"params": abstract_params()}) is None
+
+
+def test_every_checkpoint_damaged_is_a_user_error_listing_each_step(tmp_path):
+    with CheckpointStore.for_run(tmp_path, keep=3, async_save=False) as store:
+        save_steps(store, [1, 2])
+        for step in (1, 2):
+            truncate_largest_file(tmp_path / "checkpoints" / str(step) / "params")
+        with pytest.raises(UserError, match="no usable checkpoint .*step 2: .*step 1: "):
+            store.restore({"params": abstract_params()})
+        # nothing is renamed when no step restores: the cause may be common to all of them
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_a_shape_that_differs_from_the_model_names_the_tensor_and_keeps_the_checkpoint(tmp_path):
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        save_steps(store, [1])
+        wider = jax.eval_shape(lambda: nnx.state(TinyPolicy(nnx.Rngs(0), width=32), nnx.Param))
+        expected = r"tensor params\.layers\.0\.bias has shape \(16,\), the model expects \(32,\)"
+        with pytest.raises(UserError, match=expected):
+            store.restore({"params": wider})
+        assert store.latest_step() == 1
+
+
+def test_an_item_the_checkpoint_was_saved_without_is_a_user_error_not_damage(tmp_path):
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        store.save(1, {"params": policy_params(1)}, final=True)
+        critic = {"head": {"kernel": jax.ShapeDtypeStruct((4, 1), jnp.float32)}}
+        with pytest.raises(UserError, match=r"has no \['critic_params'\] \(it holds \['meta', 'params'\]\)"):
+            store.restore({"params": abstract_params(), "critic_params": critic})
+        assert store.latest_step() == 1  # not set aside as damaged
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_params_only_reads_the_policy_from_a_run_dir_a_checkpoints_dir_or_a_step_dir(tmp_path):
+    with CheckpointStore.for_run(tmp_path, keep=3, async_save=False) as store:
+        save_steps(store, [1, 2])
+    newest = params_only(tmp_path)
+    assert isinstance(newest["layers"][0]["kernel"], np.ndarray)
+    assert sorted(newest["layers"]) == [0, 1]  # list indices as ints, as nnx.to_pure_dict gives them
+    assert_trees_equal(newest, nnx.to_pure_dict(policy_params(2)))
+    assert_trees_equal(params_only(tmp_path / "checkpoints"), newest)
+    assert_trees_equal(params_only(tmp_path / "checkpoints" / "1"), nnx.to_pure_dict(policy_params(1)))
+
+    model = TinyPolicy(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, newest)
+    nnx.update(model, state)
+    x = jnp.ones((1, 8))
+    np.testing.assert_allclose(model(x), TinyPolicy(nnx.Rngs(2))(x), rtol=0, atol=0)
+
+
+def test_params_only_on_an_empty_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no checkpoints in"):
+        params_only(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- sharding
+
+SHARDED_RESTORE = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rlmt_jax.checkpoint import CheckpointStore
+
+assert jax.device_count() == 8, jax.devices()
+w = jnp.arange(16 * 32, dtype=jnp.float32).reshape(16, 32)
+b = jnp.arange(32, dtype=jnp.float32)
+with CheckpointStore.for_run(sys.argv[1], async_save=False) as store:
+    store.save(1, {"params": {"w": w, "b": b}}, final=True)   # written from one device
+
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
+target = {
+    "w": jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", "tensor"))),
+    "b": jax.ShapeDtypeStruct((32,), jnp.float32, sharding=NamedSharding(mesh, P("tensor"))),
+}
+with CheckpointStore.for_run(sys.argv[1], read_only=True) as store:
+    params = store.restore({"params": target}).items["params"]
+for name in ("w", "b"):
+    array = params[name]
+    assert array.sharding == target[name].sharding, array.sharding
+    print(name, sorted({tuple(s.data.shape) for s in array.addressable_shards}), len(array.addressable_shards))
+    for shard in array.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray({"w": w, "b": b}[name])[shard.index])
+"""
+
+
+def test_restore_onto_a_mesh_places_each_shard_on_its_device(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_RESTORE, str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # w [16, 32] over fsdp=4 x tensor=2 -> [4, 16] per device; b [32] over tensor=2 -> [16], replicated on fsdp
+    assert "w [(4, 16)] 8" in result.stdout
+    assert "b [(16,)] 8" in result.stdout
