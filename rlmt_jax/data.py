@@ -24,7 +24,7 @@ from typing import Any
 
 import grain
 
-from rlmt_jax.config import BUILTIN_DATA, BUILTIN_PREFIX
+from rlmt_jax.config import BUILTIN_DATA, BUILTIN_PREFIX, RunConfig
 from rlmt_jax.errors import UserError
 
 Message = dict[str, str]
@@ -69,14 +69,19 @@ def detect_format(path: Path, format: str = "auto") -> str:
 
 @contextlib.contextmanager
 def _quiet_datasets():
-    """No `datasets` progress bars inside; the setting is restored after."""
+    """No `datasets` progress bars or error logs inside (we raise our own errors); restored after."""
+    import logging
+
     import datasets
 
     were_disabled = datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not were_disabled:
             datasets.enable_progress_bars()
 
@@ -87,8 +92,15 @@ def _jsonl_line_numbers(path: Path) -> list[int]:
         return [n for n, line in enumerate(f, start=1) if line.strip()]
 
 
-def _scan_jsonl(path: Path) -> None:
-    """Raises a UserError naming the first line that is not one JSON object."""
+def _has_a_line(path: Path) -> bool:
+    """Whether the file has a non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        return any(line.strip() for line in f)
+
+
+def _parse_jsonl(path: Path) -> list[dict]:
+    """Every non-blank line as a JSON object; a UserError names the first line that is not one."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -100,10 +112,34 @@ def _scan_jsonl(path: Path) -> None:
             if not isinstance(row, dict):
                 raise UserError(f"data file '{path}' line {number}: expected a JSON object, got "
                                 f"{type(row).__name__}")
+            rows.append(row)
+    return rows
 
 
-def read_rows(path: Path, format: str) -> Any:
-    """The rows as a `datasets.Dataset` (one split)."""
+@dataclass(frozen=True)
+class Table:
+    """Rows read from a file: the column names and a way to get one column's values."""
+
+    columns: list[str]
+    num_rows: int
+    column: Callable[[str], Sequence[Any]]
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> Table:
+        return cls(list(dataset.column_names), len(dataset), lambda name: dataset[name])
+
+    @classmethod
+    def from_dicts(cls, rows: list[dict]) -> Table:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        return cls(columns, len(rows), lambda name: [row.get(name) for row in rows])
+
+
+def read_rows(path: Path, format: str) -> Table:
+    """The rows, read with `datasets` (one split of a saved DatasetDict: 'train', or the only one).
+
+    A JSONL file Arrow cannot type (a column of mixed types, a bad line) is parsed line by line instead,
+    so that the bad row is found and named rather than reported as an Arrow error.
+    """
     import datasets
 
     if not path.exists():
@@ -116,19 +152,24 @@ def read_rows(path: Path, format: str) -> Any:
                 raise UserError(f"data dir '{path}' is not a saved datasets directory: {err}") from None
             if isinstance(loaded, datasets.DatasetDict):
                 if "train" in loaded:
-                    return loaded["train"]
+                    return Table.from_dataset(loaded["train"])
                 if len(loaded) == 1:
-                    return next(iter(loaded.values()))
+                    return Table.from_dataset(next(iter(loaded.values())))
                 raise UserError(f"data dir '{path}' holds splits {', '.join(loaded)}: save the one to train "
                                 "on, or name it 'train'")
-            return loaded
+            return Table.from_dataset(loaded)
+        if format == "jsonl" and not _has_a_line(path):
+            raise UserError(f"data file '{path}' has no rows")
         builder = "json" if format == "jsonl" else "parquet"
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # datasets/arrow messages carry no row number: find it ourselves
+            return Table.from_dataset(datasets.load_dataset(builder, data_files=str(path), split="train"))
+        except Exception as err:
+            if "corresponds to no data" in str(err):  # an empty split: no rows at all
+                raise UserError(f"data file '{path}' has no rows") from None
             if format == "jsonl":
-                _scan_jsonl(path)
-            raise UserError(f"data file '{path}' cannot be read as {format}: {err}") from None
+                return Table.from_dicts(_parse_jsonl(path))
+            raise UserError(f"data file '{path}' cannot be read as {format}: {str(err) or type(err).__name__}"
+                            ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,6 +211,10 @@ def prompt_from_row(value: Any) -> Conversation:
         if not value.strip():
             raise _RowError("the prompt text is empty")
         return [{"role": "user", "content": value}]
+    if value is None:
+        raise _RowError("is empty (null or missing)")
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(f"expected prompt text or a list of {{role, content}} messages, got {_describe(value)}")
     messages = _messages_from(value)
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()
@@ -210,11 +255,11 @@ def _load(path: str | os.PathLike, format: str, column: str | None, candidates: 
     file = resolve_data_path(os.fspath(path))
     fmt = detect_format(file, format)
     rows = read_rows(file, fmt)
-    if len(rows) == 0:
+    if rows.num_rows == 0:
         raise UserError(f"data file '{file}' has no rows")
-    name = _pick_column(file, rows.column_names, column, candidates)
+    name = _pick_column(file, rows.columns, column, candidates)
     out = []
-    for index, value in enumerate(rows[name]):
+    for index, value in enumerate(rows.column(name)):
         try:
             out.append(from_row(value))
         except _RowError as err:
@@ -329,3 +374,25 @@ class BatchIterator:
                                 f"{value!r}: the data or its settings changed since the checkpoint")
         self._iterator.set_state(state["grain"])
         self._next_step = int(state["next_step"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From a run config.
+
+
+def load_train_records(cfg: RunConfig) -> list[Conversation]:
+    """The run's data: SFT conversations for algorithm.name=sft, prompts otherwise."""
+    load = load_conversations if cfg.algorithm.name == "sft" else load_prompts
+    return load(cfg.data.train_path, format=cfg.data.format, column=cfg.data.prompt_column)
+
+
+def train_batches(cfg: RunConfig, records: Sequence[Any], shard_index: int | None = None,
+                  shard_count: int | None = None) -> BatchIterator:
+    """The run's batches: rollout.prompts_per_step prompts for data.epochs (SFT: algorithm.sft.batch_size
+    conversations for algorithm.sft.epochs), shuffled with data.shuffle_seed, this host's slice."""
+    if cfg.algorithm.name == "sft":
+        batch_size, epochs = cfg.algorithm.sft.batch_size, cfg.algorithm.sft.epochs
+    else:
+        batch_size, epochs = cfg.rollout.prompts_per_step, cfg.data.epochs
+    return BatchIterator(records, batch_size, seed=cfg.data.shuffle_seed, epochs=epochs,
+                         shard_index=shard_index, shard_count=shard_count)
