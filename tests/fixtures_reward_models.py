@@ -66,6 +66,25 @@ def save_tiny_reward_model(path, tokenizer_dir, family: str = "llama3", seed: in
     return model
 
 
+def torch_scores(torch_model, tokenizer, conversations, max_length=None):
+    """Reference: render each conversation with the RM template, tokenize, right-pad, PyTorch forward.
+
+    -> (scores [n] numpy, token rows)
+    """
+    import torch
+
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=False) for c in conversations]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    with torch.no_grad():
+        return torch_model(input_ids=ids, attention_mask=mask).logits[:, 0].numpy(), rows
+
+
 @pytest.fixture(scope="session")
 def llama_rm_dir(tmp_path_factory):
     """A Llama-3.1-style reward model (Llama chat template, pad token set) and its torch twin."""

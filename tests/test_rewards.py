@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-import torch
-from fixtures_reward_models import llama_rm_dir, qwen_rm_dir  # noqa: F401  (pytest fixtures)
+from fixtures_reward_models import llama_rm_dir, qwen_rm_dir, torch_scores  # noqa: F401  (fixtures)
 from fixtures_tokenizers import qwen_tokenizer, qwen_tokenizer_dir  # noqa: F401
 
 from rlmt_jax.errors import UserError
@@ -38,20 +37,6 @@ ANSWERS = [
     "Use a clear subject line.",
     "",
 ]
-
-
-def torch_scores(torch_model, tokenizer, conversations, max_length=None):
-    """Reference: render each conversation with the RM template, tokenize, right-pad, PyTorch forward."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=False) for c in conversations]
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    with torch.no_grad():
-        return torch_model(input_ids=ids, attention_mask=mask).logits[:, 0].numpy(), rows
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,125 @@
+"""`rlmt-jax score`: score policy outputs with a reward model, as the training loop does.
+
+Reads JSONL rows with `messages` (the prompt conversation) or `prompt` (text), and `output` (the policy's
+raw text, plan included); splits the answer from each output, scores it with the reward model's own
+tokenizer and chat template, and writes each row back with `answer` (what the RM saw), `format_valid`
+and `reward`. Rows are numbered by their line in the file. The output file appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from rlmt_jax.errors import UserError
+from rlmt_jax.templates import ANSWER_MODES, KNOWN_EOS_TEXTS, TemplateSettings, eos_texts_of, messages_from_row
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="score policy outputs (JSONL) with a reward model",
+        description=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument("--reward-model", required=True, help="Hugging Face reward-model directory")
+    parser.add_argument("--input", required=True, help="JSONL with `messages` or `prompt`, and `output`")
+    parser.add_argument("--output", required=True, help="JSONL to write, each row with `answer` and `reward`")
+    parser.add_argument("--mode", choices=ANSWER_MODES, default="think", help="how the answer is split (default think)")
+    parser.add_argument("--strict", action="store_true", help="a missing delimiter gives the answer [NULL]")
+    parser.add_argument(
+        "--policy-tokenizer",
+        help="the policy's tokenizer directory: its EOS text is removed, lengths are counted in its tokens",
+    )
+    parser.add_argument(
+        "--eos-text",
+        action="append",
+        help=f"policy EOS text to remove (repeatable; default: the policy tokenizer's, else {' '.join(KNOWN_EOS_TEXTS)})",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per reward-model call (default 8)")
+    parser.add_argument("--max-length", type=int, default=8192, help="reward-model input limit in tokens (default 8192)")
+    parser.add_argument("--truncation-side", choices=("right", "left"), default="right")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.set_defaults(func=run)
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line; each row has a prompt and a string `output`."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path} row {number}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise UserError(f"{path} row {number}: is not a JSON object")
+            if "output" not in row:
+                raise UserError(f"{path} row {number}: has no `output`")
+            if not isinstance(row["output"], str):
+                raise UserError(f"{path} row {number}: `output` must be text")
+            messages_from_row(row, f"{path} row {number}")
+            rows.append((number, row))
+    if not rows:
+        raise UserError(f"{path}: is empty, there are no rows to score")
+    return rows
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlmt_jax.rewards import RewardScorer, RewardSettings
+
+    input_path, output_path = Path(args.input), Path(args.output)
+    rows = read_rows(input_path)
+    template = TemplateSettings(mode=args.mode, strict=args.strict)
+    settings = RewardSettings(
+        max_length=args.max_length, truncation_side=args.truncation_side, batch_size=args.batch_size, dtype=args.dtype
+    )
+    policy_tokenizer = None
+    if args.policy_tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            policy_tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--policy-tokenizer {args.policy_tokenizer}: cannot load it ({err})") from err
+    if args.eos_text:
+        eos_texts = tuple(args.eos_text)
+    elif policy_tokenizer is not None:
+        eos_texts = eos_texts_of(policy_tokenizer)
+    else:
+        eos_texts = KNOWN_EOS_TEXTS
+
+    scorer = RewardScorer.from_pretrained(args.reward_model, settings)
+    prompts = [messages_from_row(row, f"{input_path} row {n}") for n, row in rows]
+    batch = scorer.score_outputs(
+        prompts, [row["output"] for _, row in rows], template, eos_texts, length_tokenizer=policy_tokenizer
+    )
+    scored = [
+        {**row, "answer": answer, "format_valid": bool(valid), "reward": float(reward)}
+        for (_, row), answer, valid, reward in zip(rows, batch.answers, batch.valid, batch.rewards)
+    ]
+    write_jsonl_atomically(output_path, scored)
+    print(json.dumps({"rows": len(scored), **batch.metrics, "output": str(output_path)}))
+    return 0
