@@ -15,20 +15,18 @@ Paths of the form `builtin:NAME` name things the package ships or makes itself (
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
+import copy
 import os
 import tempfile
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
 from rlmt_jax.errors import UserError
+from rlmt_jax.typed_config import Schema
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-policy", "tiny-reward")
@@ -262,131 +260,16 @@ class RunConfig:
         return self.checkpoint.dir or os.path.join(self.run.output_dir, "checkpoints")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Building a config from nested dicts, with type checks that name the key.
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _all_keys(cls: type = RunConfig, prefix: str = "", sections: bool = False) -> list[str]:
-    """Every dotted leaf key of the config, e.g. 'rollout.temperature' (and 'rollout' with sections)."""
-    keys = []
-    for name, hint in _hints(cls).items():
-        if dataclasses.is_dataclass(hint):
-            keys += [f"{prefix}{name}"] if sections else []
-            keys += _all_keys(hint, f"{prefix}{name}.", sections)
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-# Names other trainers use for our keys.
-_ALIASES = {"learning_rate": "optimizer.lr", "lambda": "algorithm.ppo.gae_lambda", "lam": "algorithm.ppo.gae_lambda",
-            "num_samples": "rollout.n", "samples_per_prompt": "rollout.n", "top_k": "rollout.top_k",
-            "batch_size": "rollout.prompts_per_step", "max_tokens": "rollout.max_new_tokens"}
-
-
-def _unknown_key_error(dotted: str, cls: type, prefix: str) -> UserError:
-    """'unknown config key X: did you mean Y?', Y: an alias, the same name in another section, or the closest."""
-    leaf = dotted.rsplit(".", 1)[-1]
-    leaves = _all_keys()
-    close = [_ALIASES[leaf]] if leaf in _ALIASES else []
-    close = close or [k for k in leaves if k.rsplit(".", 1)[-1] == leaf]
-    candidates = [k for k in _all_keys(sections=True) if not dotted.startswith(k + ".")]  # not its own sections
-    close = close or difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
-    if close:
-        return UserError(f"unknown config key '{dotted}': did you mean '{close[0]}'?")
-    known = ", ".join(prefix + name for name in _hints(cls))
-    return UserError(f"unknown config key '{dotted}': the keys here are {known}")
-
-
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-
-
-def _type_name(hint: Any) -> str:
-    """Words for an annotation: 'an integer or null', 'a list of 2 numbers'."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of ({_type_name(args[0])})"
-        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
-    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    """Checks `value` against the annotation `hint` and returns it in the field's type."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' is a section: expected a mapping, got {value!r}")
-        return _build(hint, value, f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key)
-            except UserError:
-                pass
-        raise UserError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices or isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise UserError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"config key '{key}' must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        # YAML 1.1 reads `1e-6` (no dot) as a string: accept any text Python reads as a number.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise UserError(f"config key '{key}' must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
-            raise UserError(f"config key '{key}' must be a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"config field '{key}' has an unsupported annotation {hint!r}")
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = _hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        dotted = f"{prefix}{name}"
-        if not isinstance(name, str) or name not in hints:
-            raise _unknown_key_error(str(dotted), cls, prefix)
-        kwargs[name] = _convert(hints[name], value, dotted)
-    return cls(**kwargs)
+# Names other trainers use for our keys, suggested when a user writes them.
+KEY_ALIASES = {
+    "learning_rate": "optimizer.lr",
+    "lambda": "algorithm.ppo.gae_lambda",
+    "lam": "algorithm.ppo.gae_lambda",
+    "num_samples": "rollout.n",
+    "samples_per_prompt": "rollout.n",
+    "max_tokens": "rollout.max_new_tokens",
+}
+SCHEMA = Schema(RunConfig, aliases=KEY_ALIASES)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,7 +336,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     # algorithm
     if algo.name == "grpo":
-        _check(roll.n >= 2, "rollout.n", f"must be >= 2 for GRPO (advantages compare samples of a group), got {roll.n}")
+        _check(roll.n >= 2, "rollout.n",
+               f"must be >= 2 for GRPO (advantages compare the samples of a group), got {roll.n}")
     if algo.name == "dpo":
         _check(algo.dpo.min_valid >= 2, "algorithm.dpo.min_valid", "must be >= 2 (a pair needs two answers)")
         _check(roll.n >= algo.dpo.min_valid, "rollout.n",
@@ -514,7 +398,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             _check(dist.coordinator_address is not None, "distributed.coordinator_address",
                    "is required with distributed.num_processes > 1: host:port of process 0")
             _check(dist.process_id is not None and 0 <= dist.process_id < dist.num_processes,
-                   "distributed.process_id", f"must be in [0, {dist.num_processes}) with distributed.num_processes")
+                   "distributed.process_id", f"must be in [0, {dist.num_processes}) (distributed.num_processes)")
 
     # checkpoint, logging, run
     ckpt = cfg.checkpoint
@@ -564,44 +448,12 @@ def _parse_yaml(text: str, source: str) -> dict:
     return values
 
 
-def apply_override(values: dict, override: str) -> None:
-    """Sets `section.key=value` in the nested dict `values`; the value is read as a YAML scalar or list."""
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UserError(f"override '{override}' must be key=value, e.g. rollout.temperature=0.8")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    parts = key.split(".")
-    cls: Any = RunConfig
-    node = values
-    for depth, part in enumerate(parts):
-        hints = _hints(cls)
-        prefix = ".".join(parts[:depth])
-        if part not in hints:
-            raise _unknown_key_error(key, cls, f"{prefix}." if prefix else "")
-        hint = hints[part]
-        if depth == len(parts) - 1:
-            node[part] = value
-        else:
-            if not dataclasses.is_dataclass(hint):
-                raise UserError(f"config key '{'.'.join(parts[:depth + 1])}' is a value, not a section: "
-                                f"'{key}' does not exist")
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node, cls = child, hint
-
-
 def from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Builds and validates a config from nested dicts plus `key=value` overrides."""
-    values = _deep_copy(values)
+    values = copy.deepcopy(values)
     for override in overrides:
-        apply_override(values, override)
-    return validate(_build(RunConfig, values))
+        SCHEMA.apply_override(values, override)
+    return validate(SCHEMA.build(values))
 
 
 def load_yaml_text(text: str, overrides: list[str] | tuple[str, ...] = (), source: str = "<text>") -> RunConfig:
@@ -618,27 +470,9 @@ def resolve(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ..
     return load_yaml_text(text, overrides, source=str(file))
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    """Nested plain dicts and lists (tuples become lists), every field present."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        return value
-
-    def walk(obj: Any) -> dict:
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            out[f.name] = walk(value) if dataclasses.is_dataclass(value) else plain(value)
-        return out
-
-    return walk(cfg)
-
-
 def to_yaml(cfg: RunConfig) -> str:
     """The full config as YAML; `load_yaml_text(to_yaml(cfg)) == cfg`."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+    return yaml.safe_dump(SCHEMA.to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
 
 
 def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike) -> Path:
@@ -671,10 +505,3 @@ def builtin_name(path: str | None) -> str | None:
         return path[len(BUILTIN_PREFIX):]
     return None
 
-
-def _deep_copy(values: Any) -> Any:
-    if isinstance(values, dict):
-        return {k: _deep_copy(v) for k, v in values.items()}
-    if isinstance(values, list):
-        return [_deep_copy(v) for v in values]
-    return values

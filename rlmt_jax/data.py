@@ -253,6 +253,8 @@ def _pick_column(path: Path, columns: Sequence[str], column: str | None, candida
 def _load(path: str | os.PathLike, format: str, column: str | None, candidates: Sequence[str],
           from_row: Callable[[Any], Conversation]) -> list[Conversation]:
     file = resolve_data_path(os.fspath(path))
+    if not file.exists():
+        raise UserError(f"data file '{file}' does not exist (data.train_path)")
     fmt = detect_format(file, format)
     rows = read_rows(file, fmt)
     if rows.num_rows == 0:

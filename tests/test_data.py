@@ -160,7 +160,8 @@ def test_row_of_the_wrong_type_that_arrow_cannot_load_is_named_by_row(tmp_path):
 
 def test_row_without_the_column_is_named_by_row(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"other": "no prompt here"}])
-    with pytest.raises(UserError, match=r"p.jsonl' row 2 \(line 2\), column 'prompt': is empty \(null or missing\)"):
+    with pytest.raises(UserError, match=r"p.jsonl' row 2 \(line 2\), column 'prompt': "
+                                        r"is empty \(null or missing\)"):
         load_prompts(path)
 
 
