@@ -193,15 +193,25 @@ class RewardScorer:
         template: TemplateSettings,
         eos_texts: Sequence[str] = (),
         length_tokenizer=None,
+        format_penalty: float | None = None,
     ) -> RewardBatch:
         """Split each policy output into plan and answer, score the answers, and measure the batch.
 
         Plan and answer lengths are counted in `length_tokenizer`'s tokens (the policy's; default the RM's).
+        format_penalty: None (the recipe): every answer is scored, `[NULL]` included; a number: outputs
+        without the mode's delimiter get this reward and are not sent to the reward model.
         """
         splits: list[SplitOutput] = [split_output(o, template, eos_texts) for o in outputs]
         answers = [s.answer for s in splits]
-        rewards, truncated = self.score(prompts, answers)
         valid = np.array([s.valid for s in splits], bool)
+        if format_penalty is None:
+            rewards, truncated = self.score(prompts, answers)
+        else:
+            rewards = np.full(len(answers), format_penalty, np.float32)
+            truncated = np.zeros(len(answers), bool)
+            kept = np.flatnonzero(valid)
+            if len(kept):
+                rewards[kept], truncated[kept] = self.score([prompts[i] for i in kept], [answers[i] for i in kept])
         counter = length_tokenizer or self.tokenizer
         plan_tokens = token_counts(counter, [s.plan for s in splits])
         answer_tokens = token_counts(counter, answers)

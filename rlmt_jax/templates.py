@@ -33,8 +33,9 @@ BUILTIN_TEMPLATES = {
 }
 ANSWER_MODES = ("think", "zero", "none")
 PROMPT_TEMPLATES = ("chat", "zero")
-# The zero template's EOS, by family: the first of these the base tokenizer knows.
-ZERO_EOS_TOKENS = ("<|eot_id|>", "<|im_end|>")
+# The zero template's EOS, by family; with none named, the first of these the base tokenizer knows.
+ZERO_EOS_BY_FAMILY = {"llama": "<|eot_id|>", "qwen": "<|im_end|>"}
+ZERO_EOS_TOKENS = tuple(ZERO_EOS_BY_FAMILY.values())
 # EOS texts of the Llama-3.x and Qwen2.5 families, for callers that do not have the policy tokenizer.
 KNOWN_EOS_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
 

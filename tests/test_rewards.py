@@ -132,6 +132,15 @@ def test_batch_metrics_are_the_batch_means(llama_scorer, qwen_tokenizer):
     )
 
 
+def test_format_penalty_replaces_the_score_of_malformed_outputs_only(llama_scorer):
+    template = TemplateSettings(mode="think", strict=True)
+    scored = llama_scorer.score_outputs(PROMPTS[:3], OUTPUTS[:3], template, ("<|im_end|>",))
+    penalised = llama_scorer.score_outputs(PROMPTS[:3], OUTPUTS[:3], template, ("<|im_end|>",), format_penalty=-1.5)
+    assert penalised.rewards[1] == -1.5
+    np.testing.assert_allclose(penalised.rewards[[0, 2]], scored.rewards[[0, 2]], atol=1e-6)
+    assert penalised.metrics["reward_mean"] == pytest.approx(float(np.mean(penalised.rewards)))
+
+
 def test_default_buckets_double_up_to_max_length():
     assert RewardSettings(max_length=1000, min_bucket=128).bucket_lengths() == (128, 256, 512, 1000)
     assert RewardSettings(max_length=512, min_bucket=128).bucket_lengths() == (128, 256, 512)
