@@ -52,7 +52,8 @@ class AxisRule:
 # THE table. A mesh axis whose size does not divide a dimension is dropped for that dimension (see
 # `logical_to_spec`): this is how kv_heads fewer than (or not a multiple of) the tensor size fall back
 # to replication, and how a batch of 4 on data*fsdp = 8 devices stays whole. The only other rule lives
-# in `_add_fsdp_fallback`: a param of 2+ dims with no dimension on 'fsdp' gets its largest free one.
+# in `_add_fsdp_fallback`: a param of 2+ dims (besides 'layers') with no dimension on 'fsdp' gets its
+# largest free one.
 RULES: Mapping[str, AxisRule] = {
     # params and activations
     "vocab": AxisRule(param="tensor", activation="tensor"),
@@ -159,15 +160,14 @@ def _rule(axis: str | None, kind: str, rules: Mapping[str, AxisRule]) -> tuple[s
 def _add_fsdp_fallback(
     chosen: list[tuple[str, ...]], axes: Sequence[str | None], shape: Sequence[int], mesh_sizes: Mapping[str, int]
 ) -> None:
-    """A param of 2+ dims that has no dimension on 'fsdp' (no 'embed', or 'embed' not divisible) is
-    FSDP-sharded on its largest dimension that is free, not 'layers', and divisible by the fsdp size."""
+    """A param of 2+ dims besides 'layers' that has no dimension on 'fsdp' (no 'embed', or 'embed' not
+    divisible) is FSDP-sharded on its largest free dimension (not 'layers') divisible by the fsdp size.
+    Vectors (norm scales, 1-dim biases), scanned or not, stay as their rule says."""
     fsdp = mesh_sizes["fsdp"]
-    if fsdp == 1 or len(shape) < 2 or any("fsdp" in dim_axes for dim_axes in chosen):
+    dims = [i for i, axis in enumerate(axes) if axis != "layers"]
+    if fsdp == 1 or len(dims) < 2 or any("fsdp" in dim_axes for dim_axes in chosen):
         return
-    free = [
-        i for i, (dim_axes, axis) in enumerate(zip(chosen, axes))
-        if not dim_axes and axis != "layers" and shape[i] % fsdp == 0
-    ]
+    free = [i for i in dims if not chosen[i] and shape[i] % fsdp == 0]
     if free:
         largest = max(free, key=lambda i: (shape[i], -i))
         chosen[largest] = ("fsdp",)

@@ -127,8 +127,9 @@ def test_param_without_a_divisible_embed_is_fsdp_sharded_on_its_largest_free_dim
     assert logical_to_spec(("embed", "mlp"), (12, 64), mesh) == P(None, "tensor")
     # a 1-dim bias keeps the plain rule
     assert logical_to_spec(("labels",), (8,), mesh) == P(None)
-    # 'layers' is never split
-    assert logical_to_spec(("layers", "norm"), (16, 6), mesh) == P(None, None)
+    # 'layers' is never split, and a scanned vector is still a vector: norm scales stay replicated
+    assert logical_to_spec(("layers", "norm"), (16, 64), mesh) == P(None, None)
+    assert logical_to_spec(("layers", "heads", "head_dim"), (16, 28, 128), mesh) == P(None, "tensor", "fsdp")
 
 
 def test_batch_takes_data_then_fsdp_while_they_divide_it():
@@ -192,3 +193,27 @@ def test_initialize_distributed_names_missing_or_bad_settings():
         initialize_distributed("10.0.0.2:1234", num_processes=2, process_id=2)
     with pytest.raises(UserError, match="JAX_NUM_PROCESSES='four' must be an integer"):
         initialize_distributed(environ={"JAX_NUM_PROCESSES": "four"})
+
+
+# ---- the models' own axes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_param_of_every_model_head_has_a_rule_and_vectors_stay_replicated(scan_layers):
+    from flax import nnx
+
+    from models import CausalLM, ModelConfig, RewardModel, ValueModel
+    from rlmt_jax.mesh import param_shardings
+
+    mesh = make_mesh()  # one device: the specs are checked on an abstract (2, 2, 2) mesh below
+    abstract_222 = abstract_mesh(2, 2, 2)
+    for cls, arch in ((CausalLM, "Qwen2ForCausalLM"), (RewardModel, "LlamaForSequenceClassification"),
+                      (ValueModel, "LlamaForCausalLM")):
+        cfg = ModelConfig(architecture=arch, qkv_bias=True, o_bias=True, scan_layers=scan_layers)
+        params = nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        param_shardings(params, mesh)  # raises on a Param without logical_axes
+        for path, variable in nnx.to_flat_state(params):
+            axes = variable.get_metadata()["logical_axes"]
+            spec = logical_to_spec(axes, variable.get_value().shape, abstract_222)
+            if len([axis for axis in axes if axis != "layers"]) == 1 and axes[-1] != "embed":
+                assert spec == P(*([None] * len(axes))), (cls.__name__, path, spec)
