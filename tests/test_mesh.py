@@ -217,3 +217,19 @@ def test_every_param_of_every_model_head_has_a_rule_and_vectors_stay_replicated(
             spec = logical_to_spec(axes, variable.get_value().shape, abstract_222)
             if len([axis for axis in axes if axis != "layers"]) == 1 and axes[-1] != "embed":
                 assert spec == P(*([None] * len(axes))), (cls.__name__, path, spec)
+
+
+def test_placer_reads_a_lazy_safetensors_slice(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from rlmt_jax.mesh import make_placer
+
+    weight = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+    save_file({"lm_head.weight": weight}, str(tmp_path / "model.safetensors"))
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as checkpoint:
+        placed = make_placer(make_mesh(), dtype=np.float16)(
+            "lm_head.weight", checkpoint.get_slice("lm_head.weight"), ("vocab", "embed")
+        )
+    assert placed.dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(placed), weight.astype(np.float16))
