@@ -38,10 +38,10 @@ def test_score_writes_answers_and_rewards_equal_to_transformers(llama_rm_dir, tm
     assert out[1]["prompt"] == "hi" and out[0]["output"] == ROWS[0]["output"]
     from transformers import AutoTokenizer
 
+    user = ["Write a haiku about the sea.", "hi", "Explain why the sky is blue."]
+    answers = ["Waves fold into foam", "[NULL]", "Blue light scatters."]
     conversations = [
-        [{"role": "user", "content": "Write a haiku about the sea."}, {"role": "assistant", "content": "Waves fold into foam"}],
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "[NULL]"}],
-        [{"role": "user", "content": "Explain why the sky is blue."}, {"role": "assistant", "content": "Blue light scatters."}],
+        [{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in zip(user, answers)
     ]
     expected, _ = torch_scores(torch_model, AutoTokenizer.from_pretrained(str(rm_dir)), conversations)
     np.testing.assert_allclose([r["reward"] for r in out], expected, atol=1e-4, rtol=0)

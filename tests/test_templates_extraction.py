@@ -64,7 +64,14 @@ TABLE = {
         "",
         "<think>p</think>\n\n<response></response>",
     ),
-    "empty think answer": ("<think>p</think>\n\n<|eot_id|>", "", "", "[NULL]", "<think>p</think>\n\n", "<think>p</think>\n\n"),
+    "empty think answer": (
+        "<think>p</think>\n\n<|eot_id|>",
+        "",
+        "",
+        "[NULL]",
+        "<think>p</think>\n\n",
+        "<think>p</think>\n\n",
+    ),
     "truncated in the answer": (
         "<think>p</think>\n\nThe ans",
         "The ans",

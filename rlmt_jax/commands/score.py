@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--reward-model", required=True, help="Hugging Face reward-model directory")
     parser.add_argument("--input", required=True, help="JSONL with `messages` or `prompt`, and `output`")
     parser.add_argument("--output", required=True, help="JSONL to write, each row with `answer` and `reward`")
-    parser.add_argument("--mode", choices=ANSWER_MODES, default="think", help="how the answer is split (default think)")
+    parser.add_argument(
+        "--mode", choices=ANSWER_MODES, default="think", help="how the answer is split (default think)"
+    )
     parser.add_argument("--strict", action="store_true", help="a missing delimiter gives the answer [NULL]")
     parser.add_argument(
         "--policy-tokenizer",
@@ -36,10 +38,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--eos-text",
         action="append",
-        help=f"policy EOS text to remove (repeatable; default: the policy tokenizer's, else {' '.join(KNOWN_EOS_TEXTS)})",
+        help="policy EOS text to remove (repeatable; default: the policy tokenizer's, else "
+        + " ".join(KNOWN_EOS_TEXTS) + ")",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per reward-model call (default 8)")
-    parser.add_argument("--max-length", type=int, default=8192, help="reward-model input limit in tokens (default 8192)")
+    parser.add_argument(
+        "--max-length", type=int, default=8192, help="reward-model input limit in tokens (default 8192)"
+    )
     parser.add_argument("--truncation-side", choices=("right", "left"), default="right")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.set_defaults(func=run)
