@@ -1,0 +1,214 @@
+"""`rlmt-jax plot`: PNG curves of a run's metrics.jsonl.
+
+Draws the reward (mean, with a band of one standard deviation), KL, entropy, the response / plan / answer
+lengths and the format-valid rate, plus any `--keys`, each against the step: the raw values faint, a
+trailing moving average over them bold. Writes one PNG per panel and `summary.png` with all panels in a
+grid. Default metrics the run did not log are skipped with a note; null (non-finite) values are gaps.
+Needs matplotlib: `pip install 'rlmt-jax[plot]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rlmt_jax.errors import UserError
+from rlmt_jax.metrics import METRICS_FILE, RECORD_KEYS
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot: its file name (no extension), title, the metrics drawn, and an optional band key (± value)."""
+
+    name: str
+    title: str
+    keys: tuple[str, ...]
+    band: str | None = None
+
+
+DEFAULT_PANELS = (
+    Panel("reward", "reward (mean ± std)", ("reward_mean",), band="reward_std"),
+    Panel("kl", "KL to the reference", ("kl",)),
+    Panel("entropy", "entropy", ("entropy",)),
+    Panel("lengths", "mean length (tokens)", ("response_tokens_mean", "plan_tokens_mean", "answer_tokens_mean")),
+    Panel("format_valid_rate", "format-valid rate", ("format_valid_rate",)),
+)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="PNG curves of a run's metrics (reward, KL, entropy, lengths, format-valid rate)",
+        description=__doc__.split("\n\n")[1],
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory holding metrics.jsonl")
+    parser.add_argument("--out", metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
+    parser.add_argument("--keys", nargs="+", default=[], metavar="KEY",
+                        help="more metrics to plot, one panel each (e.g. loss grad_norm lr)")
+    parser.add_argument("--smooth", type=int, default=None, metavar="N",
+                        help="moving-average window in logged steps (default: about 1/20 of the run; 1: off)")
+    parser.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_metrics(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(steps [n], {key: values [n]}) from a metrics.jsonl, sorted by step; null or absent values are NaN.
+
+    A step logged twice keeps its last line. An unreadable last line (the run is writing it) is skipped.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (has the run logged a step yet?)")
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    if not lines:
+        raise UserError(f"{path}: is empty, the run has logged no steps yet")
+    records: dict[int, dict] = {}
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if index == len(lines) - 1 and index > 0:
+                print(f"note: {path} line {number} is incomplete; skipped", file=sys.stderr)
+                continue
+            raise UserError(f"{path} line {number}: not a metrics record with a step ({err})") from err
+        records[int(step)] = record
+    steps = np.array(sorted(records), dtype=np.int64)
+    keys = sorted({key for record in records.values() for key in record if key not in RECORD_KEYS})
+    series = {}
+    for key in keys:
+        series[key] = np.array([_as_float(records[int(step)].get(key)) for step in steps], dtype=np.float64)
+    return steps, series
+
+
+def _as_float(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan  # null, or a value that is not a number
+    return float(value)
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` finite values: out[i] = mean(finite values[max(0, i-w+1)..i]).
+
+    values: [n] with NaN gaps; out: [n], NaN where values[i] is NaN or no finite value is in the window.
+    """
+    finite = np.isfinite(values)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])  # sums[i] = sum of values[:i]
+    counts = np.concatenate([[0], np.cumsum(finite)])
+    end = np.arange(1, len(values) + 1)
+    start = np.maximum(end - window, 0)
+    n = counts[end] - counts[start]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (sums[end] - sums[start]) / n
+    return np.where(finite & (n > 0), out, np.nan)
+
+
+def default_window(num_points: int) -> int:
+    """A light smoothing: about 1/20 of the points, at least 1 (no smoothing)."""
+    return max(1, num_points // 20)
+
+
+def panels_to_draw(series: dict[str, np.ndarray], extra_keys: list[str]) -> tuple[list[Panel], list[str]]:
+    """(panels with data, notes about skipped defaults). A --keys metric that is not in the run is an error."""
+    present = {key for key, values in series.items() if np.isfinite(values).any()}
+    missing = [key for key in extra_keys if key not in series]
+    if missing:
+        raise UserError(f"metric {', '.join(repr(k) for k in missing)} is not in {METRICS_FILE}; "
+                        f"its metrics are: {', '.join(sorted(series)) or 'none'}")
+    panels, notes = [], []
+    for panel in DEFAULT_PANELS:
+        keys = tuple(key for key in panel.keys if key in present)
+        absent = [key for key in panel.keys if key not in present]
+        if absent:
+            notes.append(f"note: no values of {', '.join(absent)} in {METRICS_FILE}; "
+                         + ("panel skipped" if not keys else "left out of the panel"))
+        if keys:
+            panels.append(Panel(panel.name, panel.title, keys, panel.band if panel.band in present else None))
+    drawn = {key for panel in panels for key in panel.keys}
+    for key in dict.fromkeys(extra_keys):
+        if key not in drawn:
+            panels.append(Panel(key, key, (key,)))
+            drawn.add(key)
+    if not panels:
+        raise UserError(f"none of the default metrics has values in {METRICS_FILE}; pick some with --keys "
+                        f"(its metrics are: {', '.join(sorted(series)) or 'none'})")
+    return panels, notes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise UserError(
+            "plotting needs matplotlib, which is not installed: pip install 'rlmt-jax[plot]'"
+        ) from err
+    return Figure
+
+
+def draw_panel(ax, steps: np.ndarray, series: dict[str, np.ndarray], panel: Panel, window: int) -> None:
+    for index, key in enumerate(panel.keys):
+        color = f"C{index}"
+        values = series[key]
+        label = key if len(panel.keys) > 1 else None
+        if panel.band is not None:
+            spread = series[panel.band]
+            ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.12, linewidth=0)
+        if window > 1:
+            ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(steps, moving_average(values, window), color=color, linewidth=1.8, label=label)
+        else:
+            ax.plot(steps, values, color=color, linewidth=1.5, label=label)
+        if np.isfinite(values).sum() == 1:  # a single point draws no line
+            ax.plot(steps, values, "o", color=color)
+    ax.set_title(panel.title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    if len(panel.keys) > 1:
+        ax.legend(fontsize=8)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir}: no such directory")
+    if args.smooth is not None and args.smooth < 1:
+        raise UserError(f"--smooth must be >= 1 (1: no smoothing), got {args.smooth}")
+    steps, series = read_metrics(run_dir / METRICS_FILE)
+    panels, notes = panels_to_draw(series, args.keys)
+    Figure = _figure_class()
+    for note in notes:
+        print(note, file=sys.stderr)
+    window = args.smooth or default_window(len(steps))
+    out_dir = Path(args.out) if args.out else run_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    written = []
+    for panel in panels:
+        fig = Figure(figsize=(6, 3.6), layout="constrained")
+        draw_panel(fig.add_subplot(), steps, series, panel, window)
+        written.append(out_dir / f"{panel.name}.png")
+        fig.savefig(written[-1], dpi=110)
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(5 * columns, 3.2 * rows), layout="constrained")
+    for index, panel in enumerate(panels):
+        draw_panel(fig.add_subplot(rows, columns, index + 1), steps, series, panel, window)
+    fig.suptitle(f"{run_dir.resolve().name}: {len(steps)} steps logged (moving average over {window})")
+    written.append(out_dir / "summary.png")
+    fig.savefig(written[-1], dpi=90)
+    for path in written:
+        print(path)
+    return 0
