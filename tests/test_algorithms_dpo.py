@@ -71,3 +71,8 @@ def test_pairs_are_best_vs_worst_valid_sample():
 def test_pair_builder_rejects_a_non_finite_reward():
     with pytest.raises(ValueError, match="prompt 0, sample 1"):
         build_preference_pairs([[1.0, float("nan")]], [[True, True]], [[1, 1]], min_valid=1)
+
+
+def test_hinge_loss():
+    loss, _ = dpo_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, DPOConfig(loss_type="hinge"))
+    assert float(loss) == pytest.approx(0.8, abs=1e-6)  # max(0, 1 - 0.1 * 2)

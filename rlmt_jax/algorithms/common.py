@@ -341,6 +341,8 @@ class ActorLossConfig:
     kl_clamp: float = 10.0
 
     def __post_init__(self):
+        # accept the run config's spelling (token_mean) as well as verl's (token-mean)
+        object.__setattr__(self, "loss_agg_mode", self.loss_agg_mode.replace("_", "-"))
         if self.loss_agg_mode not in AGGREGATION_MODES:
             raise UserError(f"loss_agg_mode {self.loss_agg_mode!r}: expected one of {AGGREGATION_MODES}")
         if self.kl_estimator not in KL_ESTIMATORS:

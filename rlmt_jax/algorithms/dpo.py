@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from rlmt_jax.errors import UserError
 
-DPOLossType = Literal["sigmoid", "ipo"]
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
+DPOLossType = Literal["sigmoid", "ipo", "hinge"]
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,7 @@ def dpo_loss(
     h = (chosen - ref_chosen) - (rejected - ref_rejected)      (sequence log-probs)
     sigmoid: L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label_smoothing)
     ipo:     L = (h - 1 / (2 beta))^2
+    hinge:   L = max(0, 1 - beta h)
 
     All inputs: [pairs]. pair_mask [pairs] (1 = a real pair) and num_pairs (whole-batch count for
     micro-batches) default to all pairs of this call.
@@ -80,8 +81,10 @@ def dpo_loss(
     if config.loss_type == "sigmoid":
         eps = config.label_smoothing
         losses = -(1.0 - eps) * jax.nn.log_sigmoid(config.beta * h) - eps * jax.nn.log_sigmoid(-config.beta * h)
-    else:
+    elif config.loss_type == "ipo":
         losses = jnp.square(h - 1.0 / (2.0 * config.beta))
+    else:
+        losses = jax.nn.relu(1.0 - config.beta * h)
     m = jnp.ones_like(losses) if pair_mask is None else pair_mask.astype(jnp.float32)
     total = jnp.sum(m) if num_pairs is None else num_pairs
     w = m / jnp.maximum(total, 1.0)

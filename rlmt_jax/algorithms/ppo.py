@@ -20,7 +20,7 @@ class PPOConfig(ActorLossConfig):
     gamma: float = 1.0
     lam: float = 1.0
     whiten_advantages: bool = True
-    value_clip: float = 0.5
+    value_clip: float | None = 0.5
     value_loss_scale: float = 0.5
 
     def __post_init__(self):
@@ -92,19 +92,22 @@ def value_loss(
     old_values: jax.Array,
     returns: jax.Array,
     mask: jax.Array,
-    value_clip: float = 0.5,
+    value_clip: float | None = 0.5,
     scale: float = 0.5,
     *,
     num_tokens: jax.Array | float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped value loss:  scale * token-mean( max((V - R)^2, (V_clip - R)^2) ),
-    V_clip = old_V + clip(V - old_V, -value_clip, value_clip).
+    V_clip = old_V + clip(V - old_V, -value_clip, value_clip)   (value_clip None: V_clip = V).
 
     values, old_values, returns, mask: [batch, seq]. num_tokens: whole-batch count for micro-batches.
     Returns (loss, metrics: vf_loss, vf_clipfrac, value_mean (token means)).
     """
     values = values.astype(jnp.float32)
-    clipped = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
+    if value_clip is None:
+        clipped = values
+    else:
+        clipped = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
     unclipped_err = jnp.square(values - returns)
     clipped_err = jnp.square(clipped - returns)
     weights = aggregation_weights(mask, "token-mean", num_tokens=num_tokens)

@@ -1,0 +1,183 @@
+"""What the update step minimises, per algorithm: a model forward on a micro-batch feeding the
+pure losses of `rlmt_jax.algorithms`.
+
+An objective is a frozen (hashable) dataclass, so the jitted update step takes it as a static
+argument. It has two methods:
+  counts(batch) -> dict of scalars: the whole-batch denominators (tokens, sequences, pairs), computed
+      once before the batch is cut into micro-batches, so micro-batch losses add up to the batch loss;
+  __call__(model, micro_batch, counts) -> (loss, metrics): every metric is normalised by `counts` too,
+      so the update step sums losses, gradients and metrics over micro-batches.
+
+Batch layout (a dict of arrays, leading dim = rows; see each objective for its keys):
+  tokens [B, S] int32: prompt (left-padded) + response (right-padded);
+  attention_mask [B, S]: 1 on real tokens;  positions [B, S] (default: clip(cumsum(mask) - 1, 0));
+  response_mask [B, S]: 1 on the response tokens whose log-prob counts;
+  old_logprobs, ref_logprobs [B, S], aligned: position t holds log p(token t | tokens < t);
+  advantages [B] or [B, S].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rlmt_jax.algorithms.common import (
+    ActorLossConfig,
+    actor_loss,
+    chunked_sequence_logprobs_and_entropy,
+    count_sequences,
+    count_tokens,
+    shift_right,
+)
+from rlmt_jax.algorithms.dpo import DPOConfig, dpo_loss, sequence_logprobs
+from rlmt_jax.algorithms.ppo import value_loss
+from rlmt_jax.algorithms.sft import sft_loss
+
+
+def require(batch: dict, *names: str) -> None:
+    """Raise a KeyError naming the batch arrays an objective needs and did not get."""
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise KeyError(f"the update batch lacks {missing}; it has {sorted(batch)}")
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """clip(cumsum(mask) - 1, 0): positions that skip left padding.  [B, S] -> [B, S] int32"""
+    return jnp.clip(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def model_inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens, attention_mask, positions) of a batch, positions derived when absent."""
+    require(batch, "tokens", "attention_mask")
+    mask = batch["attention_mask"]
+    positions = batch.get("positions")
+    return batch["tokens"], mask, default_positions(mask) if positions is None else positions
+
+
+def policy_logprobs_and_entropy(
+    model, batch: dict, temperature: float, logits_chunk_size: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """Aligned log-probs and entropies of `batch["tokens"]` under the CausalLM `model` at `temperature`.
+
+    -> (logprobs [B, S], entropy [B, S]); the logits are made chunk by chunk (see
+    `chunked_sequence_logprobs_and_entropy`).
+    """
+    tokens, mask, positions = model_inputs(batch)
+    hidden = model.hidden_states(tokens, mask, positions)
+    return chunked_sequence_logprobs_and_entropy(hidden, tokens, model.lm_logits, temperature, logits_chunk_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyObjective:
+    """GRPO and the PPO actor: `actor_loss` (clipped surrogate + KL + entropy).
+
+    Batch: tokens, attention_mask, [positions], response_mask, old_logprobs, advantages,
+    ref_logprobs (when config.kl_coef != 0).
+    """
+
+    config: ActorLossConfig
+    logits_chunk_size: int | None = 1024
+
+    def counts(self, batch: dict) -> dict[str, jax.Array]:
+        require(batch, "response_mask")
+        mask = batch["response_mask"]
+        return {"num_tokens": count_tokens(mask), "num_sequences": count_sequences(mask)}
+
+    def __call__(self, model, batch: dict, counts: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+        names = ["response_mask", "old_logprobs", "advantages"] + (["ref_logprobs"] if self.config.kl_coef else [])
+        require(batch, *names)
+        logprobs, entropy = policy_logprobs_and_entropy(model, batch, self.config.temperature, self.logits_chunk_size)
+        return actor_loss(
+            logprobs,
+            batch["old_logprobs"],
+            batch["advantages"],
+            batch["response_mask"],
+            self.config,
+            entropy=entropy,
+            ref_logprobs=batch.get("ref_logprobs") if self.config.kl_coef else None,
+            num_tokens=counts["num_tokens"],
+            num_sequences=counts["num_sequences"],
+        )
+
+
+def critic_values(model, batch: dict) -> jax.Array:
+    """Aligned values: position t holds V(tokens < t), the ValueModel's output at t - 1.  -> [B, S]"""
+    tokens, mask, positions = model_inputs(batch)
+    return shift_right(model(tokens, mask, positions))
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueObjective:
+    """The PPO critic: clipped value loss.  Batch: tokens, attention_mask, [positions], response_mask,
+    old_values, returns (aligned like log-probs)."""
+
+    value_clip: float | None = 0.5
+    scale: float = 0.5
+
+    def counts(self, batch: dict) -> dict[str, jax.Array]:
+        require(batch, "response_mask")
+        return {"num_tokens": count_tokens(batch["response_mask"])}
+
+    def __call__(self, model, batch: dict, counts: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+        require(batch, "response_mask", "old_values", "returns")
+        values = critic_values(model, batch)
+        loss, metrics = value_loss(
+            values,
+            batch["old_values"],
+            batch["returns"],
+            batch["response_mask"],
+            self.value_clip,
+            self.scale,
+            num_tokens=counts["num_tokens"],
+        )
+        return loss, {**metrics, "loss": loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOObjective:
+    """DPO on pairs.  Batch (leading dim = pairs, second = [chosen, rejected]):
+    tokens, attention_mask, [positions], response_mask: [P, 2, S]; ref_logps: [P, 2] (sequence log-probs
+    of the reference model, summed, or averaged for IPO). Pairs whose response_mask is all 0 are padding.
+    """
+
+    config: DPOConfig
+    logits_chunk_size: int | None = 1024
+
+    def counts(self, batch: dict) -> dict[str, jax.Array]:
+        require(batch, "response_mask")
+        return {"num_pairs": jnp.sum((jnp.sum(batch["response_mask"], axis=(1, 2)) > 0).astype(jnp.float32))}
+
+    def __call__(self, model, batch: dict, counts: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+        require(batch, "response_mask", "ref_logps")
+        pairs, _, seq = batch["tokens"].shape
+        flat = {k: batch[k].reshape(pairs * 2, seq) for k in ("tokens", "attention_mask", "positions") if k in batch}
+        logprobs, _ = policy_logprobs_and_entropy(model, flat, 1.0, self.logits_chunk_size)
+        mask = batch["response_mask"]
+        seq_logps = sequence_logprobs(logprobs.reshape(pairs, 2, seq), mask, self.config.average_logprobs)
+        return dpo_loss(
+            seq_logps[:, 0],
+            seq_logps[:, 1],
+            batch["ref_logps"][:, 0],
+            batch["ref_logps"][:, 1],
+            self.config,
+            pair_mask=(jnp.sum(mask, axis=(1, 2)) > 0),
+            num_pairs=counts["num_pairs"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTObjective:
+    """Cross-entropy on assistant tokens.  Batch: tokens, attention_mask, [positions], loss_mask [B, S]
+    (aligned: 1 where token t is an assistant token to predict)."""
+
+    logits_chunk_size: int | None = 1024
+
+    def counts(self, batch: dict) -> dict[str, jax.Array]:
+        require(batch, "loss_mask")
+        return {"num_tokens": count_tokens(batch["loss_mask"])}
+
+    def __call__(self, model, batch: dict, counts: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logprobs, _ = policy_logprobs_and_entropy(model, batch, 1.0, self.logits_chunk_size)
+        return sft_loss(logprobs, batch["loss_mask"], num_tokens=counts["num_tokens"])
