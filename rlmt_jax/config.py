@@ -131,6 +131,15 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """How the reward model is fed (it re-renders prompt + answer with its own tokenizer and template)."""
+
+    max_length: int = 8192  # longer inputs are cut (counted in the metrics)
+    truncation_side: Literal["right", "left"] = "right"
+    batch_size: int = 8  # rows per jitted scoring call
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """The algorithm and its loss settings; clip/KL/entropy/aggregation serve GRPO and PPO."""
 
@@ -141,7 +150,9 @@ class AlgorithmConfig:
     kl_coef: float = 0.001  # 0: no KL term, no reference forward
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.001
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
+    # seq_mean_token_sum_norm: Dr. GRPO (token sums divided by rollout.max_new_tokens)
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean")
     update_epochs: int = 1  # passes over each rollout batch
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -241,6 +252,7 @@ class RunConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -399,6 +411,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                    "is required with distributed.num_processes > 1: host:port of process 0")
             _check(dist.process_id is not None and 0 <= dist.process_id < dist.num_processes,
                    "distributed.process_id", f"must be in [0, {dist.num_processes}) (distributed.num_processes)")
+
+    _check(cfg.reward.max_length >= 1, "reward.max_length", "must be >= 1")
+    _check(cfg.reward.batch_size >= 1, "reward.batch_size", "must be >= 1")
 
     # checkpoint, logging, run
     ckpt = cfg.checkpoint

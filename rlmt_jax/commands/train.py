@@ -1,0 +1,60 @@
+"""`rlmt-jax train [CONFIG] [key=value ...]`: run a recipe (no CONFIG: the tiny CPU default)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train with GRPO / PPO / DPO / SFT from a YAML recipe",
+        description="Train from a YAML recipe (a path, or the name of a shipped one such as "
+                    "grpo_llama31_8b_instruct). With no recipe, runs the tiny CPU default (configs/tiny.yaml). "
+                    "A run dir that has checkpoints resumes from the newest one.",
+    )
+    parser.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rollout.temperature=0.8")
+    parser.set_defaults(func=run)
+
+
+def _split(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`rlmt-jax train key=value` (no file) puts the first override where the config would be."""
+    if config is not None and "=" in config:
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def run(args) -> int:
+    from rlmt_jax.config import resolve
+    from rlmt_jax.trainer import TrainingError, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config, overrides = _split(args.config, args.overrides)
+    cfg = resolve(config, overrides)
+    try:
+        summary = train(cfg)
+    except TrainingError as err:
+        print(f"rlmt-jax train: stopped: {err}", file=sys.stderr)
+        return 1
+    history = summary["history"]
+    if history:
+        print(summarize(history))
+    if summary["export"]:
+        print(f"exported the policy to {summary['export']}")
+    return 0
+
+
+def summarize(history: list[dict], window: int = 10) -> str:
+    """Means of the first and last `window` steps of the run's key metrics."""
+    keys = [k for k in ("reward_mean", "format_valid_rate", "kl", "entropy", "response_tokens_mean", "loss")
+            if any(k in h for h in history)]
+    first, last = history[:window], history[-window:]
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    lines = [f"steps {history[0]['step']}-{history[-1]['step']}: first {len(first)} vs last {len(last)} steps"]
+    lines += [f"  {k:22s} {mean(first, k):10.4f} -> {mean(last, k):10.4f}" for k in keys]
+    return "\n".join(lines)

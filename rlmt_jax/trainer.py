@@ -1,0 +1,439 @@
+"""The training loop: sample -> extract -> score -> advantages -> update, for GRPO, PPO, online DPO and SFT.
+
+    summary = train(resolve("configs/grpo_llama31_8b_instruct.yaml", ["rollout.temperature=0.8"]))
+
+A run lives in `run.output_dir`: the resolved config, metrics.jsonl, samples.jsonl, TensorBoard events,
+checkpoints/ (orbax) and export/ (a Hugging Face directory). Started again on a run dir with checkpoints it
+resumes from the newest good one, with the same data order and rng, so it reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import models
+from rlmt_jax import checkpoint as ckpt
+from rlmt_jax import mesh as mesh_lib
+from rlmt_jax.algorithms.dpo import DPOConfig as DPOLossConfig
+from rlmt_jax.algorithms.dpo import build_preference_pairs
+from rlmt_jax.algorithms.grpo import GRPOConfig, group_advantages
+from rlmt_jax.algorithms.ppo import PPOConfig, ppo_advantages
+from rlmt_jax.config import SCHEMA, RunConfig, save_resolved, to_yaml
+from rlmt_jax.data import BatchIterator, load_train_records, train_batches
+from rlmt_jax.errors import UserError
+from rlmt_jax.jsonl import read_jsonl, write_jsonl_atomic
+from rlmt_jax.metrics import MetricsLogger
+from rlmt_jax.objectives import DPOObjective, PolicyObjective, SFTObjective, ValueObjective
+from rlmt_jax.optim import AdamWConfig
+from rlmt_jax.rewards import RewardScorer, RewardSettings
+from rlmt_jax.rollouts import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
+from rlmt_jax.sampling import Sampler, SamplingConfig
+from rlmt_jax.sequences import dpo_batch, sft_batch, sft_tokens
+from rlmt_jax.tiny import resolve_model_path
+from rlmt_jax.train_step import compute_logprobs, compute_values, init_optimizer_state, train_step
+
+log = logging.getLogger("rlmt_jax.trainer")
+EXPORT_DIR = "export"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss or reward); the last good checkpoint is intact."""
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def config_digest(cfg: RunConfig) -> str:
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """One run: models, optimizer, data, checkpoints and metrics for `cfg`, and the loop over steps."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.algorithm = cfg.algorithm.name
+        self.run_dir = cfg.run.output_dir
+        mesh_lib.initialize_distributed(**dataclasses.asdict(cfg.distributed))
+        self.mesh = mesh_lib.make_mesh(cfg.mesh)
+        if jax.process_index() == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_resolved(cfg, self.run_dir)
+        self.step = 0
+        self.key = jax.random.key(cfg.run.seed)
+        with mesh_lib.activation_sharding(self.mesh):
+            self._load_models()
+        self.records = load_train_records(cfg)
+        self.store = ckpt.CheckpointStore(
+            cfg.checkpoint_dir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
+            best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
+            async_save=cfg.checkpoint.async_save,
+        )
+
+    # ------------------------------------------------------------------------------------ setup
+    def _load(self, path: str, task: str | None = None):
+        runtime = self.cfg.runtime
+        try:
+            return models.load_pretrained(
+                path, dtype=runtime.dtype, param_dtype=runtime.param_dtype, task=task, remat=runtime.remat,
+                scan_layers=runtime.scan_layers, place=mesh_lib.make_placer(self.mesh),
+            )
+        except (OSError, ValueError) as err:
+            raise UserError(f"model {path}: {err}") from err
+
+    def _load_models(self) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        self.policy_path = resolve_model_path(cfg.model.policy)
+        policy = self._load(self.policy_path)
+        if not isinstance(policy, models.CausalLM):
+            raise UserError(f"model.policy {cfg.model.policy}: is not a *ForCausalLM checkpoint")
+        self.model_config = policy.config
+        self.graphdef, self.params = nnx.split(policy, nnx.Param)
+        del policy
+
+        tokenizer_path = resolve_model_path(cfg.model.tokenizer_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"model.tokenizer {tokenizer_path}: cannot load a tokenizer ({err})") from err
+        self.text = PolicyText.create(tokenizer, template_settings(cfg), self.model_config.eos_token_id)
+
+        self.ref_params = None
+        needs_reference = self.algorithm == "dpo" or (self.algorithm in ("grpo", "ppo") and cfg.algorithm.kl_coef)
+        if needs_reference:
+            ref_path = resolve_model_path(cfg.model.reference_path)
+            if ref_path == self.policy_path:
+                self.ref_params = jax.tree.map(jnp.copy, self.params)
+            else:
+                _, self.ref_params = nnx.split(self._load(ref_path), nnx.Param)
+
+        self.scorer = None
+        if self.algorithm in ("grpo", "ppo", "dpo"):
+            rm_path = resolve_model_path(cfg.model.reward_model)
+            settings = RewardSettings(
+                max_length=cfg.reward.max_length, batch_size=cfg.reward.batch_size,
+                truncation_side=cfg.reward.truncation_side, dtype=cfg.runtime.dtype,
+                param_dtype=cfg.runtime.param_dtype,
+            )
+            self.scorer = RewardScorer.from_pretrained(rm_path, settings)
+            n = cfg.rollout.n
+            self.sampler = Sampler(self.graphdef, SamplingConfig(
+                n=n, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, eos_ids=self.text.stop_ids,
+                pad_id=self.text.pad_id, prompt_buckets=cfg.prompt_buckets,
+                cache_dtype=cfg.rollout.cache_dtype or cfg.runtime.dtype,
+            ))
+
+        self.critic_graphdef = self.critic_params = None
+        if self.algorithm == "ppo":
+            critic = self._load(resolve_model_path(cfg.model.critic_path), task="value")
+            self.critic_graphdef, self.critic_params = nnx.split(critic, nnx.Param)
+
+    def _optimizer(self, total_steps: int, lr: float | None = None) -> AdamWConfig:
+        o = self.cfg.optimizer
+        return AdamWConfig(
+            lr=lr or o.lr, schedule=o.schedule, warmup_ratio=o.warmup_ratio, total_steps=total_steps,
+            weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip,
+            decay="all" if self.algorithm in ("grpo", "ppo") else "matrices",
+        )
+
+    def _actor_config(self):
+        a, r = self.cfg.algorithm, self.cfg.rollout
+        common = dict(
+            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, kl_coef=a.kl_coef,
+            kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, loss_agg_mode=a.aggregation,
+            norm_length=float(r.max_new_tokens), temperature=r.temperature,
+        )
+        if self.algorithm == "grpo":
+            return GRPOConfig(**common, group_size=r.n, advantage_eps=a.grpo.eps, scale_by_std=a.grpo.std_normalize)
+        p = a.ppo
+        return PPOConfig(**common, gamma=p.gamma, lam=p.gae_lambda, whiten_advantages=p.whiten_advantages,
+                         value_clip=p.value_clip, value_loss_scale=p.value_coef)
+
+    def _micro_batches(self, rows: int) -> int:
+        size = self.cfg.optimizer.micro_batch_size
+        if rows <= size:
+            return 1
+        if rows % size:
+            raise UserError(f"optimizer.micro_batch_size={size} does not divide the {rows} sequences of a step")
+        return rows // size
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _items(self) -> dict[str, Any]:
+        return {
+            "params": self.params, "opt_state": self.opt_state,
+            "critic_params": self.critic_params, "critic_opt_state": getattr(self, "critic_opt_state", None),
+            "data_iter": self.batches.get_state(), "rng": self.key,
+            "meta": {"config_digest": config_digest(self.cfg), "algorithm": self.algorithm},
+        }
+
+    def _resume(self) -> None:
+        targets = {name: value for name, value in self._items().items() if value is not None and name != "meta"}
+        targets["data_iter"] = targets["rng"] = None  # JSON items need no target
+        restored = self.store.restore(targets)
+        if restored is None:
+            return
+        items = restored.items
+        self.params, self.opt_state = items["params"], items["opt_state"]
+        if self.critic_params is not None:
+            self.critic_params, self.critic_opt_state = items["critic_params"], items["critic_opt_state"]
+        self.batches.set_state(items["data_iter"])
+        self.key = items["rng"]
+        self.step = restored.step
+        log.warning("resumed from the checkpoint of step %d in %s", self.step, self.cfg.checkpoint_dir)
+
+    def _save(self, metrics: dict[str, float] | None, final: bool = False) -> None:
+        self.store.save(self.step, self._items(), metrics, final=final)
+
+    # ------------------------------------------------------------------------------------ RL steps
+    def _sample_and_score(self, prompts: list) -> tuple[dict, dict, list[dict], float, float]:
+        cfg = self.cfg
+        n = cfg.rollout.n
+        start = time.perf_counter()
+        prompt_ids, truncated = self.text.encode(prompts)
+        self.key, sample_key = jax.random.split(self.key)
+        rollout = self.sampler(self.params, prompt_ids, sample_key)
+        jax.block_until_ready(rollout.tokens)
+        sampled = time.perf_counter()
+        texts = self.text.decode_responses(rollout)
+        repeated = [p for p in prompts for _ in range(n)]
+        scored = self.scorer.score_outputs(
+            repeated, texts, self.text.settings, self.text.eos_texts, length_tokenizer=self.text.tokenizer,
+            format_penalty=cfg.template.format_penalty,
+        )
+        if not np.all(np.isfinite(scored.rewards)):
+            bad = int(np.flatnonzero(~np.isfinite(scored.rewards))[0])
+            raise TrainingError(f"step {self.step + 1}: the reward model gave a non-finite reward ({scored.rewards[bad]})"
+                                f" for rollout {bad}; stopping with the last good checkpoint intact")
+        metrics = {**scored.metrics, **rollout_metrics(rollout), "prompts_truncated": float(truncated)}
+        samples = [
+            {"step": self.step + 1, "prompt": repeated[i][-1]["content"], "output": texts[i],
+             "plan": scored.plans[i], "answer": scored.answers[i], "reward": float(scored.rewards[i]),
+             "format_valid": bool(scored.valid[i])}
+            for i in range(min(cfg.logging.samples_per_step, len(texts)))
+        ]
+        batch = rl_batch(rollout)
+        batch["sampler_logprobs"] = rollout.logprobs
+        return batch, {"rewards": scored.rewards, **metrics}, samples, sampled - start, time.perf_counter() - sampled
+
+    def _rl_step(self, prompts: list) -> tuple[dict[str, float], list[dict]]:
+        cfg = self.cfg
+        batch, info, samples, t_sample, t_score = self._sample_and_score(prompts)
+        start = time.perf_counter()
+        rewards = jnp.asarray(info.pop("rewards"))
+        sampler_logprobs = batch.pop("sampler_logprobs")
+        batch = mesh_lib.shard_batch(batch, self.mesh)
+        rows = batch["tokens"].shape[0]
+        micro = self._micro_batches(rows)
+        temperature = cfg.rollout.temperature
+        batch["old_logprobs"] = compute_logprobs(self.graphdef, self.params, batch, temperature=temperature,
+                                                 num_micro_batches=micro)
+        if self.ref_params is not None:
+            batch["ref_logprobs"] = compute_logprobs(self.graphdef, self.ref_params, batch, temperature=temperature,
+                                                     num_micro_batches=micro)
+        metrics = dict(info)
+        metrics.update(logprob_gap(batch["old_logprobs"], sampler_logprobs, batch["response_mask"]))
+        if self.algorithm == "grpo":
+            batch["advantages"] = mesh_lib.shard_batch(
+                group_advantages(rewards, cfg.rollout.n, cfg.algorithm.grpo.eps, cfg.algorithm.grpo.std_normalize),
+                self.mesh)
+        else:
+            values = compute_values(self.critic_graphdef, self.critic_params, batch, num_micro_batches=micro)
+            batch["advantages"], batch["returns"] = ppo_advantages(
+                rewards, values, batch["response_mask"], self.actor_config)
+            batch["old_values"] = values
+            for _ in range(cfg.algorithm.update_epochs):
+                self.critic_params, self.critic_opt_state, critic_metrics = train_step(
+                    self.critic_graphdef, self.critic_params, self.critic_opt_state, batch,
+                    objective=self.critic_objective, optimizer=self.critic_optimizer, num_micro_batches=micro)
+            critic_metrics = _floats(critic_metrics)
+            metrics.update({f"critic_{k}": v for k, v in critic_metrics.items()})
+            if not critic_metrics["finite"]:
+                raise TrainingError(f"step {self.step + 1}: the critic's loss or gradient is not finite")
+        for _ in range(cfg.algorithm.update_epochs):
+            self.params, self.opt_state, update = train_step(
+                self.graphdef, self.params, self.opt_state, batch, objective=self.objective,
+                optimizer=self.optimizer, num_micro_batches=micro)
+        update = _floats(update)
+        metrics.update(update)
+        metrics["clip_fraction"] = update.get("pg_clipfrac", 0.0)
+        t_update = time.perf_counter() - start
+        tokens = float(np.asarray(batch["attention_mask"]).sum())
+        metrics.update(time_sample_s=t_sample, time_score_s=t_score, time_update_s=t_update,
+                       tokens_per_s=tokens / max(t_sample + t_score + t_update, 1e-9))
+        return metrics, samples
+
+    # ------------------------------------------------------------------------------------ SFT / DPO steps
+    def _sft_step(self, conversations: list) -> tuple[dict[str, float], list[dict]]:
+        start = time.perf_counter()
+        examples = [sft_tokens(self.text.tokenizer, c, f"SFT conversation {i}") for i, c in enumerate(conversations)]
+        arrays = sft_batch(examples, self.cfg.algorithm.sft.max_seq_tokens, self.text.pad_id)
+        batch = mesh_lib.shard_batch(arrays, self.mesh)
+        self.params, self.opt_state, update = train_step(
+            self.graphdef, self.params, self.opt_state, batch, objective=self.objective, optimizer=self.optimizer,
+            num_micro_batches=self._micro_batches(arrays["tokens"].shape[0]))
+        metrics = _floats(update)
+        elapsed = time.perf_counter() - start
+        metrics.update(time_update_s=elapsed, tokens_per_s=float(arrays["attention_mask"].sum()) / elapsed)
+        return metrics, []
+
+    def _dpo_step(self, pairs: list) -> tuple[dict[str, float], list[dict]]:
+        start = time.perf_counter()
+        arrays = dpo_batch(pairs, self.cfg.algorithm.dpo.max_pair_tokens, self.text.pad_id)
+        batch = mesh_lib.shard_batch(arrays, self.mesh)
+        count, _, seq = arrays["tokens"].shape
+        flat = {k: v.reshape(count * 2, seq) for k, v in batch.items()}
+        micro = self._micro_batches(count)
+        ref = compute_logprobs(self.graphdef, self.ref_params, flat, temperature=1.0, num_micro_batches=micro)
+        mask = flat["response_mask"]
+        summed = jnp.sum(ref * mask, axis=-1)
+        if self.objective.config.average_logprobs:
+            summed = summed / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+        batch["ref_logps"] = summed.reshape(count, 2)
+        self.params, self.opt_state, update = train_step(
+            self.graphdef, self.params, self.opt_state, batch, objective=self.objective, optimizer=self.optimizer,
+            num_micro_batches=micro)
+        metrics = _floats(update)
+        elapsed = time.perf_counter() - start
+        metrics.update(time_update_s=elapsed, tokens_per_s=float(arrays["attention_mask"].sum()) / elapsed)
+        return metrics, []
+
+    def _dpo_pairs(self) -> list[dict]:
+        """Online DPO's one round: n answers per prompt from the initial policy, best vs worst valid answer.
+
+        Saved to RUN_DIR/dpo_pairs.jsonl (per process) so a resumed run trains on the same pairs."""
+        path = os.path.join(self.run_dir, f"dpo_pairs.process-{jax.process_index()}.jsonl")
+        if os.path.exists(path):
+            return read_jsonl(path)
+        cfg = self.cfg
+        n = cfg.rollout.n
+        local = self.records[jax.process_index()::jax.process_count()]
+        chunk = max(cfg.rollout.prompts_per_step // jax.process_count(), 1)
+        pairs: list[dict] = []
+        skipped = {"too_few_valid": 0, "too_long": 0, "tied": 0}
+        for start in range(0, len(local), chunk):
+            prompts = list(local[start:start + chunk])
+            prompt_ids, _ = self.text.encode(prompts)
+            self.key, sample_key = jax.random.split(self.key)
+            rollout = self.sampler(self.params, prompt_ids, sample_key)
+            texts = self.text.decode_responses(rollout)
+            repeated = [p for p in prompts for _ in range(n)]
+            scored = self.scorer.score_outputs(repeated, texts, self.text.settings, self.text.eos_texts)
+            lengths = np.asarray(rollout.response_lengths)
+            responses = [rollout.response_tokens(r) for r in range(len(texts))]
+            selection = build_preference_pairs(
+                scored.rewards.reshape(-1, n).tolist(), scored.valid.reshape(-1, n).tolist(),
+                [[len(prompt_ids[p]) + int(lengths[p * n + i]) for i in range(n)] for p in range(len(prompts))],
+                min_valid=cfg.algorithm.dpo.min_valid, max_tokens=cfg.algorithm.dpo.max_pair_tokens,
+            )
+            skipped["too_few_valid"] += selection.skipped_too_few_valid
+            skipped["too_long"] += selection.skipped_too_long
+            skipped["tied"] += selection.skipped_tied
+            for pair in selection.pairs:
+                pairs.append({
+                    "prompt_ids": prompt_ids[pair.prompt_index],
+                    "chosen_ids": responses[pair.prompt_index * n + pair.chosen_index],
+                    "rejected_ids": responses[pair.prompt_index * n + pair.rejected_index],
+                    "chosen_score": pair.chosen_score, "rejected_score": pair.rejected_score,
+                })
+        log.warning("online DPO: %d pairs from %d prompts (skipped: %s)", len(pairs), len(local), skipped)
+        if not pairs:
+            raise UserError("online DPO: no preference pairs (every prompt had fewer than algorithm.dpo.min_valid "
+                            "parseable answers, tied scores, or too many tokens)")
+        write_jsonl_atomic(path, pairs)
+        return pairs
+
+    # ------------------------------------------------------------------------------------ the loop
+    def _prepare(self) -> Iterator:
+        cfg = self.cfg
+        if self.algorithm == "dpo":
+            pairs = self._dpo_pairs()
+            dpo = cfg.algorithm.dpo
+            self.batches = BatchIterator(pairs, min(dpo.batch_size, len(pairs)), seed=cfg.data.shuffle_seed,
+                                         epochs=dpo.epochs, shard_index=0, shard_count=1)
+            self.objective = DPOObjective(DPOLossConfig(beta=dpo.beta, loss_type=dpo.loss_type,
+                                                         label_smoothing=dpo.label_smoothing))
+            step_fn = self._dpo_step
+        else:
+            self.batches = train_batches(cfg, self.records)
+            if self.algorithm == "sft":
+                self.objective, step_fn = SFTObjective(), self._sft_step
+            else:
+                self.actor_config = self._actor_config()
+                self.objective, step_fn = PolicyObjective(self.actor_config), self._rl_step
+        self.total_steps = min(s for s in (cfg.run.total_steps, self.batches.num_steps) if s is not None)
+        self.optimizer = self._optimizer(self.total_steps)
+        self.opt_state = init_optimizer_state(self.params, self.optimizer)
+        if self.algorithm == "ppo":
+            self.critic_optimizer = self._optimizer(self.total_steps, lr=cfg.algorithm.ppo.critic_lr)
+            self.critic_opt_state = init_optimizer_state(self.critic_params, self.critic_optimizer)
+            self.critic_objective = ValueObjective(cfg.algorithm.ppo.value_clip, cfg.algorithm.ppo.value_coef)
+        self._resume()
+        return step_fn
+
+    def run(self) -> dict[str, Any]:
+        """Trains to the last step, checkpointing and logging; returns a summary (first/last steps' means)."""
+        cfg = self.cfg
+        with mesh_lib.activation_sharding(self.mesh):
+            step_fn = self._prepare()
+            logger = MetricsLogger(
+                self.run_dir, next_step=self.step + 1, total_steps=self.total_steps,
+                tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                wandb_config=SCHEMA.to_dict(cfg),
+            )
+            history: list[dict[str, float]] = []
+            metrics: dict[str, float] | None = None
+            try:
+                while self.step < self.total_steps:
+                    batch = next(self.batches)
+                    metrics, samples = step_fn(list(batch.items))
+                    if not metrics.get("finite", 1.0):
+                        raise TrainingError(
+                            f"step {self.step + 1}: the loss or its gradient is not finite (loss={metrics.get('loss')})"
+                            f"; the update was not applied and the last good checkpoint is intact")
+                    self.step += 1
+                    history.append({"step": self.step, **metrics})
+                    if self.step % cfg.logging.every == 0 or self.step == self.total_steps:
+                        logger.log(self.step, metrics)
+                    if samples:
+                        logger.samples(self.step, samples)
+                    self._save(metrics, final=self.step == self.total_steps)
+            finally:
+                self.store.close()
+                logger.close()
+        export = None
+        if cfg.run.export_at_end:
+            export = self.export(os.path.join(self.run_dir, EXPORT_DIR))
+        return {"steps": self.step, "history": history, "export": export}
+
+    def export(self, out_dir: str) -> str:
+        """The current policy as a Hugging Face directory with the policy's tokenizer files."""
+        policy = nnx.merge(self.graphdef, self.params)
+        return export_policy(policy, self.text.tokenizer, out_dir)
+
+
+def export_policy(policy, tokenizer, out_dir: str, **save_options) -> str:
+    """save_pretrained plus the tokenizer files (with its chat template), written atomically together."""
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer.save_pretrained(tok_dir)
+        files = [os.path.join(tok_dir, f) for f in sorted(os.listdir(tok_dir))]
+        return models.save_pretrained(policy, out_dir, extra_files=files, **save_options)
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    return Trainer(cfg).run()
