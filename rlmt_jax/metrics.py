@@ -8,9 +8,10 @@
 
 RUN_DIR/metrics.jsonl holds one object per logged step, `{"step": 12, "time": <unix s>, <key>: <float>}`,
 flushed line by line. A non-finite value is written as `null` (NaN is not JSON), the record lists the
-affected keys under `"nonfinite"`, a note says so on stderr, and TensorBoard and W&B skip the value. On resume, lines with a step >= `next_step` are dropped from both JSONL
-files first, so they agree with the checkpoint the run continues from; TensorBoard is told the same with
-its purge step. Only process 0 writes anything; on other processes every method does nothing.
+affected keys under `"nonfinite"`, a note says so on stderr, and TensorBoard and W&B skip the value.
+On resume, lines with a step >= `next_step` are dropped from both JSONL files first, so they agree with
+the checkpoint the run continues from; TensorBoard is told the same with its purge step. Only process 0
+writes anything; on other processes every method does nothing.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def progress_line(
         head = f"step {step:>{width}}/{total_steps} {frac:4.0%}"
         if bar_width > 0:
             filled = int(frac * bar_width)
-            head += " |" + "#" * filled + "-" * (bar_width - filled) + "|"
+            head += " [" + "#" * filled + "-" * (bar_width - filled) + "]"
         parts.append(head)
     else:
         parts.append(f"step {step}")

@@ -33,7 +33,7 @@ class Panel:
 
 
 DEFAULT_PANELS = (
-    Panel("reward", "reward (mean ± std)", ("reward_mean",), band="reward_std"),
+    Panel("reward", "reward mean", ("reward_mean",), band="reward_std"),
     Panel("kl", "KL to the reference", ("kl",)),
     Panel("entropy", "entropy", ("entropy",)),
     Panel("lengths", "mean length (tokens)", ("response_tokens_mean", "plan_tokens_mean", "answer_tokens_mean")),
@@ -173,8 +173,9 @@ def draw_panel(ax, steps: np.ndarray, series: dict[str, np.ndarray], panel: Pane
             ax.plot(steps, values, color=color, linewidth=1.5, label=label)
         if np.isfinite(values).sum() == 1:  # a single point draws no line
             ax.plot(steps, values, "o", color=color)
-    ax.set_title(panel.title, fontsize=10)
+    ax.set_title(panel.title + (f" ± {panel.band.removeprefix('reward_')}" if panel.band else ""), fontsize=10)
     ax.set_xlabel("step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     if len(panel.keys) > 1:
         ax.legend(fontsize=8)
@@ -206,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     fig = Figure(figsize=(5 * columns, 3.2 * rows), layout="constrained")
     for index, panel in enumerate(panels):
         draw_panel(fig.add_subplot(rows, columns, index + 1), steps, series, panel, window)
-    fig.suptitle(f"{run_dir.resolve().name}: {len(steps)} steps logged (moving average over {window})")
+    smoothing = f", moving average over {window}" if window > 1 else ""
+    fig.suptitle(f"{run_dir.resolve().name}: {len(steps)} step{'s' if len(steps) > 1 else ''} logged{smoothing}")
     written.append(out_dir / "summary.png")
     fig.savefig(written[-1], dpi=90)
     for path in written:
