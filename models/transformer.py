@@ -65,7 +65,11 @@ class Decoder(nnx.Module):
         """input_ids, positions: [batch, seq]; mask: [batch, seq, kv_len] -> (hidden [batch, seq, embed], cache)."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+        # Look up in a table split over vocab only: gathering from a table also split on embed (FSDP) makes
+        # XLA rematerialise the whole table on every device ("Involuntary full rematerialization").
+        # The cast first halves what is all-gathered in bfloat16 and does not change the values.
+        table = constrain(self.embed[...].astype(dtype), ("vocab", "embed"))
+        x = jnp.take(table, input_ids, axis=0)
         x = constrain(x, ("batch", "seq", "embed"))
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_tables(positions, inv_freq, dtype)
