@@ -1,0 +1,102 @@
+"""`rlmt-jax plan [CONFIG] [key=value ...]`: per-device memory of a run on a mesh, before launch.
+
+Nothing is allocated and no device is needed: the models are built abstractly from their config.json
+(or the built-in shapes of the published models the recipes name), placed by the real partition rules
+on an abstract mesh of the run's shape, and the table says what each device holds in each phase, the
+peak, whether it fits the device's memory, and the largest item.
+"""
+
+from __future__ import annotations
+
+import json
+
+GIB = 2**30
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="per-device memory of a run on its mesh (nothing allocated)",
+        description=__doc__.split("\n\n")[1] + " Example: rlmt-jax plan grpo_llama31_8b_instruct "
+        "--device-kind v5p-64; rlmt-jax plan grpo_llama31_8b_instruct mesh.fsdp=8 --device-kind h100",
+    )
+    parser.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer.micro_batch_size=8")
+    parser.add_argument(
+        "--device-kind", default="h100",
+        help="v5p | v5e | v4 | h100 | h200 | cpu, or a TPU slice type such as v5p-64 (default h100)",
+    )
+    parser.add_argument(
+        "--devices", type=int, default=None,
+        help="number of devices as JAX counts them (TPU v4/v5p: chips; a v5p-64 is 32); "
+        "default: from the slice type, 8 for h100/h200, 1 for cpu",
+    )
+    parser.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over DCN; default 1)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rlmt_jax.commands.train import _split
+    from rlmt_jax.config import DEFAULT_CONFIG, find_config, resolve
+    from rlmt_jax.memory_plan import DeviceSpec, memory_plan
+
+    config, overrides = _split(args.config, args.overrides)
+    device = DeviceSpec.parse(args.device_kind, args.devices, args.slices)
+    cfg = resolve(config, overrides)
+    source = str(find_config(config or DEFAULT_CONFIG))
+    if overrides:
+        source += " " + " ".join(overrides)
+    plan = memory_plan(cfg, device, source)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan, cfg.algorithm.name))
+    return 0
+
+
+def gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def format_plan(plan, algorithm: str = "") -> str:
+    """The plan as a table for a terminal."""
+    mesh = " x ".join(f"{axis}={size}" for axis, size in plan.mesh_shape.items())
+    shapes = plan.shapes
+    lines = [
+        f"rlmt-jax plan: {plan.config_source}" + (f" ({algorithm})" if algorithm else ""),
+        f"devices: {plan.device.count} x {plan.device.kind}, {gib(plan.device.hbm_bytes)} GiB each"
+        + (f", {plan.device.slices} slices" if plan.device.slices > 1 else "") + f"; mesh {mesh}",
+        "models:",
+    ]
+    for m in plan.models:
+        lines.append(f"  {m.role:13s} {m.architecture:31s} {m.num_params:>15,} params  {m.param_dtype:8s} "
+                     f"{gib(m.global_bytes):>7s} GiB in all  ({m.source})")
+    lines.append(
+        f"shapes: update {shapes['micro_batch_rows']} sequences x {shapes['update_seq']} tokens per micro-batch, "
+        f"{shapes['micro_batches']} micro-batches"
+        + (f"; rollout {shapes['rollout_rows']} rows x {shapes['cache_slots']} cache slots; reward model "
+           f"{shapes['reward_rows']} rows x {shapes['reward_seq']} tokens" if "rollout_rows" in shapes else "")
+    )
+    lines += ["", f"{'per device':34s} {'phase':14s} {'GiB':>8s}  how"]
+    for item in plan.items:
+        lines.append(f"{item.name:34s} {item.phase:14s} {gib(item.bytes):>8s}  {item.how}")
+    phases = plan.phase_bytes()
+    lines += [
+        "",
+        "phase totals: " + " | ".join(f"{phase} {gib(total)} GiB" for phase, total in phases.items()),
+        "activations of one micro-batch by remat: "
+        + " | ".join(f"{name} {gib(total)} GiB" for name, total in plan.activations_by_remat.items())
+        + f" (configured: {plan.remat})",
+        f"peak: {gib(plan.peak_bytes)} GiB of {gib(plan.device.hbm_bytes)} GiB (resident + {plan.peak_phase}): "
+        + ("fits" if plan.fits else "does NOT fit"),
+        f"largest item: {plan.largest.name} ({gib(plan.largest.bytes)} GiB, {plan.largest.phase})",
+    ]
+    lines += [f"note: {note}" for note in plan.notes]
+    lines += [
+        "",
+        "Params and optimizer state are exact (real shapes, real shardings). Activations per layer, per device "
+        "(b = compute-dtype bytes, B rows, T tokens, D embed, H/K heads, Dh head_dim, F mlp):",
+        "  no remat: B*T*D*(4b+8) + B*T*(2H+2K)*Dh*b + B*H*T^2*(4+b) + B*T*F*4b; dots: B*T*(3D+(H+2K)*Dh+2F)*b; "
+        "full: B*T*D*b",
+        "  total = layers x kept + one layer rebuilt (with remat) + embedding/final norm B*T*D*(2b+4) + mask B*T^2;"
+        " logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes. XLA temporaries are not counted.",
+    ]
+    return "\n".join(lines)

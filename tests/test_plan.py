@@ -1,0 +1,184 @@
+"""`rlmt-jax plan`: per-device memory from the real shapes and shardings, checked against hand counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from models import ModelConfig
+from rlmt_jax.cli import main
+from rlmt_jax.config import resolve
+from rlmt_jax.errors import UserError
+from rlmt_jax.memory_plan import GIB, DeviceSpec, LocalDims, layer_activation_bytes, memory_plan
+
+# Llama-3.1-8B by hand: embed and lm_head 128256 x 4096; per layer q and o 4096 x 4096, k and v 4096 x 1024,
+# gate, up, down 4096 x 14336, two norms of 4096; 32 layers; a final norm.
+LLAMA_TABLE = 128256 * 4096
+LLAMA_LAYER = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+LLAMA_PARAMS = 2 * LLAMA_TABLE + 32 * LLAMA_LAYER + 4096
+LLAMA_VECTORS = 32 * 2 * 4096 + 4096  # norm scales: replicated by the rules, every other param split on embed
+# Skywork RM: the Llama body, a 128257-row table (its [PAD] row), a score head 4096 x 1, no lm_head.
+SKYWORK_PARAMS = 128257 * 4096 + 32 * LLAMA_LAYER + 4096 + 4096
+# AdamW's scalars: count, 6 injected hyperparameters (float32), the schedule's count, clipping's count.
+OPTIMIZER_SCALAR_BYTES = 9 * 4
+
+
+def per_device_f32(total: int, vectors: int, fsdp: int) -> int:
+    """float32 bytes per device when everything but the vectors is split `fsdp` ways."""
+    assert (total - vectors) % fsdp == 0
+    return (total - vectors) // fsdp * 4 + vectors * 4
+
+
+@pytest.fixture(scope="module")
+def grpo_v5p():
+    cfg = resolve("grpo_llama31_8b_instruct")
+    return memory_plan(cfg, DeviceSpec.parse("v5p-64"))
+
+
+@pytest.fixture(scope="module")
+def grpo_h100():
+    cfg = resolve("grpo_llama31_8b_instruct", ["mesh.fsdp=8", "optimizer.micro_batch_size=8"])
+    return memory_plan(cfg, DeviceSpec.parse("h100"))
+
+
+def test_hand_counts_match_the_published_8b_sizes():
+    assert LLAMA_PARAMS == 8_030_261_248
+    assert SKYWORK_PARAMS == 7_504_932_864
+
+
+def test_v5p_64_is_32_chips_all_fsdp(grpo_v5p):
+    assert grpo_v5p.device == DeviceSpec("v5p", 32, 95 * GIB, 1)
+    assert grpo_v5p.mesh_shape == {"data": 1, "fsdp": 32, "tensor": 1}
+    assert [m.num_params for m in grpo_v5p.models] == [LLAMA_PARAMS, LLAMA_PARAMS, SKYWORK_PARAMS]
+
+
+def test_llama_grpo_on_v5p_64_param_and_optimizer_bytes_are_the_exact_products(grpo_v5p):
+    params = per_device_f32(LLAMA_PARAMS, LLAMA_VECTORS, 32)
+    assert params == 1_004_814_336
+    assert grpo_v5p.item("policy params").bytes == params
+    assert grpo_v5p.item("reference params").bytes == params
+    assert grpo_v5p.item("optimizer state").bytes == 2 * params + OPTIMIZER_SCALAR_BYTES
+    assert grpo_v5p.item("gradients").bytes == params
+    assert grpo_v5p.item("reward model params").bytes == per_device_f32(SKYWORK_PARAMS, LLAMA_VECTORS, 32)
+
+
+def test_llama_grpo_on_8xh100_param_and_optimizer_bytes_are_the_exact_products(grpo_h100):
+    assert grpo_h100.mesh_shape == {"data": 1, "fsdp": 8, "tensor": 1}
+    params = per_device_f32(LLAMA_PARAMS, LLAMA_VECTORS, 8)
+    assert params == 4_016_062_464
+    assert grpo_h100.item("policy params").bytes == params
+    assert grpo_h100.item("optimizer state").bytes == 2 * params + OPTIMIZER_SCALAR_BYTES
+    assert grpo_h100.item("reward model params").bytes == per_device_f32(SKYWORK_PARAMS, LLAMA_VECTORS, 8)
+
+
+def test_kv_cache_is_every_rollout_row_split_over_the_devices(grpo_v5p, grpo_h100):
+    # 64 prompts x 8 samples, 1024 + 4096 - 1 slots, 32 layers, 8 kv heads of 128, bfloat16 k and v,
+    # a bool valid mask; plus the 64 prompts' own cache (1024 slots) while it is copied to the samples.
+    def cache(rows, slots):
+        return 2 * 32 * rows * slots * 8 * 128 * 2 + rows * slots
+
+    assert grpo_v5p.item("KV cache").bytes == cache(512 // 32, 5119) + cache(64 // 32, 1024)
+    assert grpo_h100.item("KV cache").bytes == cache(512 // 8, 5119) + cache(64 // 8, 1024)
+
+
+def test_h100_peak_is_the_rollout_and_the_kv_cache_is_the_largest_item(grpo_h100):
+    assert grpo_h100.peak_phase == "rollout"
+    assert grpo_h100.largest.name == "KV cache"
+    assert grpo_h100.peak_bytes == grpo_h100.resident_bytes + grpo_h100.phase_bytes()["rollout"]
+    assert grpo_h100.fits  # about 62 of 80 GiB
+    assert 60 * GIB < grpo_h100.peak_bytes < 65 * GIB
+
+
+def test_reward_batch_of_8_on_32_devices_is_not_split_and_the_plan_says_so(grpo_v5p):
+    # 8 rows cannot split 32 ways: every device runs all 8 at the 8192 bucket (1024 + 4096 tokens fit no less)
+    assert grpo_v5p.shapes["reward_rows"] == 8 and grpo_v5p.shapes["reward_seq"] == 8192
+    assert grpo_v5p.largest.name == "reward forward"
+    assert not grpo_v5p.fits
+    assert any(note.startswith("reward.batch_size: 8 reward-model rows") for note in grpo_v5p.notes)
+    fixed = memory_plan(resolve("grpo_llama31_8b_instruct", ["reward.batch_size=32"]), DeviceSpec.parse("v5p-64"))
+    assert fixed.fits and not fixed.notes
+
+
+def test_activation_formula_on_a_hand_computed_layer():
+    dims = LocalDims(rows=1, embed=4, heads=2, kv_heads=1, head_dim=2, mlp=8, vocab=16, layers=3)
+    # none: 1*2*4*(4*2+8) + 1*2*(2+2)*2*2 + 1*2*2*2*(4+2) + 1*2*2*2*2 + 1*2*8*4*2 = 128 + 32 + 48 + 16 + 128
+    # dots: 1*2*(3*4 + (2+2)*2 + 2*8)*2 = 144;  full: 1*2*4*2 = 16
+    assert layer_activation_bytes(dims, seq=2, act=2) == {"none": 352, "dots": 144, "full": 16}
+
+
+def test_remat_full_keeps_less_than_dots_less_than_none(grpo_v5p):
+    by_remat = grpo_v5p.activations_by_remat
+    assert by_remat["full"] < by_remat["dots"] < by_remat["none"]
+    assert grpo_v5p.item("activations (remat=full)").bytes == by_remat["full"]
+
+
+def test_tensor_parallel_splits_heads_and_replicates_what_does_not_divide(tmp_path):
+    # tiny model: vocab 96, embed 64, 4 heads of 16, 2 kv heads, mlp 128, 1 layer, untied; mesh fsdp=2 x tensor=4
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2).to_hf_config()
+    (policy / "config.json").write_text(json.dumps(config))
+    cfg = resolve("tiny", [f"model.policy={policy}", "algorithm.name=sft", "algorithm.sft.batch_size=8",
+                           "optimizer.micro_batch_size=8", "mesh.fsdp=2", "mesh.tensor=4",
+                           "runtime.scan_layers=false", "data.epochs=1"])
+    plan = memory_plan(cfg, DeviceSpec.parse("cpu", devices=8))
+    # embed [96, 64]: vocab/4, embed/2; lm_head same; q [64, 4, 16] and o [4, 16, 64]: /8; k, v [64, 2, 16]:
+    # 2 kv heads do not split 4 ways, embed/2; gate, up, down: /8; three norm vectors of 64 replicated.
+    floats = 2 * 96 * 64 // 8 + 2 * 64 * 64 // 8 + 2 * 64 * 32 // 2 + 3 * 64 * 128 // 8 + 3 * 64
+    assert plan.item("policy params").bytes == floats * 4
+    assert plan.models[0].num_params == 2 * 96 * 64 + 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 3 * 64
+    assert [item.name for item in plan.items] == [
+        "policy params", "optimizer state", "gradients", "activations (remat=none)", "logits chunk"]
+
+
+def test_tiny_default_config_fits_one_cpu():
+    plan = memory_plan(resolve(None), DeviceSpec.parse("cpu"))
+    assert plan.mesh_shape == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert plan.fits
+    assert plan.item("policy params").bytes == plan.models[0].global_bytes  # one device holds it all
+
+
+def test_cli_prints_the_table_for_v5p_64_and_8xh100(capsys):
+    assert main(["plan", "grpo_llama31_8b_instruct", "--device-kind", "v5p-64"]) == 0
+    v5p = capsys.readouterr().out
+    assert "devices: 32 x v5p, 95.00 GiB each; mesh data=1 x fsdp=32 x tensor=1" in v5p
+    assert "policy params                      resident           0.94" in v5p
+    assert "largest item: reward forward" in v5p and "does NOT fit" in v5p
+
+    assert main(["plan", "grpo_llama31_8b_instruct", "mesh.fsdp=8", "optimizer.micro_batch_size=8",
+                 "--device-kind", "h100", "--json"]) == 0
+    h100 = json.loads(capsys.readouterr().out)
+    assert h100["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert h100["fits"] is True and h100["largest"] == "KV cache"
+    assert h100["items"][0] == {
+        "name": "policy params", "phase": "resident", "bytes": 4_016_062_464,
+        "how": "8,030,261,248 params x 4 B (float32) = 29.92 GiB, split by the rules"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "devices", "slices", "expected"),
+    [("v5p-64", None, 1, 32), ("v5e-64", None, 1, 64), ("v4-32", None, 1, 16), ("v5p-64", None, 2, 64),
+     ("h100", None, 1, 8), ("v5p", 16, 1, 16), ("cpu", None, 1, 1)],
+)
+def test_device_counts_follow_the_slice_names(kind, devices, slices, expected):
+    assert DeviceSpec.parse(kind, devices, slices).count == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "devices", "message"),
+    [("v5p", None, "--device-kind v5p needs --devices N"),
+     ("v5p-64", 64, "--devices 64 contradicts --device-kind v5p-64"),
+     ("a100", None, "--device-kind 'a100': expected one of")],
+)
+def test_bad_device_settings_name_the_option(kind, devices, message):
+    with pytest.raises(UserError, match=message):
+        DeviceSpec.parse(kind, devices)
+
+
+def test_a_model_path_without_config_json_that_is_not_a_known_model_names_the_key(tmp_path):
+    cfg = resolve("grpo_llama31_8b_sft_warmstart")
+    with pytest.raises(UserError, match="config key 'model.policy' \\(runs/sft_llama31_8b_warmstart/export\\): "
+                                        "no config.json there"):
+        memory_plan(cfg, DeviceSpec.parse("h100"))
