@@ -69,14 +69,15 @@ class Trainer:
         self.run_dir = cfg.run.output_dir
         mesh_lib.initialize_distributed(**dataclasses.asdict(cfg.distributed))
         self.mesh = mesh_lib.make_mesh(cfg.mesh)
+        self.step = 0
+        self.key = jax.random.key(cfg.run.seed)
+        # Everything a user can get wrong (data, model paths) is read before the run dir is touched.
+        self.records = load_train_records(cfg)
+        with mesh_lib.activation_sharding(self.mesh):
+            self._load_models()
         if jax.process_index() == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_resolved(cfg, self.run_dir)
-        self.step = 0
-        self.key = jax.random.key(cfg.run.seed)
-        with mesh_lib.activation_sharding(self.mesh):
-            self._load_models()
-        self.records = load_train_records(cfg)
         self.store = ckpt.CheckpointStore(
             cfg.checkpoint_dir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
             best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
