@@ -11,6 +11,7 @@ from collections.abc import Iterable
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Writes one JSON object per line to `path`; a crash leaves the old file (or none), never half of one."""
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

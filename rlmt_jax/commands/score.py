@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from rlmt_jax.errors import UserError
+from rlmt_jax.jsonl import write_jsonl_atomic
 from rlmt_jax.templates import ANSWER_MODES, KNOWN_EOS_TEXTS, TemplateSettings, eos_texts_of, messages_from_row
 
 
@@ -76,22 +75,6 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     from rlmt_jax.rewards import RewardScorer, RewardSettings
 
@@ -125,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
         {**row, "answer": answer, "format_valid": bool(valid), "reward": float(reward)}
         for (_, row), answer, valid, reward in zip(rows, batch.answers, batch.valid, batch.rewards)
     ]
-    write_jsonl_atomically(output_path, scored)
+    write_jsonl_atomic(output_path, scored)
     print(json.dumps({"rows": len(scored), **batch.metrics, "output": str(output_path)}))
     return 0

@@ -1,0 +1,92 @@
+"""The `rlmt-jax` command line as a user runs it: train (the default), export, generate, convert, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import models
+from rlmt_jax.cli import main
+from tests.hf_factory import make_checkpoint
+
+SHORT = ["run.total_steps=2", "rollout.max_new_tokens=8", "rollout.prompts_per_step=4", "rollout.n=2",
+         "checkpoint.async_save=false", "logging.tensorboard=false", "optimizer.micro_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_cache):
+    """`rlmt-jax train` with the built-in default, shortened, through the installed console entry point."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    env = {**os.environ, "RLMT_JAX_CACHE": str(tiny_cache)}
+    result = subprocess.run(
+        [sys.executable, "-m", "rlmt_jax.cli", "train", *SHORT, f"run.output_dir={run_dir}"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_train_with_no_config_runs_the_tiny_default(short_run):
+    run_dir, result = short_run
+    assert "step 2/2" in result.stderr
+    assert "reward_mean" in result.stdout and "exported the policy to" in result.stdout
+    config = (run_dir / "config.yaml").read_text()
+    assert "builtin:tiny-policy" in config and "total_steps: 2" in config
+    assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "export"} <= set(os.listdir(run_dir))
+
+
+def test_export_command_writes_the_checkpoint_that_transformers_loads(short_run, tmp_path):
+    run_dir, _ = short_run
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    end_of_run = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "export", dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        np.testing.assert_array_equal(ours(input_ids=ids).logits.numpy(), end_of_run(input_ids=ids).logits.numpy())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and "<|start_header_id|>" in tokenizer.chat_template
+    # one step dir, and the same result
+    assert main(["export", str(run_dir / "checkpoints" / "2"), "--out", str(tmp_path / "step2")]) == 0
+
+
+def test_generate_writes_alpaca_eval_rows_with_the_plan_removed(short_run, tmp_path):
+    run_dir, _ = short_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": "Write a haiku about the sea."}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "Why is the sky blue?"}]}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", "--model", str(run_dir / "export"), "--input", str(prompts), "--output", str(out),
+                 "--max-new-tokens", "6", "--generator", "tiny"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == ["Write a haiku about the sea.", "Why is the sky blue?"]
+    for row in rows:
+        assert row["generator"] == "tiny" and {"output", "raw_output", "plan"} <= set(row)
+        if "</think>" not in row["raw_output"]:
+            assert row["output"] == row["raw_output"]  # not strict: the whole text
+
+
+def test_convert_casts_and_validates_a_checkpoint(tmp_path):
+    path, reference = make_checkpoint(tmp_path / "src", "qwen25")
+    assert main(["convert", path, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    converted = models.load_pretrained(tmp_path / "bf16", param_dtype="bfloat16")
+    assert converted.model.embed[...].dtype.name == "bfloat16"
+
+
+def test_cli_errors_are_one_line_naming_the_problem(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert main(["train", "rollout.temprature=0.5"]) == 2
+    assert "did you mean 'rollout.temperature'" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not inside a run dir" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["generate", "--model", str(tmp_path), "--input", str(empty), "--output", str(tmp_path / "o")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
