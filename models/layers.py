@@ -104,15 +104,17 @@ class Attention(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         mask: jax.Array,
-        cache_k: jax.Array | None = None,
-        cache_v: jax.Array | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | None = None,
+        layer: int | jax.Array | None = None,
     ):
         """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (True = may attend).
 
-        Without a cache kv_len = seq. With one (cache_k/v: [batch, cache_len, kv_heads, head_dim]) the new keys
-        and values are written at slots index..index+seq-1 and kv_len = cache_len.
-        Returns (out [batch, seq, embed], new_k, new_v [batch, seq, kv_heads, head_dim]).
+        Without a cache kv_len = seq. With one, cache = (k, v), each either this layer's
+        [batch, kv_heads, cache_len, head_dim] (layer None) or every layer's [layers, batch, kv_heads, cache_len,
+        head_dim]: the new keys and values are written at slots index..index+seq-1 of the layer, then the
+        layer's cache_len slots are attended to (kv_len = cache_len).
+        Returns (out [batch, seq, embed], the updated cache or None).
         """
         q = apply_rope(self._project(x, self.q_proj, self.q_bias), cos, sin)
         k = apply_rope(self._project(x, self.k_proj, self.k_bias), cos, sin)
@@ -120,15 +122,44 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        new_k, new_v = k, v
-        if cache_k is not None:
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0)).astype(self.dtype)
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0)).astype(self.dtype)
-        out = grouped_attention(q, k, v, mask)
+        if cache is None:
+            out = grouped_attention(q, k, v, mask)
+        else:
+            # Write, then read what was written: the reads then come after the write in the data flow, which
+            # lets XLA update the cache in place inside a decode loop instead of copying it.
+            cache = tuple(write_cache(c, new, layer, index) for c, new in zip(cache, (k, v)))
+            layer_k, layer_v = (c if layer is None else jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)
+                                for c in cache)
+            out = cached_attention(q, layer_k.astype(self.dtype), layer_v.astype(self.dtype), mask)
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
         if self.o_bias is not None:
             out = out + self.o_bias[...].astype(self.dtype)
-        return out, new_k, new_v
+        return out, cache
+
+
+def write_cache(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
+    """Writes new [batch, seq, kv_heads, head_dim] at slots index..index+seq-1 of cache [batch, kv_heads,
+    cache_len, head_dim] (layer None) or of layer `layer` of cache [layers, batch, kv_heads, cache_len, head_dim]."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
+    if layer is None:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """grouped_attention over a cache laid out heads-major.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, cache_len, head_dim]; mask: [batch, seq, cache_len].
+    -> [batch, seq, heads, head_dim]. Each (batch, kv head) reads one contiguous [cache_len, head_dim] block.
+    """
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
+    scores = jnp.einsum("btngk,bnsk->bngts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bngts,bnsk->btngk", probs, v)
+    return out.reshape(b, t, h, hd)
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -175,8 +206,9 @@ class DecoderBlock(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
-        attn_out, new_k, new_v = self.attn(self.input_norm(x), cos, sin, mask, cache_k, cache_v, index)
+    def __call__(self, x, cos, sin, mask, cache=None, index=None, layer=None):
+        """-> (x [batch, seq, embed], cache): see Attention for the cache."""
+        attn_out, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, index, layer)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_norm(x))
-        return constrain(x, ("batch", "seq", "embed")), new_k, new_v
+        return constrain(x, ("batch", "seq", "embed")), cache

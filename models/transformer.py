@@ -19,8 +19,13 @@ _REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-    """Decode state.  k, v: [layers, batch, cache_len, kv_heads, head_dim]; valid: [batch, cache_len] (slot
-    holds a real token).  Slots are filled left to right; a query at slot i attends to valid slots <= i."""
+    """Decode state.  k, v: [layers, batch, kv_heads, cache_len, head_dim] (heads-major, so that attention
+    reads one contiguous block per head); valid: [batch, cache_len] (slot holds a real token).  Slots are
+    filled left to right; a query at slot i attends to valid slots <= i.
+
+    A model whose layers are not scanned also takes k and v as tuples of per-layer [batch, kv_heads, cache_len,
+    head_dim] arrays (`per_layer_cache`): in a decode loop on CPU this saves copying each layer's slice out of
+    the stacked array every step."""
 
     k: jax.Array
     v: jax.Array
@@ -62,7 +67,10 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         index: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """input_ids, positions: [batch, seq]; mask: [batch, seq, kv_len] -> (hidden [batch, seq, embed], cache)."""
+        """input_ids, positions: [batch, seq]; mask: [batch, seq, kv_len] -> (hidden [batch, seq, embed], cache).
+
+        With a cache the new tokens' keys and values are written at slots index..index+seq-1 (kv_len = cache_len).
+        """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         # Look up in a table split over vocab only: gathering from a table also split on embed (FSDP) makes
@@ -74,9 +82,9 @@ class Decoder(nnx.Module):
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope_tables(positions, inv_freq, dtype)
 
-        def block_forward(block_graphdef, block_state, h, cache_k, cache_v):
+        def block_forward(block_graphdef, block_state, h, layer_cache, layer_index):
             block = nnx.merge(block_graphdef, block_state)
-            return block(h, cos, sin, mask, cache_k, cache_v, index)
+            return block(h, cos, sin, mask, layer_cache, index, layer_index)
 
         if cfg.remat != "none":
             block_forward = jax.checkpoint(
@@ -85,42 +93,42 @@ class Decoder(nnx.Module):
 
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
+            if cache is not None and isinstance(cache.k, (tuple, list)):
+                raise ValueError("a model with scanned layers needs a stacked KVCache (k, v: [layers, ...])")
 
             def scan_body(carry, layer):
-                h, cache_k, cache_v = carry
+                h, kv = carry
                 layer_state, layer_index = layer
-                layer_k = layer_v = None
-                if cache is not None:
-                    layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, keepdims=False)
-                    layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, keepdims=False)
-                h, new_k, new_v = block_forward(graphdef, layer_state, h, layer_k, layer_v)
-                if cache is not None:
-                    cache_k = _write_layer(cache_k, new_k, layer_index, index)
-                    cache_v = _write_layer(cache_v, new_v, layer_index, index)
-                return (h, cache_k, cache_v), None
+                return block_forward(graphdef, layer_state, h, kv, layer_index), None
 
-            carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
             layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, cache_k, cache_v), _ = jax.lax.scan(scan_body, carry, (state, layer_ids))
+            kv = None if cache is None else (cache.k, cache.v)
+            (x, kv), _ = jax.lax.scan(scan_body, (x, kv), (state, layer_ids))
+            if cache is not None:
+                cache = cache._replace(k=kv[0], v=kv[1])
         else:
-            cache_k, cache_v = (None, None) if cache is None else (cache.k, cache.v)
+            per_layer = cache is not None and isinstance(cache.k, (tuple, list))
+            kv = None if cache is None else (cache.k, cache.v)
+            new_k, new_v = [], []
             for layer_index, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
-                layer_k = None if cache is None else cache_k[layer_index]
-                layer_v = None if cache is None else cache_v[layer_index]
-                x, new_k, new_v = block_forward(graphdef, state, x, layer_k, layer_v)
-                if cache is not None:
-                    cache_k = _write_layer(cache_k, new_k, layer_index, index)
-                    cache_v = _write_layer(cache_v, new_v, layer_index, index)
+                if per_layer:  # each layer's cache is its own buffer: nothing to slice out
+                    x, (k, v) = block_forward(graphdef, state, x, (kv[0][layer_index], kv[1][layer_index]), None)
+                    new_k.append(k)
+                    new_v.append(v)
+                else:
+                    x, kv = block_forward(graphdef, state, x, kv, layer_index)
+            if per_layer:
+                cache = cache._replace(k=tuple(new_k), v=tuple(new_v))
+            elif cache is not None:
+                cache = cache._replace(k=kv[0], v=kv[1])
         x = self.final_norm(x)
-        if cache is not None:
-            cache = cache._replace(k=cache_k, v=cache_v)
         return x, cache
 
 
-def _write_layer(cache: jax.Array, new: jax.Array, layer_index, index) -> jax.Array:
-    """Writes new [batch, seq, kv_heads, head_dim] into cache [layers, batch, len, ...] at (layer, :, index)."""
-    return jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer_index, 0, index, 0, 0))
+def per_layer_cache(cache: KVCache) -> KVCache:
+    """The same cache with k and v as tuples of per-layer arrays (for models whose layers are not scanned)."""
+    return cache._replace(k=tuple(cache.k), v=tuple(cache.v))
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:
@@ -190,7 +198,7 @@ class CausalLM(_WithDecoder):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         """An empty cache for `batch` rows of up to `max_len` tokens (prompt + response)."""
         cfg = self.config
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool))
 
     def decode(
@@ -206,12 +214,24 @@ class CausalLM(_WithDecoder):
         input_ids, positions, attention_mask: [batch, seq]; index: int32 scalar, the first cache slot to write.
         -> (logits [batch, seq, vocab], cache with slots index..index+seq-1 filled).
         """
+        hidden, cache = self.decode_hidden_states(input_ids, positions, attention_mask, cache, index)
+        return self.lm_logits(hidden), cache
+
+    def decode_hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        cache: KVCache,
+        index: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """`decode` without the lm head: -> (final-normed hidden [batch, seq, embed], cache). A sampler that
+        needs only the last position's logits applies `lm_logits` to that position alone."""
         index = jnp.asarray(index, jnp.int32)
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
         cache = cache._replace(valid=valid)
         mask = cache_mask(valid, index, input_ids.shape[1])
-        hidden, cache = self.model(input_ids, positions, mask, cache, index)
-        return self.lm_logits(hidden), cache
+        return self.model(input_ids, positions, mask, cache, index)
 
 
 def last_token_index(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:
