@@ -1,0 +1,300 @@
+"""Rollouts: a batch of prompts -> `n` sampled responses each, with the log-probs the RL losses need.
+
+Two jitted programs per (number of prompts, prompt bucket):
+- prefill: runs every prompt once, copies its KV cache to its `n` samples and chooses their first tokens;
+- decode: a `lax.while_loop` that feeds one token per row per step into the (donated) cache and stops when
+  every row has produced an EOS or `max_new_tokens` are out.
+Weights come in as an argument (the state half of `nnx.split`) and are merged inside, so a new policy
+never recompiles. Prompts are left-padded to the smallest bucket length that holds the longest of them.
+
+Layout of a Rollout (R = prompts * n rows, grouped: row r is sample r % n of prompt r // n;
+P = the bucket's prompt length, N = max_new_tokens):
+    columns 0 .. P-1       the prompt, left-padded
+    columns P .. P+N-1     the response, right-padded after its stop (EOS included in the response)
+A teacher-forced forward over `tokens` with `attention_mask` and `positions` (= cumsum(mask) - 1) sees the
+same sequences at the same positions as the sampler did, and its log-probs at `response_mask` equal
+`logprobs` (position t holds the log-prob of token t, predicted from the tokens before it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.sharding import constrain
+from models.transformer import KVCache, per_layer_cache
+from rlmt_jax.errors import UserError
+from rlmt_jax.next_token import choose_next_token
+
+STOP_EOS = 0  # the row produced one of the EOS ids (kept as its last response token)
+STOP_LENGTH = 1  # the row reached max_new_tokens without one
+STOP_REASONS = ("eos", "length")
+CACHE_DTYPES = ("float32", "bfloat16")
+_CACHE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")  # KVCache k, v
+
+
+def default_prompt_buckets(limit: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `limit`, then `limit`: e.g. 1024 -> (16, 32, ..., 512, 1024)."""
+    buckets = []
+    length = smallest
+    while length < limit:
+        buckets.append(length)
+        length *= 2
+    return (*buckets, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. Hashable: it is compiled into the programs (a change recompiles them).
+
+    temperature 0 is greedy decoding (top_k/top_p unused; log-probs then come from the raw logits).
+    eos_ids: tokens that end a response (empty: every row runs max_new_tokens).
+    pad_id: the token written in the padding of `tokens` (masked everywhere, any id in the vocabulary).
+    prompt_buckets: the padded prompt lengths that get a program; a prompt longer than the last is an error.
+    """
+
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    prompt_buckets: tuple[int, ...] = default_prompt_buckets(1024)
+    cache_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+        _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1 or None (off), got {self.top_k}")
+        buckets = self.prompt_buckets
+        _check(len(buckets) > 0 and all(b >= 1 for b in buckets), "prompt_buckets",
+               f"must hold positive lengths, got {buckets}")
+        _check(list(buckets) == sorted(set(buckets)), "prompt_buckets", f"must be strictly increasing, got {buckets}")
+        _check(self.cache_dtype in CACHE_DTYPES, "cache_dtype", f"must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"sampling {field}: {message}")
+
+
+class Rollout(NamedTuple):
+    """Sampled sequences, R = prompts * n rows, T = prompt_len + max_new_tokens columns (layout above).
+
+    tokens: [R, T] int32; prompt_mask, response_mask: [R, T] bool; logprobs: [R, T] float32, the log-prob of
+    token t under softmax(logits / temperature) at response positions, 0 elsewhere; prompt_lengths,
+    response_lengths: [R] int32 (the response counts its EOS); stop_reason: [R] int32, STOP_EOS or STOP_LENGTH.
+    """
+
+    tokens: jax.Array
+    prompt_mask: jax.Array
+    response_mask: jax.Array
+    logprobs: jax.Array
+    prompt_lengths: jax.Array
+    response_lengths: jax.Array
+    stop_reason: jax.Array
+    prompt_len: int  # P: the bucket length; the response starts at this column
+    group_size: int  # n
+
+    @property
+    def attention_mask(self) -> jax.Array:
+        """prompt_mask | response_mask: [R, T] bool."""
+        return self.prompt_mask | self.response_mask
+
+    @property
+    def positions(self) -> jax.Array:
+        """clip(cumsum(attention_mask) - 1, 0): the positions the sampler used.  [R, T] int32."""
+        return token_positions(self.attention_mask)
+
+    def response_tokens(self, row: int) -> list[int]:
+        """The response of one row as a list of ids (EOS included when it stopped on one)."""
+        length = int(self.response_lengths[row])
+        return [int(t) for t in np.asarray(self.tokens[row, self.prompt_len:self.prompt_len + length])]
+
+
+def token_positions(mask: jax.Array) -> jax.Array:
+    """Position of each token among the real ones of its row: clip(cumsum(mask) - 1, 0).  [B, T] -> [B, T]."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def bucket_length(longest: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds a prompt of `longest` tokens."""
+    for length in buckets:
+        if longest <= length:
+            return length
+    raise UserError(
+        f"sampling prompt_buckets: a prompt of {longest} tokens is longer than the largest bucket {buckets[-1]}; "
+        "truncate prompts to the limit (data.max_prompt_tokens) or raise it"
+    )
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts right-aligned in `length` columns.  -> (ids [B, length] int32, mask [B, length] bool)."""
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, length - len(prompt):] = np.asarray(prompt, np.int32)
+            mask[row, length - len(prompt):] = True
+    return ids, mask
+
+
+def _last_logits(model, input_ids, positions, mask, cache, index) -> tuple[jax.Array, KVCache]:
+    """model.decode with the lm head applied to the last column only.  -> (logits [batch, vocab], cache)."""
+    hidden, cache = model.decode_hidden_states(input_ids, positions, mask, cache, index)
+    return model.lm_logits(hidden[:, -1:])[:, 0], cache
+
+
+class _DecodeState(NamedTuple):
+    step: jax.Array  # the response token being chosen (0 is chosen by prefill)
+    cache: KVCache
+    last: jax.Array  # [R] the token chosen at step - 1
+    positions: jax.Array  # [R] its position
+    done: jax.Array  # [R] bool: an EOS has been chosen
+    lengths: jax.Array  # [R] response tokens so far (EOS included)
+    tokens: jax.Array  # [R, N]
+    logprobs: jax.Array  # [R, N]
+
+
+class Sampler:
+    """Samples `config.n` responses per prompt from a CausalLM given as (graphdef, params).
+
+        graphdef, params = nnx.split(model)
+        sampler = Sampler(graphdef, SamplingConfig(n=8, max_new_tokens=4096, temperature=0.7, eos_ids=(...)))
+        rollout = sampler(params, prompts, jax.random.key(0))   # prompts: list of token-id lists
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig):
+        self.graphdef = graphdef
+        self.config = config
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+
+    @classmethod
+    def for_model(cls, model: nnx.Module, config: SamplingConfig) -> tuple[Sampler, nnx.State]:
+        """A sampler for `model` and the params to call it with."""
+        graphdef, params = nnx.split(model)
+        return cls(graphdef, config), params
+
+    def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array) -> Rollout:
+        """prompts: token-id lists (at least one token each, any lengths up to the largest bucket)."""
+        if not prompts:
+            raise UserError("sampling: no prompts given")
+        for row, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise UserError(f"sampling: prompt {row} is empty (a prompt needs at least one token)")
+        length = bucket_length(max(len(p) for p in prompts), self.config.prompt_buckets)
+        ids, mask = left_pad(prompts, length, self.config.pad_id)
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        cache, first, first_logprobs, positions = self._prefill(params, ids, mask, key)
+        arrays, _ = self._decode(params, cache, first, first_logprobs, positions, ids, mask, key)
+        return Rollout(*arrays, prompt_len=length, group_size=self.config.n)
+
+    def compiled_programs(self) -> int:
+        """How many programs prefill and decode have compiled so far (one each per prompt count and bucket)."""
+        return self._prefill._cache_size() + self._decode._cache_size()
+
+    # ------------------------------------------------------------------ the two programs
+    def _prefill_fn(self, params, prompt_ids, prompt_mask, key):
+        """prompt_ids, prompt_mask: [B, P] -> (cache for R = B * n rows of P + N - 1 slots with the prompts in
+        slots 0..P-1, first tokens [R], their log-probs [R], their positions [R])."""
+        cfg = self.config
+        model = nnx.merge(self.graphdef, params)
+        batch, prompt_len = prompt_ids.shape
+        positions = token_positions(prompt_mask)
+        cache = model.init_cache(batch, prompt_len, jnp.dtype(cfg.cache_dtype))
+        last_logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, 0)
+
+        slots = prompt_len + cfg.max_new_tokens - 1  # the last response token is never fed back
+        def grow(x):  # [L, B, H, P, D] -> [L, B * n, H, slots, D]: each prompt's cache given to its n samples
+            x = jnp.repeat(x, cfg.n, axis=1)
+            return constrain(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, slots - prompt_len), (0, 0))), _CACHE_AXES)
+        valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, slots - prompt_len)))
+        cache = KVCache(k=grow(cache.k), v=grow(cache.v), valid=valid)
+        if not model.config.scan_layers:
+            cache = per_layer_cache(cache)  # each layer's cache its own buffer: no slicing in the decode loop
+
+        logits = jnp.repeat(last_logits, cfg.n, axis=0)
+        tokens, logprobs = choose_next_token(
+            logits, self._uniform(key, 0, logits.shape[0]), cfg.temperature, cfg.top_k, cfg.top_p
+        )
+        first_positions = jnp.repeat(positions[:, -1] + 1, cfg.n, axis=0)
+        return cache, tokens, logprobs, first_positions
+
+    def _decode_fn(self, params, cache, first, first_logprobs, first_positions, prompt_ids, prompt_mask, key):
+        cfg = self.config
+        model = nnx.merge(self.graphdef, params)
+        rows = first.shape[0]
+        prompt_len = prompt_ids.shape[1]
+        new = cfg.max_new_tokens
+        eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+        def is_eos(tokens):
+            return jnp.any(tokens[:, None] == eos[None, :], axis=-1)
+
+        state = _DecodeState(
+            step=jnp.int32(1),
+            cache=cache,
+            last=first,
+            positions=first_positions,
+            done=is_eos(first),
+            lengths=jnp.ones((rows,), jnp.int32),
+            tokens=jnp.full((rows, new), cfg.pad_id, jnp.int32).at[:, 0].set(first),
+            logprobs=jnp.zeros((rows, new), jnp.float32).at[:, 0].set(first_logprobs),
+        )
+
+        def unfinished(s: _DecodeState):
+            return (s.step < new) & ~jnp.all(s.done)
+
+        def advance(s: _DecodeState) -> _DecodeState:
+            slot = prompt_len + s.step - 1
+            feed_mask = jnp.ones((rows, 1), bool)
+            logits, cache = _last_logits(model, s.last[:, None], s.positions[:, None], feed_mask, s.cache, slot)
+            tokens, logprobs = choose_next_token(
+                logits, self._uniform(key, s.step, rows), cfg.temperature, cfg.top_k, cfg.top_p
+            )
+            tokens = jnp.where(s.done, cfg.pad_id, tokens)
+            logprobs = jnp.where(s.done, 0.0, logprobs)
+            column = (0, s.step)
+            return _DecodeState(
+                step=s.step + 1,
+                cache=cache,
+                last=tokens,
+                positions=s.positions + 1,
+                done=s.done | is_eos(tokens),
+                lengths=s.lengths + (~s.done).astype(jnp.int32),
+                tokens=jax.lax.dynamic_update_slice(s.tokens, tokens[:, None], column),
+                logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprobs[:, None], column),
+            )
+
+        s = jax.lax.while_loop(unfinished, advance, state)
+
+        prompt_ids = jnp.repeat(prompt_ids, cfg.n, axis=0)
+        prompt_mask = jnp.repeat(prompt_mask, cfg.n, axis=0)
+        response_mask = jnp.arange(new, dtype=jnp.int32)[None, :] < s.lengths[:, None]
+        no_prompt = jnp.zeros_like(prompt_mask)
+        return (
+            jnp.concatenate([prompt_ids, s.tokens], axis=1),
+            jnp.concatenate([prompt_mask, jnp.zeros_like(response_mask)], axis=1),
+            jnp.concatenate([no_prompt, response_mask], axis=1),
+            jnp.concatenate([jnp.zeros(prompt_mask.shape, jnp.float32), s.logprobs], axis=1),
+            jnp.sum(prompt_mask, axis=1, dtype=jnp.int32),
+            s.lengths,
+            jnp.where(s.done, STOP_EOS, STOP_LENGTH).astype(jnp.int32),
+        ), s.cache  # returned only so that the donated cache is updated in place (the caller drops it)
+
+    @staticmethod
+    def _uniform(key: jax.Array, step, rows: int) -> jax.Array:
+        """One uniform in [0, 1) per row for response token `step`.  -> [rows]"""
+        return jax.random.uniform(jax.random.fold_in(key, step), (rows,))

@@ -1,0 +1,210 @@
+"""The rollout sampler on tiny checkpoints: greedy == transformers generate, log-probs == a teacher-forced
+forward, EOS handling, groups, padding invariance, bucket compile counts, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import models
+from rlmt_jax.errors import UserError
+from rlmt_jax.sampling import (
+    STOP_EOS,
+    STOP_LENGTH,
+    Sampler,
+    SamplingConfig,
+    bucket_length,
+    default_prompt_buckets,
+    left_pad,
+    token_positions,
+)
+from tests.hf_factory import PAD_ID, make_checkpoint
+
+EOS = (2, 3)
+PROMPTS = [[5, 17, 99, 42, 8, 130, 77, 61, 12, 90, 33], [140, 7, 56], [21, 21, 64, 9, 150, 88, 3 + 100]]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("llama31"), "llama31")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen25"), "qwen25")
+
+
+def sampler_for(path, scan_layers=False, **settings):
+    model = models.load_pretrained(path, scan_layers=scan_layers)
+    settings = {"pad_id": PAD_ID, "prompt_buckets": (16, 32), **settings}
+    return Sampler.for_model(model, SamplingConfig(**settings))
+
+
+def hf_greedy(reference, prompts, new_tokens):
+    """transformers generate(do_sample=False) on the left-padded batch -> responses [B, new_tokens]."""
+    ids, mask = left_pad(prompts, max(map(len, prompts)), PAD_ID)
+    with torch.no_grad():
+        out = reference.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False, max_new_tokens=new_tokens, eos_token_id=list(EOS), pad_token_id=PAD_ID,
+        ).numpy()[:, ids.shape[1]:]
+    return np.pad(out, ((0, 0), (0, new_tokens - out.shape[1])), constant_values=PAD_ID)
+
+
+@pytest.mark.parametrize("name, scan_layers", [("llama", False), ("qwen", False), ("qwen", True)])
+def test_greedy_equals_transformers_generate_on_a_left_padded_batch(request, name, scan_layers):
+    path, reference = request.getfixturevalue(name)
+    sampler, params = sampler_for(path, scan_layers, temperature=0.0, max_new_tokens=24, eos_ids=EOS)
+    rollout = sampler(params, PROMPTS, jax.random.key(0))
+    ours = np.asarray(rollout.tokens[:, rollout.prompt_len:])
+    theirs = hf_greedy(reference, PROMPTS, 24)
+    np.testing.assert_array_equal(ours, theirs)
+    for row, prompt in enumerate(PROMPTS):  # the prompt sits right-aligned before column P
+        assert np.asarray(rollout.tokens[row, 16 - len(prompt):16]).tolist() == prompt
+
+
+def test_greedy_rows_equal_the_same_prompts_run_alone(llama):
+    sampler, params = sampler_for(llama[0], temperature=0.0, max_new_tokens=12)
+    batch = sampler(params, PROMPTS, jax.random.key(0))
+    for row, prompt in enumerate(PROMPTS):
+        alone = sampler(params, [prompt], jax.random.key(0))
+        assert batch.response_tokens(row) == alone.response_tokens(0)
+        np.testing.assert_allclose(batch.logprobs[row, 16:], alone.logprobs[0, 16:], atol=1e-5)
+
+
+def test_sampled_tokens_do_not_depend_on_the_bucket_length(llama):
+    settings = dict(temperature=1.0, top_p=0.9, n=2, max_new_tokens=10)
+    short, params = sampler_for(llama[0], prompt_buckets=(16,), **settings)
+    long, _ = sampler_for(llama[0], prompt_buckets=(48,), **settings)
+    a = short(params, PROMPTS, jax.random.key(3))
+    b = long(params, PROMPTS, jax.random.key(3))
+    np.testing.assert_array_equal(a.tokens[:, 16:], b.tokens[:, 48:])
+    np.testing.assert_allclose(a.logprobs[:, 16:], b.logprobs[:, 48:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.7, 1.0, None), (1.3, 0.8, 20)])
+def test_logprobs_equal_a_teacher_forced_forward_at_the_same_temperature(request, name, temperature, top_p, top_k):
+    path, _ = request.getfixturevalue(name)
+    sampler, params = sampler_for(
+        path, n=2, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16, eos_ids=EOS
+    )
+    rollout = sampler(params, PROMPTS, jax.random.key(1))
+    model = models.load_pretrained(path)
+    # The trainer's forward: the same [R, P+N] tokens, mask = prompt | response, positions = cumsum - 1.
+    logits = model(rollout.tokens, rollout.attention_mask, rollout.positions)
+    logp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
+    forward = jnp.take_along_axis(logp, rollout.tokens[:, 1:, None], axis=-1)[..., 0]
+    forward = jnp.pad(forward, ((0, 0), (1, 0)))  # position t holds the log-prob of token t
+    mask = np.asarray(rollout.response_mask)
+    assert mask.sum() > 20
+    np.testing.assert_allclose(np.asarray(rollout.logprobs)[mask], np.asarray(forward)[mask], atol=1e-5)
+    assert np.all(np.asarray(rollout.logprobs)[~mask] == 0)
+
+
+def test_top_k_1_equals_greedy(qwen):
+    greedy, params = sampler_for(qwen[0], temperature=0.0, max_new_tokens=12)
+    top1, _ = sampler_for(qwen[0], temperature=0.9, top_k=1, max_new_tokens=12)
+    a = greedy(params, PROMPTS, jax.random.key(0))
+    b = top1(params, PROMPTS, jax.random.key(5))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_eos_stops_a_row_and_masks_what_follows(llama):
+    path = llama[0]
+    free, params = sampler_for(path, temperature=0.0, max_new_tokens=10)
+    responses = np.asarray(free(params, PROMPTS, jax.random.key(0)).tokens[:, 16:])
+    # Pick as EOS the token row 0 produces at step 3 (and that no row produces earlier than row 0 does there).
+    stop_token = int(responses[0, 3])
+    first = [int(np.flatnonzero(r == stop_token)[0]) if stop_token in r else None for r in responses]
+    assert first[0] <= 3
+    stopped, _ = sampler_for(path, temperature=0.0, max_new_tokens=10, eos_ids=(stop_token,))
+    rollout = stopped(params, PROMPTS, jax.random.key(0))
+    for row, at in enumerate(first):
+        length = 10 if at is None else at + 1
+        assert int(rollout.response_lengths[row]) == length
+        assert int(rollout.stop_reason[row]) == (STOP_LENGTH if at is None else STOP_EOS)
+        tokens = np.asarray(rollout.tokens[row, 16:])
+        np.testing.assert_array_equal(tokens[:length], responses[row, :length])
+        assert np.all(tokens[length:] == PAD_ID)
+        assert np.asarray(rollout.response_mask[row, 16:]).tolist() == [True] * length + [False] * (10 - length)
+        assert np.all(np.asarray(rollout.logprobs[row, 16 + length:]) == 0)
+        assert np.all(np.asarray(rollout.logprobs[row, 16:16 + length]) < 0)
+
+
+def test_samples_of_one_prompt_differ_and_share_its_prompt(qwen):
+    sampler, params = sampler_for(qwen[0], n=4, temperature=1.0, max_new_tokens=12)
+    rollout = sampler(params, [PROMPTS[0], PROMPTS[1]], jax.random.key(2))
+    assert rollout.tokens.shape == (8, 16 + 12) and rollout.group_size == 4
+    tokens = np.asarray(rollout.tokens)
+    for group in range(2):
+        rows = tokens[4 * group:4 * group + 4]
+        assert all((rows[:, :16] == rows[0, :16]).all(axis=1))
+        responses = {tuple(r[16:]) for r in rows}
+        assert len(responses) == 4
+    assert np.asarray(rollout.prompt_lengths).tolist() == [11] * 4 + [3] * 4
+
+
+def test_layout_masks_positions_and_lengths(llama):
+    sampler, params = sampler_for(llama[0], n=2, temperature=1.0, max_new_tokens=5)
+    rollout = sampler(params, [[10, 11, 12], [13]], jax.random.key(0))
+    assert rollout.prompt_len == 16
+    prompt_mask = np.asarray(rollout.prompt_mask)
+    assert prompt_mask[0].tolist() == [False] * 13 + [True] * 3 + [False] * 5
+    assert prompt_mask[3].tolist() == [False] * 15 + [True] + [False] * 5
+    assert np.asarray(rollout.response_mask)[0].tolist() == [False] * 16 + [True] * 5
+    assert np.asarray(rollout.positions)[0, 13:].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert np.asarray(rollout.positions)[3, 15:].tolist() == [0, 1, 2, 3, 4, 5]
+    assert np.asarray(rollout.response_lengths).tolist() == [5, 5, 5, 5]
+    assert np.asarray(rollout.stop_reason).tolist() == [STOP_LENGTH] * 4
+
+
+def test_compiled_programs_stay_the_same_for_prompt_lengths_inside_one_bucket(llama):
+    sampler, params = sampler_for(llama[0], n=2, temperature=0.7, max_new_tokens=4)
+    key = jax.random.key(0)
+    sampler(params, [[1] * 5, [2] * 9], key)
+    assert sampler.compiled_programs() == 2  # prefill + decode for (2 prompts, bucket 16)
+    sampler(params, [[3] * 13, [4] * 2], key)
+    sampler(params, [[5] * 16, [6] * 1], key)
+    assert sampler.compiled_programs() == 2
+    sampler(params, [[7] * 17, [8] * 3], key)  # bucket 32
+    assert sampler.compiled_programs() == 4
+    sampler(params, [[7] * 30, [8] * 20], key)
+    assert sampler.compiled_programs() == 4
+
+
+def test_bfloat16_cache_gives_logprobs_close_to_the_float32_forward(qwen):
+    path = qwen[0]
+    sampler, params = sampler_for(path, temperature=1.0, max_new_tokens=8, cache_dtype="bfloat16")
+    rollout = sampler(params, PROMPTS, jax.random.key(4))
+    model = models.load_pretrained(path)
+    logits = model(rollout.tokens, rollout.attention_mask, rollout.positions)
+    forward = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), rollout.tokens[:, 1:, None], axis=-1)[..., 0]
+    mask = np.asarray(rollout.response_mask)[:, 1:]
+    np.testing.assert_allclose(np.asarray(rollout.logprobs)[:, 1:][mask], np.asarray(forward)[mask], atol=0.05)
+
+
+def test_buckets_padding_and_positions_helpers():
+    assert default_prompt_buckets(1024) == (16, 32, 64, 128, 256, 512, 1024)
+    assert default_prompt_buckets(896) == (16, 32, 64, 128, 256, 512, 896)
+    assert [bucket_length(n, (16, 32, 48)) for n in (1, 16, 17, 48)] == [16, 16, 32, 48]
+    ids, mask = left_pad([[7, 8], [9]], 4, 0)
+    assert ids.tolist() == [[0, 0, 7, 8], [0, 0, 0, 9]]
+    assert mask.tolist() == [[False, False, True, True], [False, False, False, True]]
+    positions = token_positions(jnp.asarray([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]))
+    assert np.asarray(positions).tolist() == [[0, 0, 0, 1, 2, 2], [0, 1, 2, 3, 4, 5]]
+
+
+def test_user_errors_name_what_is_wrong(llama):
+    with pytest.raises(UserError, match="sampling top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(UserError, match="sampling prompt_buckets"):
+        SamplingConfig(prompt_buckets=(32, 16))
+    with pytest.raises(UserError, match="sampling cache_dtype"):
+        SamplingConfig(cache_dtype="int8")
+    sampler, params = sampler_for(llama[0], max_new_tokens=2)
+    with pytest.raises(UserError, match="33 tokens is longer than the largest bucket 32"):
+        sampler(params, [[1] * 33], jax.random.key(0))
+    with pytest.raises(UserError, match="prompt 1 is empty"):
+        sampler(params, [[1], []], jax.random.key(0))
