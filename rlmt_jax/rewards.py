@@ -125,8 +125,11 @@ class RewardScorer:
         self._forward = jax.jit(self._scores)
 
     @classmethod
-    def from_pretrained(cls, path, settings: RewardSettings = RewardSettings()) -> RewardScorer:
-        """A scorer from a Hugging Face reward-model directory (its tokenizer files and weights)."""
+    def from_pretrained(cls, path, settings: RewardSettings = RewardSettings(), place=None) -> RewardScorer:
+        """A scorer from a Hugging Face reward-model directory (its tokenizer files and weights).
+
+        place: how each weight goes on device as it is read (`mesh.make_placer(mesh)` shards it over a mesh).
+        """
         from transformers import AutoTokenizer
 
         from models import load_pretrained
@@ -138,7 +141,7 @@ class RewardScorer:
         if not tokenizer.chat_template:
             raise UserError(f"reward model {path}: its tokenizer has no chat template to render the conversation with")
         try:
-            model = load_pretrained(path, dtype=settings.dtype, param_dtype=settings.param_dtype)
+            model = load_pretrained(path, dtype=settings.dtype, param_dtype=settings.param_dtype, place=place)
         except (OSError, ValueError) as err:
             raise UserError(f"reward model {path}: {err}") from err
         if not hasattr(model, "score"):

@@ -131,7 +131,7 @@ class Trainer:
                 truncation_side=cfg.reward.truncation_side, dtype=cfg.runtime.dtype,
                 param_dtype=cfg.runtime.param_dtype,
             )
-            self.scorer = RewardScorer.from_pretrained(rm_path, settings)
+            self.scorer = RewardScorer.from_pretrained(rm_path, settings, place=mesh_lib.make_placer(self.mesh))
             n = cfg.rollout.n
             self.sampler = Sampler(self.graphdef, SamplingConfig(
                 n=n, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
