@@ -69,7 +69,7 @@ def test_no_config_resolves_to_the_tiny_default():
     assert cfg.model.reward_model == "builtin:tiny-reward"
     assert cfg.data.train_path == "builtin:tiny-prompts"
     assert (cfg.algorithm.name, cfg.template.mode, cfg.template.strict) == ("grpo", "think", True)
-    assert cfg.template.format_penalty == -1.0
+    assert cfg.template.format_penalty == -3.0
     assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens) == (8, 4, 48)
     assert cfg.run.total_steps == 50
     assert (cfg.runtime.dtype, cfg.runtime.remat, cfg.runtime.scan_layers) == ("float32", "none", False)
