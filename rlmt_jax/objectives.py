@@ -57,16 +57,24 @@ def model_inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def policy_logprobs_and_entropy(
-    model, batch: dict, temperature: float, logits_chunk_size: int | None
+    model, batch: dict, temperature: float, logits_chunk_size: int | None, response_start: int = 0
 ) -> tuple[jax.Array, jax.Array]:
     """Aligned log-probs and entropies of `batch["tokens"]` under the CausalLM `model` at `temperature`.
 
     -> (logprobs [B, S], entropy [B, S]); the logits are made chunk by chunk (see
-    `chunked_sequence_logprobs_and_entropy`).
+    `chunked_sequence_logprobs_and_entropy`). response_start > 0: the column where responses begin
+    (the padded prompt length); the lm head then runs only on the positions that predict
+    tokens[:, response_start:], and columns before response_start hold 0.
     """
     tokens, mask, positions = model_inputs(batch)
     hidden = model.hidden_states(tokens, mask, positions)
-    return chunked_sequence_logprobs_and_entropy(hidden, tokens, model.lm_logits, temperature, logits_chunk_size)
+    first = max(response_start - 1, 0)  # the last prompt position predicts the first response token
+    lp, ent = chunked_sequence_logprobs_and_entropy(
+        hidden[:, first:], tokens[:, first:], model.lm_logits, temperature, logits_chunk_size
+    )
+    if first:
+        lp, ent = (jnp.pad(x, ((0, 0), (first, 0))) for x in (lp, ent))
+    return lp, ent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +83,13 @@ class PolicyObjective:
 
     Batch: tokens, attention_mask, [positions], response_mask, old_logprobs, advantages,
     ref_logprobs (when config.kl_coef != 0).
+    response_start: the padded prompt length when every response starts at that column (the
+    sampler's layout); the lm head then skips the prompt positions. response_mask must be 0 before it.
     """
 
     config: ActorLossConfig
     logits_chunk_size: int | None = 1024
+    response_start: int = 0
 
     def counts(self, batch: dict) -> dict[str, jax.Array]:
         require(batch, "response_mask")
@@ -88,7 +99,9 @@ class PolicyObjective:
     def __call__(self, model, batch: dict, counts: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
         names = ["response_mask", "old_logprobs", "advantages"] + (["ref_logprobs"] if self.config.kl_coef else [])
         require(batch, *names)
-        logprobs, entropy = policy_logprobs_and_entropy(model, batch, self.config.temperature, self.logits_chunk_size)
+        logprobs, entropy = policy_logprobs_and_entropy(
+            model, batch, self.config.temperature, self.logits_chunk_size, self.response_start
+        )
         return actor_loss(
             logprobs,
             batch["old_logprobs"],

@@ -127,7 +127,9 @@ def _map_micro_batches(fn, batch: dict, num_micro_batches: int) -> jax.Array:
     return join_micro_batches(jax.lax.map(fn, split_micro_batches(batch, num_micro_batches)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "num_micro_batches", "logits_chunk_size"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "temperature", "num_micro_batches", "logits_chunk_size", "response_start")
+)
 def compute_logprobs(
     graphdef,
     params,
@@ -136,13 +138,15 @@ def compute_logprobs(
     temperature: float = 1.0,
     num_micro_batches: int = 1,
     logits_chunk_size: int | None = 1024,
+    response_start: int = 0,
 ) -> jax.Array:
     """Aligned log-probs of batch["tokens"] under a CausalLM at `temperature` (the old / reference
-    log-probs of an RL batch).  batch: tokens, attention_mask, [positions] [B, S] -> [B, S] float32"""
+    log-probs of an RL batch).  batch: tokens, attention_mask, [positions] [B, S] -> [B, S] float32.
+    response_start > 0: only columns >= response_start are computed (0 before), as in PolicyObjective."""
 
     def forward(micro_batch):
         lp, _ = policy_logprobs_and_entropy(
-            nnx.merge(graphdef, params), micro_batch, temperature, logits_chunk_size
+            nnx.merge(graphdef, params), micro_batch, temperature, logits_chunk_size, response_start
         )
         return lp
 

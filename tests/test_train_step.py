@@ -127,6 +127,22 @@ def test_micro_batched_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_response_start_skips_prompt_logits_without_changing_loss_or_gradients():
+    graphdef, params = tiny_policy()
+    batch = off_policy_grpo_batch(graphdef, params)  # responses start at column 6
+    config = GRPOConfig(kl_coef=0.1, entropy_coef=0.01)
+    accumulate = jax.jit(accumulate_gradients, static_argnums=(0, 3, 4))
+    loss0, grads0, _ = accumulate(graphdef, params, batch, PolicyObjective(config), 1)
+    loss6, grads6, _ = accumulate(graphdef, params, batch, PolicyObjective(config, response_start=6), 1)
+    assert float(loss6) == pytest.approx(float(loss0), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads6), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    lp = compute_logprobs(graphdef, params, batch, temperature=T, response_start=6)
+    full = compute_logprobs(graphdef, params, batch, temperature=T)
+    np.testing.assert_allclose(lp[:, 6:], full[:, 6:], atol=1e-6)
+    np.testing.assert_array_equal(lp[:, :6], 0.0)
+
+
 def test_grpo_update_raises_positive_and_lowers_negative_advantage_samples():
     graphdef, params = tiny_policy()
     batch = rl_batch()
