@@ -118,9 +118,9 @@ def test_missing_input_file_is_named(llama_rm_dir, tmp_path, capsys):
 
 
 def test_failed_write_leaves_neither_partial_nor_temporary_file(tmp_path, previous_output):
-    from rlmt_jax.commands.score import write_jsonl_atomically
+    from rlmt_jax.jsonl import write_jsonl_atomic
 
     with pytest.raises(TypeError):
-        write_jsonl_atomically(previous_output, [{"ok": 1}, {"not json": {1, 2}}])
+        write_jsonl_atomic(previous_output, [{"ok": 1}, {"not json": {1, 2}}])
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
     assert previous_output.read_text() == "previous results\n"
