@@ -113,7 +113,10 @@ class RewardBatch:
 class RewardScorer:
     """Scores (prompt messages, answer) pairs with a sequence-classification reward model."""
 
-    def __init__(self, model, tokenizer, settings: RewardSettings = RewardSettings(), name: str = "reward model"):
+    def __init__(self, model, tokenizer, settings: RewardSettings = RewardSettings(), name: str = "reward model",
+                 put_batch=None):
+        """put_batch: places each [batch, bucket] input array on device (e.g. split over a mesh's batch axes);
+        default: the default device."""
         if not tokenizer.chat_template:
             raise UserError(f"{name}: its tokenizer has no chat template to render the conversation with")
         self.tokenizer = tokenizer
@@ -121,14 +124,17 @@ class RewardScorer:
         self.buckets = settings.bucket_lengths()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
+        self.put_batch = put_batch or jnp.asarray
         self.graphdef, self.state = nnx.split(model)
         self._forward = jax.jit(self._scores)
 
     @classmethod
-    def from_pretrained(cls, path, settings: RewardSettings = RewardSettings(), place=None) -> RewardScorer:
+    def from_pretrained(cls, path, settings: RewardSettings = RewardSettings(), place=None,
+                        put_batch=None) -> RewardScorer:
         """A scorer from a Hugging Face reward-model directory (its tokenizer files and weights).
 
-        place: how each weight goes on device as it is read (`mesh.make_placer(mesh)` shards it over a mesh).
+        place: how each weight goes on device as it is read (`mesh.make_placer(mesh)` shards it over a mesh);
+        put_batch: how each input batch goes on device (see the constructor).
         """
         from transformers import AutoTokenizer
 
@@ -146,7 +152,7 @@ class RewardScorer:
             raise UserError(f"reward model {path}: {err}") from err
         if not hasattr(model, "score"):
             raise UserError(f"reward model {path}: is not a *ForSequenceClassification checkpoint")
-        return cls(model, tokenizer, settings, name=f"reward model {path}")
+        return cls(model, tokenizer, settings, name=f"reward model {path}", put_batch=put_batch)
 
     def _scores(self, state, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """input_ids, attention_mask: [batch, bucket] -> rewards [batch] float32."""
@@ -178,7 +184,7 @@ class RewardScorer:
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
                 ids, mask = right_pad([rows[i] for i in chunk], bucket, size, self.pad_id)
-                scores = np.asarray(self._forward(self.state, jnp.asarray(ids), jnp.asarray(mask)))
+                scores = np.asarray(self._forward(self.state, self.put_batch(ids), self.put_batch(mask)))
                 rewards[chunk] = scores[: len(chunk)]
         return rewards
 

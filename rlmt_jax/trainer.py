@@ -131,7 +131,8 @@ class Trainer:
                 truncation_side=cfg.reward.truncation_side, dtype=cfg.runtime.dtype,
                 param_dtype=cfg.runtime.param_dtype,
             )
-            self.scorer = RewardScorer.from_pretrained(rm_path, settings, place=mesh_lib.make_placer(self.mesh))
+            self.scorer = RewardScorer.from_pretrained(rm_path, settings, place=mesh_lib.make_placer(self.mesh),
+                                                       put_batch=self._reward_batch_placer())
             n = cfg.rollout.n
             self.sampler = Sampler(self.graphdef, SamplingConfig(
                 n=n, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -144,6 +145,15 @@ class Trainer:
         if self.algorithm == "ppo":
             critic = self._load(resolve_model_path(cfg.model.critic_path), task="value")
             self.critic_graphdef, self.critic_params = nnx.split(critic, nnx.Param)
+
+    def _reward_batch_placer(self):
+        """Reward-model inputs split over the mesh's batch axes when reward.batch_size allows (one process;
+        several processes score their own rollouts unsharded, as their bucket counts may differ)."""
+        split = mesh_lib.batch_split(self.mesh)
+        if jax.process_count() > 1 or split == 1 or self.cfg.reward.batch_size % split:
+            return None
+        sharding = mesh_lib.batch_sharding(self.mesh)
+        return lambda array: jax.device_put(array, sharding)
 
     def _optimizer(self, total_steps: int, lr: float | None = None) -> AdamWConfig:
         o = self.cfg.optimizer

@@ -88,7 +88,10 @@ def main() -> dict:
             out["logits"] = np.asarray(logits)
             out["logits_spec"] = str(logits.sharding.spec) if mesh is not None else None
 
-            scorer = RewardScorer(reward_model, tokenizer, RewardSettings(batch_size=8, buckets=(12,), max_length=12))
+            put_rows = None if mesh is None else (
+                lambda a: jax.device_put(a, mesh_lib.batch_sharding(mesh)))  # rows split as the trainer does
+            scorer = RewardScorer(reward_model, tokenizer, RewardSettings(batch_size=8, buckets=(12,), max_length=12),
+                                  put_batch=put_rows)
             scorer.state = place(scorer.state)
             out["rewards"] = scorer.score_ids(reward_rows)
 
