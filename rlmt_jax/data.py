@@ -26,6 +26,7 @@ import grain
 
 from rlmt_jax.config import BUILTIN_DATA, BUILTIN_PREFIX, RunConfig
 from rlmt_jax.errors import UserError
+from rlmt_jax.jsonl import read_jsonl_objects
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -100,20 +101,7 @@ def _has_a_line(path: Path) -> bool:
 
 def _parse_jsonl(path: Path) -> list[dict]:
     """Every non-blank line as a JSON object; a UserError names the first line that is not one."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"data file '{path}' line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"data file '{path}' line {number}: expected a JSON object, got "
-                                f"{type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl_objects(path, "data file")]
 
 
 @dataclass(frozen=True)

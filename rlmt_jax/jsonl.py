@@ -7,6 +7,8 @@ import os
 import tempfile
 from collections.abc import Iterable
 
+from rlmt_jax.errors import UserError
+
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Writes one JSON object per line to `path`; a crash leaves the old file (or none), never half of one."""
@@ -27,3 +29,22 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_jsonl_objects(path: str | os.PathLike, label: str = "") -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a UserError names the first line that is not a JSON
+    object (`label` prefixes the path in messages, e.g. "data file")."""
+    name = f"{label} '{path}'" if label else str(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{name} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{name} line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    return rows

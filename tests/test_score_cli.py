@@ -93,7 +93,7 @@ def test_empty_input_file_is_named(llama_rm_dir, tmp_path, capsys, previous_outp
 def test_invalid_json_row_is_named(llama_rm_dir, tmp_path, capsys, previous_output):
     (tmp_path / "in.jsonl").write_text(json.dumps(ROWS[0]) + "\n{not json\n")
     code = score(llama_rm_dir[0], tmp_path / "in.jsonl", previous_output)
-    assert_failed_cleanly(capsys, tmp_path, code, "in.jsonl row 2: not valid JSON")
+    assert_failed_cleanly(capsys, tmp_path, code, "in.jsonl line 2: not valid JSON")
 
 
 def test_row_without_prompt_is_named(llama_rm_dir, tmp_path, capsys, previous_output):

@@ -9,11 +9,11 @@ The output file appears only when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from rlmt_jax.errors import UserError
+from rlmt_jax.jsonl import read_jsonl_objects
 from rlmt_jax.templates import ANSWER_MODES, TemplateSettings, messages_from_row
 
 
@@ -45,19 +45,10 @@ def read_prompts(path: Path) -> list[tuple[int, list[dict]]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path} row {number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise UserError(f"{path} row {number}: is not a JSON object")
-            if row.get("messages") is None and row.get("prompt") is None and isinstance(row.get("instruction"), str):
-                row = {"prompt": row["instruction"]}
-            rows.append((number, messages_from_row(row, f"{path} row {number}")))
+    for number, row in read_jsonl_objects(path):
+        if row.get("messages") is None and row.get("prompt") is None and isinstance(row.get("instruction"), str):
+            row = {"prompt": row["instruction"]}
+        rows.append((number, messages_from_row(row, f"{path} row {number}")))
     if not rows:
         raise UserError(f"{path}: is empty, there are no prompts")
     return rows

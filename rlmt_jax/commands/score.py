@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from rlmt_jax.errors import UserError
-from rlmt_jax.jsonl import write_jsonl_atomic
+from rlmt_jax.jsonl import read_jsonl_objects, write_jsonl_atomic
 from rlmt_jax.templates import ANSWER_MODES, KNOWN_EOS_TEXTS, TemplateSettings, eos_texts_of, messages_from_row
 
 
@@ -54,22 +54,13 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path} row {number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise UserError(f"{path} row {number}: is not a JSON object")
-            if "output" not in row:
-                raise UserError(f"{path} row {number}: has no `output`")
-            if not isinstance(row["output"], str):
-                raise UserError(f"{path} row {number}: `output` must be text")
-            messages_from_row(row, f"{path} row {number}")
-            rows.append((number, row))
+    for number, row in read_jsonl_objects(path):
+        if "output" not in row:
+            raise UserError(f"{path} row {number}: has no `output`")
+        if not isinstance(row["output"], str):
+            raise UserError(f"{path} row {number}: `output` must be text")
+        messages_from_row(row, f"{path} row {number}")
+        rows.append((number, row))
     if not rows:
         raise UserError(f"{path}: is empty, there are no rows to score")
     return rows
