@@ -77,7 +77,7 @@ def test_chunked_logprobs_equal_full_logits_with_gradients(chunk):
         return jnp.sum(lp * jnp.arange(7.0)) + jnp.sum(ent)
 
     def chunked(h, w):
-        lp, ent = chunked_sequence_logprobs_and_entropy(h, tokens, lambda x: x @ w, 0.7, chunk)
+        lp, ent = chunked_sequence_logprobs_and_entropy(h, tokens, w, 0.7, chunk)
         return jnp.sum(lp * jnp.arange(7.0)) + jnp.sum(ent)
 
     np.testing.assert_allclose(chunked(hidden, weight), full(hidden, weight), rtol=1e-6)

@@ -9,7 +9,6 @@ Alignment convention used everywhere: per-token arrays are `[batch, seq]` over t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -31,13 +30,8 @@ KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 # --------------------------------------------------------------------------- log-probs and entropy
 
 
-@jax.custom_vjp
-def _logprob_entropy(logits: jax.Array, targets: jax.Array, inv_temperature: jax.Array):
-    lp, ent, _ = _logprob_entropy_fwd_math(logits, targets, inv_temperature)
-    return lp, ent
-
-
-def _logprob_entropy_fwd_math(logits, targets, inv_temperature):
+def _stats(logits, targets, inv_temperature):
+    """(logp of targets, entropy, logsumexp) of softmax(logits * inv_temperature) over the last axis."""
     z = logits.astype(jnp.float32) * inv_temperature
     lse = jax.nn.logsumexp(z, axis=-1)
     target_z = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -46,8 +40,25 @@ def _logprob_entropy_fwd_math(logits, targets, inv_temperature):
     return target_z - lse, entropy, lse
 
 
+def _logits_cotangent(logits, targets, inv_temperature, lse, entropy, g_lp, g_ent):
+    """d(g_lp . logp + g_ent . H) / d logits, recomputing the softmax from the logits in one pass:
+    d logp_y / dz = onehot(y) - p ;  d H / dz = -p (log p + H) ;  dz / dlogits = inv_temperature.
+    """
+    log_p = logits.astype(jnp.float32) * inv_temperature - lse[..., None]
+    p = jnp.exp(log_p)
+    onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
+    dz = g_lp[..., None] * (onehot - p) - g_ent[..., None] * p * (log_p + entropy[..., None])
+    return dz * inv_temperature
+
+
+@jax.custom_vjp
+def _logprob_entropy(logits: jax.Array, targets: jax.Array, inv_temperature: jax.Array):
+    lp, ent, _ = _stats(logits, targets, inv_temperature)
+    return lp, ent
+
+
 def _logprob_entropy_fwd(logits, targets, inv_temperature):
-    lp, ent, lse = _logprob_entropy_fwd_math(logits, targets, inv_temperature)
+    lp, ent, lse = _stats(logits, targets, inv_temperature)
     # Only the logits (already alive as the matmul output) and two [B,T] rows are kept for the
     # backward pass; the softmax is recomputed there in one fused pass instead of being stored.
     return (lp, ent), (logits, targets, inv_temperature, lse, ent)
@@ -55,15 +66,8 @@ def _logprob_entropy_fwd(logits, targets, inv_temperature):
 
 def _logprob_entropy_bwd(residuals, cotangents):
     logits, targets, inv_temperature, lse, ent = residuals
-    g_lp, g_ent = cotangents
-    z = logits.astype(jnp.float32) * inv_temperature
-    log_p = z - lse[..., None]
-    p = jnp.exp(log_p)
-    onehot = jnp.arange(z.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
-    # d logp_y / dz = onehot - p ;  d H / dz = -p * (log p + H)
-    dz = g_lp[..., None] * (onehot - p) - g_ent[..., None] * p * (log_p + ent[..., None])
-    d_logits = (dz * inv_temperature).astype(logits.dtype)
-    return d_logits, None, jnp.zeros_like(inv_temperature)
+    d_logits = _logits_cotangent(logits, targets, inv_temperature, lse, ent, *cotangents)
+    return d_logits.astype(logits.dtype), None, jnp.zeros_like(inv_temperature)
 
 
 _logprob_entropy.defvjp(_logprob_entropy_fwd, _logprob_entropy_bwd)
@@ -82,6 +86,49 @@ def logprobs_and_entropy(
     """
     inv_t = jnp.asarray(1.0 / temperature, jnp.float32)
     return _logprob_entropy(logits, targets, inv_t)
+
+
+@jax.custom_vjp
+def _head_logprob_entropy(hidden, weight, targets, inv_temperature):
+    logits = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
+    lp, ent, _ = _stats(logits, targets, inv_temperature)
+    return lp, ent
+
+
+def _head_logprob_entropy_fwd(hidden, weight, targets, inv_temperature):
+    logits = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
+    lp, ent, lse = _stats(logits, targets, inv_temperature)
+    return (lp, ent), (hidden, weight, logits, targets, inv_temperature, lse, ent)
+
+
+def _head_logprob_entropy_bwd(residuals, cotangents):
+    hidden, weight, logits, targets, inv_temperature, lse, ent = residuals
+    d_logits = _logits_cotangent(logits, targets, inv_temperature, lse, ent, *cotangents).astype(weight.dtype)
+    # Written out (rather than autodiff of the matmul) so that d_logits stays [tokens, vocab]
+    # row-major: XLA:CPU otherwise fuses the elementwise work into a transposed copy.
+    d_hidden = jnp.dot(d_logits, weight.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
+    d_weight = jnp.dot(hidden.T, d_logits, preferred_element_type=jnp.float32).astype(weight.dtype)
+    return d_hidden, d_weight, None, jnp.zeros_like(inv_temperature)
+
+
+_head_logprob_entropy.defvjp(_head_logprob_entropy_fwd, _head_logprob_entropy_bwd)
+
+
+def head_logprobs_and_entropy(
+    hidden: jax.Array, weight: jax.Array, targets: jax.Array, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """`logprobs_and_entropy(hidden @ weight, targets, temperature)` with the lm-head matmul inside
+    one custom gradient (logits float32-accumulated; the softmax is recomputed in the backward pass).
+
+    hidden: [..., embed], weight: [embed, vocab] (in the compute dtype), targets: [...]
+    -> (logprobs [...], entropy [...]) float32
+    """
+    lead = hidden.shape[:-1]
+    inv_t = jnp.asarray(1.0 / temperature, jnp.float32)
+    lp, ent = _head_logprob_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), inv_t
+    )
+    return lp.reshape(lead), ent.reshape(lead)
 
 
 def shift_right(x: jax.Array) -> jax.Array:
@@ -118,23 +165,22 @@ def sequence_logprobs_and_entropy(
 def chunked_sequence_logprobs_and_entropy(
     hidden: jax.Array,
     tokens: jax.Array,
-    head: Callable[[jax.Array], jax.Array],
+    weight: jax.Array,
     temperature: float = 1.0,
     chunk_size: int | None = 1024,
 ) -> tuple[jax.Array, jax.Array]:
-    """`sequence_logprobs_and_entropy(head(hidden), tokens, temperature)` without ever holding the
+    """`sequence_logprobs_and_entropy(hidden @ weight, tokens, temperature)` without ever holding the
     whole `[batch, seq, vocab]` logits: the sequence is cut into chunks of `chunk_size` positions,
     each chunk's logits are made, reduced and dropped, and rebuilt in the backward pass (remat).
 
-    hidden: [batch, seq, embed] (final-normed), tokens: [batch, seq],
-    head: [batch, chunk, embed] -> [batch, chunk, vocab] (the lm head).
-    Returns (logprobs [batch, seq], entropy [batch, seq]) aligned as in the module docstring.
-    chunk_size None or >= seq: one plain pass, no remat.
+    hidden: [batch, seq, embed] (final-normed), tokens: [batch, seq], weight: [embed, vocab] (the lm
+    head, compute dtype). Returns (logprobs [batch, seq], entropy [batch, seq]) aligned as in the
+    module docstring. chunk_size None or >= seq: one pass, no remat.
     """
     batch, seq, _ = hidden.shape
     targets = next_token_targets(tokens)
     if chunk_size is None or chunk_size >= seq:
-        lp, ent = logprobs_and_entropy(head(hidden), targets, temperature)
+        lp, ent = head_logprobs_and_entropy(hidden, weight, targets, temperature)
         return shift_right(lp), shift_right(ent)
     num_chunks = -(-seq // chunk_size)
     padded = num_chunks * chunk_size
@@ -146,7 +192,7 @@ def chunked_sequence_logprobs_and_entropy(
 
     @jax.checkpoint
     def one_chunk(h, t):
-        return logprobs_and_entropy(head(h), t, temperature)
+        return head_logprobs_and_entropy(h, weight, t, temperature)
 
     def body(carry, xs):
         return carry, one_chunk(*xs)
