@@ -147,34 +147,25 @@ def write_cache(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """grouped_attention over a cache laid out heads-major.
-
-    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_heads, cache_len, head_dim]; mask: [batch, seq, cache_len].
-    -> [batch, seq, heads, head_dim]. Each (batch, kv head) reads one contiguous [cache_len, head_dim] block.
-    """
-    b, t, h, hd = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("btngk,bnsk->bngts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bngts,bnsk->btngk", probs, v)
-    return out.reshape(b, t, h, hd)
+    """grouped_attention over a cache laid out heads-major: k, v [batch, kv_heads, cache_len, head_dim], so
+    each (batch, kv head) reads one contiguous [cache_len, head_dim] block.  -> [batch, seq, heads, head_dim]"""
+    return grouped_attention(q, k, v, mask, kv_layout="bnsk")
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_layout: str = "bsnk") -> jax.Array:
     """softmax(q k^T / sqrt(head_dim) + mask) v with kv heads shared by groups of query heads.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask: [batch, seq, kv_len].
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (kv_layout "bsnk") or
+    [batch, kv_heads, kv_len, head_dim] ("bnsk"); mask: [batch, seq, kv_len].
     -> [batch, seq, heads, head_dim]. Scores and softmax in float32.
     """
     b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[kv_layout.index("n")]
     q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.einsum(f"btngk,{kv_layout}->bngts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bngts,bsnk->btngk", probs, v)
+    out = jnp.einsum(f"bngts,{kv_layout}->btngk", probs, v)
     return out.reshape(b, t, h, hd)
 
 
