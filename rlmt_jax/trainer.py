@@ -240,6 +240,7 @@ class Trainer:
         ]
         batch = rl_batch(rollout)
         batch["sampler_logprobs"] = rollout.logprobs
+        metrics["prompt_len"] = rollout.prompt_len
         return batch, {"rewards": scored.rewards, **metrics}, samples, sampled - start, time.perf_counter() - sampled
 
     def _rl_step(self, prompts: list) -> tuple[dict[str, float], list[dict]]:
@@ -248,15 +249,18 @@ class Trainer:
         start = time.perf_counter()
         rewards = jnp.asarray(info.pop("rewards"))
         sampler_logprobs = batch.pop("sampler_logprobs")
+        # every response starts at the bucket's prompt length: the prompt's logits are never made
+        start_column = int(info.pop("prompt_len"))
+        objective = dataclasses.replace(self.objective, response_start=start_column)
         batch = mesh_lib.shard_batch(batch, self.mesh)
         rows = batch["tokens"].shape[0]
         micro = self._micro_batches(rows)
         temperature = cfg.rollout.temperature
         batch["old_logprobs"] = compute_logprobs(self.graphdef, self.params, batch, temperature=temperature,
-                                                 num_micro_batches=micro)
+                                                 num_micro_batches=micro, response_start=start_column)
         if self.ref_params is not None:
             batch["ref_logprobs"] = compute_logprobs(self.graphdef, self.ref_params, batch, temperature=temperature,
-                                                     num_micro_batches=micro)
+                                                     num_micro_batches=micro, response_start=start_column)
         metrics = dict(info)
         metrics.update(logprob_gap(batch["old_logprobs"], sampler_logprobs, batch["response_mask"]))
         if self.algorithm == "grpo":
@@ -278,7 +282,7 @@ class Trainer:
                 raise TrainingError(f"step {self.step + 1}: the critic's loss or gradient is not finite")
         for _ in range(cfg.algorithm.update_epochs):
             self.params, self.opt_state, update = train_step(
-                self.graphdef, self.params, self.opt_state, batch, objective=self.objective,
+                self.graphdef, self.params, self.opt_state, batch, objective=objective,
                 optimizer=self.optimizer, num_micro_batches=micro)
         update = _floats(update)
         metrics.update(update)
