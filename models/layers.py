@@ -110,10 +110,9 @@ class Attention(nnx.Module):
     ):
         """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (True = may attend).
 
-        Without a cache kv_len = seq. With one, cache = (k, v), each either this layer's
-        [batch, kv_heads, cache_len, head_dim] (layer None) or every layer's [layers, batch, kv_heads, cache_len,
-        head_dim]: the new keys and values are written at slots index..index+seq-1 of the layer, then the
-        layer's cache_len slots are attended to (kv_len = cache_len).
+        Without a cache kv_len = seq. With one, cache = (k, v) in the KVCache layouts, either this layer's
+        (layer None) or every layer's (a leading layers axis; `layer` picks one): the new keys and values are
+        written at slots index..index+seq-1 of the layer, then its cache_len slots are attended to.
         Returns (out [batch, seq, embed], the updated cache or None).
         """
         q = apply_rope(self._project(x, self.q_proj, self.q_bias), cos, sin)
@@ -127,7 +126,8 @@ class Attention(nnx.Module):
         else:
             # Write, then read what was written: the reads then come after the write in the data flow, which
             # lets XLA update the cache in place inside a decode loop instead of copying it.
-            cache = tuple(write_cache(c, new, layer, index) for c, new in zip(cache, (k, v)))
+            cache = (write_cache(cache[0], k, layer, index, keys=True),
+                     write_cache(cache[1], v, layer, index, keys=False))
             layer_k, layer_v = (c if layer is None else jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)
                                 for c in cache)
             out = cached_attention(q, layer_k.astype(self.dtype), layer_v.astype(self.dtype), mask)
@@ -137,35 +137,49 @@ class Attention(nnx.Module):
         return out, cache
 
 
-def write_cache(cache: jax.Array, new: jax.Array, layer, index) -> jax.Array:
-    """Writes new [batch, seq, kv_heads, head_dim] at slots index..index+seq-1 of cache [batch, kv_heads,
-    cache_len, head_dim] (layer None) or of layer `layer` of cache [layers, batch, kv_heads, cache_len, head_dim]."""
-    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
+def write_cache(cache: jax.Array, new: jax.Array, layer, index, keys: bool) -> jax.Array:
+    """Writes new [batch, seq, kv_heads, head_dim] at slots index..index+seq-1 of one layer's cache (layer None)
+    or of layer `layer` of every layer's cache (a leading layers axis).  Layouts (KVCache): keys
+    [batch, kv_heads, head_dim, cache_len], values [batch, kv_heads, cache_len, head_dim]."""
+    new = jnp.transpose(new, (0, 2, 3, 1) if keys else (0, 2, 1, 3)).astype(cache.dtype)
+    start = (0, 0, 0, index) if keys else (0, 0, index, 0)
     if layer is None:
-        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
-    return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
+        return jax.lax.dynamic_update_slice(cache, new, start)
+    return jax.lax.dynamic_update_slice(cache, new[None], (layer, *start))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """grouped_attention over a cache laid out heads-major: k, v [batch, kv_heads, cache_len, head_dim], so
-    each (batch, kv head) reads one contiguous [cache_len, head_dim] block.  -> [batch, seq, heads, head_dim]"""
-    return grouped_attention(q, k, v, mask, kv_layout="bnsk")
+    """grouped_attention over one layer's cache: keys [batch, kv_heads, head_dim, cache_len], values
+    [batch, kv_heads, cache_len, head_dim], so that both products are plain row-major matmuls per (row, kv head),
+    q @ k and probs @ v (with keys [cache_len, head_dim] XLA:CPU transposes them on every decode step, which
+    doubled the step's attention time).  -> [batch, seq, heads, head_dim]"""
+    return grouped_attention(q, k, v, mask, k_layout="bnks", v_layout="bnsk")
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv_layout: str = "bsnk") -> jax.Array:
+def grouped_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_layout: str = "bsnk", v_layout: str = "bsnk"
+) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim) + mask) v with kv heads shared by groups of query heads.
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (kv_layout "bsnk") or
-    [batch, kv_heads, kv_len, head_dim] ("bnsk"); mask: [batch, seq, kv_len].
-    -> [batch, seq, heads, head_dim]. Scores and softmax in float32.
+    q: [batch, seq, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (layout "bsnk"), or heads-major
+    [batch, kv_heads, kv_len, head_dim] ("bnsk"), or for keys transposed [batch, kv_heads, head_dim, kv_len]
+    ("bnks"); mask: [batch, seq, kv_len].  -> [batch, seq, heads, head_dim]. Scores and softmax in float32.
     """
     b, t, h, hd = q.shape
-    kv_heads = k.shape[kv_layout.index("n")]
+    kv_heads = v.shape[v_layout.index("n")]
     q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum(f"btngk,{kv_layout}->bngts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    # One query per row (a decode step): without the length-1 seq axis the products are plain batched matmuls.
+    query, scored = ("bngk", "bngs") if t == 1 else ("btngk", "bngts")
+    scores = jnp.einsum(f"{query},{k_layout}->{scored}", q[:, 0] if t == 1 else q, k,
+                        preferred_element_type=jnp.float32)
+    if t == 1:
+        scores = scores[:, :, :, None]
+    scores = jnp.where(mask[:, None, None, :, :], scores / math.sqrt(hd), MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bngts,{kv_layout}->btngk", probs, v)
+    if t == 1:
+        out = jnp.einsum(f"bngs,{v_layout}->bngk", probs[:, :, :, 0], v)[:, None]
+    else:
+        out = jnp.einsum(f"bngts,{v_layout}->btngk", probs, v)
     return out.reshape(b, t, h, hd)
 
 

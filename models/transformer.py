@@ -19,12 +19,13 @@ _REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-    """Decode state.  k, v: [layers, batch, kv_heads, cache_len, head_dim] (heads-major, so that attention
-    reads one contiguous block per head); valid: [batch, cache_len] (slot holds a real token).  Slots are
-    filled left to right; a query at slot i attends to valid slots <= i.
+    """Decode state.  k: [layers, batch, kv_heads, head_dim, cache_len] (keys transposed), v: [layers, batch,
+    kv_heads, cache_len, head_dim]: heads-major, so that attention is two plain matmuls per (row, kv head),
+    q @ k and probs @ v.  valid: [batch, cache_len] (slot holds a real token).  Slots are filled left to
+    right; a query at slot i attends to valid slots <= i.
 
-    A model whose layers are not scanned also takes k and v as tuples of per-layer [batch, kv_heads, cache_len,
-    head_dim] arrays (`per_layer_cache`): in a decode loop on CPU this saves copying each layer's slice out of
+    A model whose layers are not scanned also takes k and v as tuples of per-layer arrays (the same layouts
+    without the layers axis, `per_layer_cache`): in a decode loop on CPU this saves copying each layer's slice out of
     the stacked array every step."""
 
     k: jax.Array
@@ -66,10 +67,12 @@ class Decoder(nnx.Module):
         mask: jax.Array,
         cache: KVCache | None = None,
         index: jax.Array | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """input_ids, positions: [batch, seq]; mask: [batch, seq, kv_len] -> (hidden [batch, seq, embed], cache).
 
         With a cache the new tokens' keys and values are written at slots index..index+seq-1 (kv_len = cache_len).
+        rope: the (cos, sin) tables of `positions` if already computed (see `rotary_tables`).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -80,7 +83,7 @@ class Decoder(nnx.Module):
         x = jnp.take(table, input_ids, axis=0)
         x = constrain(x, ("batch", "seq", "embed"))
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        cos, sin = rope_tables(positions, inv_freq, dtype)
+        cos, sin = rope_tables(positions, inv_freq, dtype) if rope is None else rope
 
         def block_forward(block_graphdef, block_state, h, layer_cache, layer_index):
             block = nnx.merge(block_graphdef, block_state)
@@ -198,8 +201,9 @@ class CausalLM(_WithDecoder):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         """An empty cache for `batch` rows of up to `max_len` tokens (prompt + response)."""
         cfg = self.config
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool))
+        keys = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len)
+        values = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return KVCache(k=jnp.zeros(keys, dtype), v=jnp.zeros(values, dtype), valid=jnp.zeros((batch, max_len), bool))
 
     def decode(
         self,
@@ -224,14 +228,26 @@ class CausalLM(_WithDecoder):
         attention_mask: jax.Array,
         cache: KVCache,
         index: jax.Array,
+        rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """`decode` without the lm head: -> (final-normed hidden [batch, seq, embed], cache). A sampler that
-        needs only the last position's logits applies `lm_logits` to that position alone."""
+        needs only the last position's logits applies `lm_logits` to that position alone.
+
+        rope: (cos, sin) [batch, seq, head_dim] of `positions`, from `rotary_tables`. A decode loop computes
+        them for all its steps before the loop: computed inside, XLA:CPU fuses cos/sin into every layer's
+        rotation of q and k and so recomputes them per head and per layer, every step.
+        """
         index = jnp.asarray(index, jnp.int32)
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
         cache = cache._replace(valid=valid)
         mask = cache_mask(valid, index, input_ids.shape[1])
-        return self.model(input_ids, positions, mask, cache, index)
+        return self.model(input_ids, positions, mask, cache, index, rope)
+
+    def rotary_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin of rotary embedding at `positions` [batch, seq] -> each [batch, seq, head_dim]."""
+        cfg = self.config
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return rope_tables(positions, inv_freq, jnp.dtype(cfg.dtype))
 
 
 def last_token_index(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:
