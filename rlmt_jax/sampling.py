@@ -36,7 +36,9 @@ STOP_EOS = 0  # the row produced one of the EOS ids (kept as its last response t
 STOP_LENGTH = 1  # the row reached max_new_tokens without one
 STOP_REASONS = ("eos", "length")
 CACHE_DTYPES = ("float32", "bfloat16")
-_CACHE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")  # KVCache k, v
+# Logical axes of KVCache k and v (keys are stored transposed).
+_KEY_AXES = (None, "batch", "kv_heads", "head_dim", "cache_seq")
+_VALUE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")
 
 
 def default_prompt_buckets(limit: int, smallest: int = 16) -> tuple[int, ...]:
@@ -81,7 +83,8 @@ class SamplingConfig:
         _check(len(buckets) > 0 and all(b >= 1 for b in buckets), "prompt_buckets",
                f"must hold positive lengths, got {buckets}")
         _check(list(buckets) == sorted(set(buckets)), "prompt_buckets", f"must be strictly increasing, got {buckets}")
-        _check(self.cache_dtype in CACHE_DTYPES, "cache_dtype", f"must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        _check(self.cache_dtype in CACHE_DTYPES, "cache_dtype",
+               f"must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
 
 
 def _check(ok: bool, field: str, message: str) -> None:
@@ -150,9 +153,9 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return ids, mask
 
 
-def _last_logits(model, input_ids, positions, mask, cache, index) -> tuple[jax.Array, KVCache]:
+def _last_logits(model, input_ids, positions, mask, cache, index, rope=None) -> tuple[jax.Array, KVCache]:
     """model.decode with the lm head applied to the last column only.  -> (logits [batch, vocab], cache)."""
-    hidden, cache = model.decode_hidden_states(input_ids, positions, mask, cache, index)
+    hidden, cache = model.decode_hidden_states(input_ids, positions, mask, cache, index, rope)
     return model.lm_logits(hidden[:, -1:])[:, 0], cache
 
 
@@ -217,11 +220,11 @@ class Sampler:
         last_logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, 0)
 
         slots = prompt_len + cfg.max_new_tokens - 1  # the last response token is never fed back
-        def grow(x):  # [L, B, H, P, D] -> [L, B * n, H, slots, D]: each prompt's cache given to its n samples
-            x = jnp.repeat(x, cfg.n, axis=1)
-            return constrain(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, slots - prompt_len), (0, 0))), _CACHE_AXES)
+        def grow(x, axes):  # each prompt's cache given to its n samples, with room for the response
+            widths = [(0, slots - prompt_len) if name == "cache_seq" else (0, 0) for name in axes]
+            return constrain(jnp.pad(jnp.repeat(x, cfg.n, axis=1), widths), axes)
         valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, slots - prompt_len)))
-        cache = KVCache(k=grow(cache.k), v=grow(cache.v), valid=valid)
+        cache = KVCache(k=grow(cache.k, _KEY_AXES), v=grow(cache.v, _VALUE_AXES), valid=valid)
         if not model.config.scan_layers:
             cache = per_layer_cache(cache)  # each layer's cache its own buffer: no slicing in the decode loop
 
@@ -238,6 +241,9 @@ class Sampler:
         rows = first.shape[0]
         prompt_len = prompt_ids.shape[1]
         new = cfg.max_new_tokens
+        # Rotary tables of every position the loop feeds, computed once: [rows, new, head_dim] each.
+        fed_positions = first_positions[:, None] + jnp.arange(new, dtype=jnp.int32)[None, :]
+        rope_cos, rope_sin = model.rotary_tables(fed_positions)
         eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
         def is_eos(tokens):
@@ -260,7 +266,8 @@ class Sampler:
         def advance(s: _DecodeState) -> _DecodeState:
             slot = prompt_len + s.step - 1
             feed_mask = jnp.ones((rows, 1), bool)
-            logits, cache = _last_logits(model, s.last[:, None], s.positions[:, None], feed_mask, s.cache, slot)
+            rope = tuple(jax.lax.dynamic_slice_in_dim(t, s.step - 1, 1, axis=1) for t in (rope_cos, rope_sin))
+            logits, cache = _last_logits(model, s.last[:, None], s.positions[:, None], feed_mask, s.cache, slot, rope)
             tokens, logprobs = choose_next_token(
                 logits, self._uniform(key, s.step, rows), cfg.temperature, cfg.top_k, cfg.top_p
             )
