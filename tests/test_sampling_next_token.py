@@ -7,6 +7,8 @@ import pytest
 
 from rlmt_jax.next_token import (
     DRAW_BLOCK,
+    NUCLEUS_CANDIDATES,
+    bisected_nucleus_floor,
     choose_next_token,
     first_max_index,
     inverse_cdf_draw,
@@ -65,6 +67,29 @@ def test_nucleus_of_a_row_whose_top_tokens_hold_most_mass_in_a_large_vocabulary(
     for row in range(3):
         # mass = 1.75 + ~2.5e-3; 0.8 of it = ~1.402: 1 + .5 reaches it, 1 alone does not.
         assert set(np.flatnonzero(weights[row] >= floor[row]).tolist()) == {7, 4000}
+
+
+def sorted_nucleus(weights, top_p):
+    """Reference: sort descending, keep the shortest prefix whose mass reaches top_p, plus ties of its last."""
+    order = np.argsort(-weights, kind="stable")
+    mass = np.cumsum(weights[order].astype(np.float64))
+    last = weights[order][np.searchsorted(mass, top_p * mass[-1] * (1 - 1e-12))]
+    return set(np.flatnonzero(weights >= last).tolist())
+
+
+def test_nucleus_of_flat_rows_outside_the_top_candidates_is_found_by_bisection():
+    rng = np.random.default_rng(1)
+    weights = rng.uniform(0.5, 1.0, size=(2, 3000)).astype(np.float32)  # top-64 hold ~3% of the mass
+    floor = np.asarray(nucleus_floor(jnp.asarray(weights), 0.6))
+    for row in range(2):
+        kept = set(np.flatnonzero(weights[row] >= floor[row]).tolist())
+        assert len(kept) > NUCLEUS_CANDIDATES
+        assert kept == sorted_nucleus(weights[row], 0.6)
+    # the bisection alone gives the same floor on rows the fast path handles too
+    peaked = np.array([[1.0, 0.5, 0.25, 0.125] + [1e-4] * 100], np.float32)
+    need = 0.8 * peaked.sum(axis=-1, keepdims=True)
+    np.testing.assert_array_equal(np.asarray(bisected_nucleus_floor(jnp.asarray(peaked), jnp.asarray(need))),
+                                  np.asarray(nucleus_floor(jnp.asarray(peaked), 0.8)))
 
 
 def test_inverse_cdf_draw_picks_the_token_whose_mass_interval_holds_u():
