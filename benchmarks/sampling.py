@@ -3,7 +3,7 @@ same randomly initialised Llama, same prompts, in one run.
 
 Model: transformers LlamaConfig with vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads, 4 KV heads,
 float32 (56.4M parameters). Work: B prompts of 64 tokens, exactly 128 new tokens each (no EOS), temperature 0.7,
-top-p 1.0, no top-k (the recipe's rollout settings), one sample per prompt. Tokens/s = B * 128 / wall time of
+top-p 1.0 (--top-p), no top-k (the recipe's rollout settings), one sample per prompt. Tokens/s = B * 128 / wall time of
 the whole call (prefill, decode, results on the host), after one warm-up call of each; best of --repeats.
 
 The machine's limit for a decode step of B rows, measured here:
@@ -90,13 +90,13 @@ def make_hf_model(path: str):
     return model
 
 
-def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dtype: str) -> float:
+def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dtype: str, top_p: float) -> float:
     import models
     from rlmt_jax.sampling import Sampler, SamplingConfig
 
     model = models.load_pretrained(model_dir)
     config = SamplingConfig(
-        n=1, max_new_tokens=NEW, temperature=TEMPERATURE, top_p=1.0, eos_ids=(), prompt_buckets=(PROMPT,),
+        n=1, max_new_tokens=NEW, temperature=TEMPERATURE, top_p=top_p, eos_ids=(), prompt_buckets=(PROMPT,),
         cache_dtype=cache_dtype,
     )
     sampler, params = Sampler.for_model(model, config)
@@ -112,7 +112,7 @@ def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dty
     return len(prompts) * NEW / seconds
 
 
-def bench_hf(model, prompts: list[list[int]], repeats: int) -> float:
+def bench_hf(model, prompts: list[list[int]], repeats: int, top_p: float) -> float:
     import torch
 
     ids = torch.tensor(prompts, dtype=torch.long)
@@ -121,7 +121,7 @@ def bench_hf(model, prompts: list[list[int]], repeats: int) -> float:
     def run():
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0,
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMPERATURE, top_p=top_p, top_k=0,
                 max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0, use_cache=True,
             )
         assert out.shape == (len(prompts), PROMPT + NEW)
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--top-p", type=float, default=1.0, help="both samplers (the recipe: 1.0, some runs 0.95)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
 
@@ -152,8 +153,8 @@ def main() -> None:
         hf_model = make_hf_model(tmp)
         for batch in args.batches:
             prompts = rng.integers(3, VOCAB, size=(batch, PROMPT)).tolist()
-            ours = bench_ours(tmp, prompts, args.repeats, args.cache_dtype)
-            hf = float("nan") if args.skip_hf else bench_hf(hf_model, prompts, args.repeats)
+            ours = bench_ours(tmp, prompts, args.repeats, args.cache_dtype, args.top_p)
+            hf = float("nan") if args.skip_hf else bench_hf(hf_model, prompts, args.repeats, args.top_p)
             limit, memory_s, compute_s = decode_limit(batch, bandwidth, peak)
             print(f"B={batch}: ours {ours:.0f} tok/s, transformers {hf:.0f} tok/s, ratio {ours / hf:.2f}; "
                   f"limit {limit:.0f} tok/s (step: {memory_s * 1e3:.2f} ms of reads, {compute_s * 1e3:.2f} ms of "
