@@ -37,8 +37,9 @@ STOP_LENGTH = 1  # the row reached max_new_tokens without one
 STOP_REASONS = ("eos", "length")
 CACHE_DTYPES = ("float32", "bfloat16")
 # Logical axes of KVCache k and v (keys are stored transposed).
-_KEY_AXES = (None, "batch", "kv_heads", "head_dim", "cache_seq")
-_VALUE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")
+# Logical axes of the KV cache the sampler keeps (keys transposed): read by the memory plan too.
+KEY_CACHE_AXES = (None, "batch", "kv_heads", "head_dim", "cache_seq")
+VALUE_CACHE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")
 
 
 def default_prompt_buckets(limit: int, smallest: int = 16) -> tuple[int, ...]:
@@ -224,7 +225,7 @@ class Sampler:
             widths = [(0, slots - prompt_len) if name == "cache_seq" else (0, 0) for name in axes]
             return constrain(jnp.pad(jnp.repeat(x, cfg.n, axis=1), widths), axes)
         valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, slots - prompt_len)))
-        cache = KVCache(k=grow(cache.k, _KEY_AXES), v=grow(cache.v, _VALUE_AXES), valid=valid)
+        cache = KVCache(k=grow(cache.k, KEY_CACHE_AXES), v=grow(cache.v, VALUE_CACHE_AXES), valid=valid)
         if not model.config.scan_layers:
             cache = per_layer_cache(cache)  # each layer's cache its own buffer: no slicing in the decode loop
 
