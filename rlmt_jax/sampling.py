@@ -36,7 +36,6 @@ STOP_EOS = 0  # the row produced one of the EOS ids (kept as its last response t
 STOP_LENGTH = 1  # the row reached max_new_tokens without one
 STOP_REASONS = ("eos", "length")
 CACHE_DTYPES = ("float32", "bfloat16")
-# Logical axes of KVCache k and v (keys are stored transposed).
 # Logical axes of the KV cache the sampler keeps (keys transposed): read by the memory plan too.
 KEY_CACHE_AXES = (None, "batch", "kv_heads", "head_dim", "cache_seq")
 VALUE_CACHE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")
