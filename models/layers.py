@@ -122,7 +122,7 @@ class Attention(nnx.Module):
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         if cache is None:
-            out = grouped_attention(q, k, v, mask)
+            out = causal_self_attention(q, k, v, mask)
         else:
             # Write, then read what was written: the reads then come after the write in the data flow, which
             # lets XLA update the cache in place inside a decode loop instead of copying it.
@@ -183,6 +183,61 @@ def grouped_attention(
     return out.reshape(b, t, h, hd)
 
 
+@jax.custom_vjp
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """grouped_attention of a whole sequence (no cache), with its gradient written out by hand.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; mask: [batch, seq, seq].
+    -> [batch, seq, heads, head_dim]. The backward works heads-major, [batch, kv_heads, group, seq, ...], so
+    that its four products are batched matmuls over (row, kv head) with no transposed copies of the
+    [seq, seq] probabilities; with P = softmax(S), S = q k^T / sqrt(head_dim) + mask:
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)) (0 where masked), dQ = dS K / sqrt(d),
+    dK = dS^T Q / sqrt(d).
+    """
+    return _attention_forward(q, k, v, mask)[0]
+
+
+def _heads_major(x: jax.Array, kv_heads: int) -> jax.Array:
+    """[batch, seq, heads, head_dim] -> [batch, kv_heads, group, seq, head_dim]."""
+    b, t, h, hd = x.shape
+    return x.reshape(b, t, kv_heads, h // kv_heads, hd).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_major(x: jax.Array) -> jax.Array:
+    """[batch, kv_heads, group, seq, head_dim] -> [batch, seq, heads, head_dim]."""
+    b, n, g, t, hd = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, n * g, hd)
+
+
+def _attention_forward(q, k, v, mask):
+    kv_heads = k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qh = _heads_major(q, kv_heads)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, seq, head_dim]
+    scores = jnp.einsum("bngtk,bnsk->bngts", qh, kh, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores * scale, MASK_VALUE), axis=-1)
+    out = jnp.einsum("bngts,bnsk->bngtk", probs.astype(vh.dtype), vh)
+    return _tokens_major(out), (qh, kh, vh, probs, mask)
+
+
+def _attention_backward(residuals, d_out):
+    qh, kh, vh, probs, mask = residuals
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    d_outh = _heads_major(d_out, kh.shape[1])
+    # dV and dK come out transposed, [batch, kv_heads, head_dim, seq]: then only the small [seq, head_dim]
+    # operands are transposed for the matmul, never the [seq, seq] ones.
+    d_v = jnp.einsum("bngtk,bngts->bnks", d_outh, probs.astype(d_outh.dtype))
+    d_probs = jnp.einsum("bngtk,bnsk->bngts", d_outh, vh, preferred_element_type=jnp.float32)
+    d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+    d_scores = jnp.where(mask[:, None, None], d_scores * scale, 0.0).astype(qh.dtype)
+    d_q = jnp.einsum("bngts,bnsk->bngtk", d_scores, kh)
+    d_k = jnp.einsum("bngtk,bngts->bnks", qh, d_scores)
+    return (_tokens_major(d_q), d_k.transpose(0, 3, 1, 2), d_v.transpose(0, 3, 1, 2), None)
+
+
+causal_self_attention.defvjp(_attention_forward, _attention_backward)
+
+
 class MLP(nnx.Module):
     """down(silu(gate(x)) * up(x)).  gate/up: [embed, mlp], down: [mlp, embed]."""
 
@@ -195,10 +250,47 @@ class MLP(nnx.Module):
         self.down_proj = param(_normal(rngs, (f, d), pdt), ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...].astype(self.dtype)
-        up = x @ self.up_proj[...].astype(self.dtype)
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return hidden @ self.down_proj[...].astype(self.dtype)
+        return gated_mlp(x, *(w[...].astype(self.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)))
+
+
+@jax.custom_vjp
+def gated_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """(silu(x @ w_gate) * (x @ w_up)) @ w_down.  x: [batch, seq, embed]; w_gate, w_up: [embed, mlp];
+    w_down: [mlp, embed].  -> [batch, seq, embed]
+
+    The gradient is written out by hand (below): as plain [tokens, features] matmuls with the SiLU
+    derivative fused into one elementwise pass, XLA:CPU no longer folds the gate's gradient into a transposed
+    copy of the [tokens, mlp] activations in every layer, which halved the MLP's backward time.
+    """
+    return _gated_mlp_forward(x, w_gate, w_up, w_down)[0]
+
+
+def _gated_mlp_forward(x, w_gate, w_up, w_down):
+    gate = constrain(x @ w_gate, ("batch", "seq", "mlp"))
+    up = constrain(x @ w_up, ("batch", "seq", "mlp"))
+    out = (jax.nn.silu(gate) * up) @ w_down
+    return out, (x, gate, up, w_gate, w_up, w_down)
+
+
+def _gated_mlp_backward(residuals, d_out):
+    """d_hidden = d_out w_down^T; with s = sigmoid(gate): d_up = d_hidden * gate * s,
+    d_gate = d_hidden * up * s * (1 + gate * (1 - s)); weight gradients are inputs^T @ output gradients."""
+    x, gate, up, w_gate, w_up, w_down = residuals
+    tokens = x.shape[:-1]
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731  [tokens, features]
+    x2, gate2, up2, d_out2 = flat(x), flat(gate), flat(up), flat(d_out)
+    d_hidden = d_out2 @ w_down.T
+    sig = jax.nn.sigmoid(gate2)
+    silu = gate2 * sig
+    d_w_down = (silu * up2).T @ d_out2
+    d_up = d_hidden * silu
+    d_gate = d_hidden * up2 * sig * (1 + gate2 * (1 - sig))
+    d_x = d_gate @ w_gate.T + d_up @ w_up.T
+    return (d_x.reshape(*tokens, -1).astype(x.dtype), (x2.T @ d_gate).astype(w_gate.dtype),
+            (x2.T @ d_up).astype(w_up.dtype), d_w_down.astype(w_down.dtype))
+
+
+gated_mlp.defvjp(_gated_mlp_forward, _gated_mlp_backward)
 
 
 class DecoderBlock(nnx.Module):
