@@ -33,7 +33,7 @@ from rlmt_jax.errors import UserError
 __all__ = [
     "MESH_AXES", "RULES", "AxisRule", "MeshConfig", "activation_constraint", "activation_sharding", "batch_sharding",
     "batch_split", "device_grid", "initialize_distributed", "is_main_process", "logical_to_spec", "make_mesh",
-    "make_placer", "param_shardings", "resolve_mesh_shape", "shard_batch", "shard_params",
+    "make_placer", "param_shardings", "replicate_unplaced", "resolve_mesh_shape", "shard_batch", "shard_params",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -245,6 +245,19 @@ def param_shardings(state: Any, mesh: Mesh, rules: Mapping[str, AxisRule] = RULE
 def shard_params(state: Any, mesh: Mesh, rules: Mapping[str, AxisRule] = RULES) -> Any:
     """`state` (a tree of nnx Variables holding arrays) placed on `mesh` by the rules; moves stay on device."""
     return jax.device_put(state, param_shardings(state, mesh, rules))
+
+
+def replicate_unplaced(tree: Any, mesh: Mesh) -> Any:
+    """`tree` with every leaf that is not yet on `mesh` (an optimizer's step counter made on the default
+    device) replicated over it, so that a checkpoint restores it onto the mesh too; placed leaves are kept."""
+
+    def place(leaf: Any) -> Any:
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return leaf
+        return jax.device_put(np.asarray(leaf), NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree.map(place, tree)
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, AxisRule] = RULES) -> NamedSharding:

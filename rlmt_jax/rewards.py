@@ -98,6 +98,32 @@ def right_pad(rows: Sequence[Sequence[int]], length: int, batch: int, pad_id: in
     return ids, mask
 
 
+def bucket_batches(lengths: Sequence[int], buckets: Sequence[int], batch_size: int) -> dict[int, list[list[int]]]:
+    """Row indices grouped by the smallest bucket that holds each row, cut into batches of `batch_size`
+    (the last of a bucket may be short): {bucket: [[row, ...], ...]}, rows in the order given."""
+    by_bucket: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_bucket.setdefault(bucket_for(length, buckets), []).append(i)
+    return {bucket: [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+            for bucket, rows in by_bucket.items()}
+
+
+def lockstep_batches(local: Mapping[int, list[list[int]]], buckets: Sequence[int],
+                     counts: np.ndarray) -> list[tuple[int, list[int]]]:
+    """The batches every process runs, in the same order, with this process's rows of each.
+
+    local: this process's `bucket_batches`; counts: [processes, len(buckets)], how many batches each
+    process has per bucket (all-gathered). Every process runs max_p counts[p, b] batches of bucket b, in
+    ascending bucket order; a process with fewer gives empty row lists (dummy rows) for the rest.
+    -> [(bucket, rows of this process), ...]
+    """
+    plan = []
+    for b, bucket in enumerate(buckets):
+        mine = local.get(bucket, [])
+        plan += [(bucket, mine[i] if i < len(mine) else []) for i in range(int(counts[:, b].max()))]
+    return plan
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardBatch:
     """Scored rollouts.  rewards, valid, truncated: [n]; metrics: means over the batch."""
@@ -114,9 +140,12 @@ class RewardScorer:
     """Scores (prompt messages, answer) pairs with a sequence-classification reward model."""
 
     def __init__(self, model, tokenizer, settings: RewardSettings = RewardSettings(), name: str = "reward model",
-                 put_batch=None):
+                 put_batch=None, hosts=None):
         """put_batch: places each [batch, bucket] input array on device (e.g. split over a mesh's batch axes);
-        default: the default device."""
+        default: the default device.
+        hosts: a `multihost.HostRows` to score in lockstep on a mesh: every process scores its own rows, all
+        processes run the same batches (count and buckets agreed, see `lockstep_batches`), each giving
+        batch_size / process_count rows of every batch; put_batch is then unused."""
         if not tokenizer.chat_template:
             raise UserError(f"{name}: its tokenizer has no chat template to render the conversation with")
         self.tokenizer = tokenizer
@@ -125,16 +154,20 @@ class RewardScorer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.put_batch = put_batch or jnp.asarray
+        self.hosts = hosts
+        if hosts is not None and settings.batch_size % (hosts.process_count * hosts.rows_multiple):
+            raise UserError(f"reward batch_size {settings.batch_size}: must be a multiple of "
+                            f"{hosts.process_count * hosts.rows_multiple}, the mesh's batch split (data x fsdp)")
         self.graphdef, self.state = nnx.split(model)
         self._forward = jax.jit(self._scores)
 
     @classmethod
     def from_pretrained(cls, path, settings: RewardSettings = RewardSettings(), place=None,
-                        put_batch=None) -> RewardScorer:
+                        put_batch=None, hosts=None) -> RewardScorer:
         """A scorer from a Hugging Face reward-model directory (its tokenizer files and weights).
 
         place: how each weight goes on device as it is read (`mesh.make_placer(mesh)` shards it over a mesh);
-        put_batch: how each input batch goes on device (see the constructor).
+        put_batch, hosts: how each input batch goes on device (see the constructor).
         """
         from transformers import AutoTokenizer
 
@@ -152,7 +185,7 @@ class RewardScorer:
             raise UserError(f"reward model {path}: {err}") from err
         if not hasattr(model, "score"):
             raise UserError(f"reward model {path}: is not a *ForSequenceClassification checkpoint")
-        return cls(model, tokenizer, settings, name=f"reward model {path}", put_batch=put_batch)
+        return cls(model, tokenizer, settings, name=f"reward model {path}", put_batch=put_batch, hosts=hosts)
 
     def _scores(self, state, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """input_ids, attention_mask: [batch, bucket] -> rewards [batch] float32."""
@@ -173,25 +206,34 @@ class RewardScorer:
 
     def score_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """Rewards of token rows (each at most max_length long): [n] float32, in the order given."""
-        rewards = np.zeros(len(rows), np.float32)
-        by_bucket: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             if not row:
                 raise ValueError(f"row {i} has no tokens to score")
-            by_bucket.setdefault(bucket_for(len(row), self.buckets), []).append(i)
         size = self.settings.batch_size
-        for bucket, indices in sorted(by_bucket.items()):
-            for start in range(0, len(indices), size):
-                chunk = indices[start : start + size]
-                ids, mask = right_pad([rows[i] for i in chunk], bucket, size, self.pad_id)
+        if self.hosts is not None:
+            size //= self.hosts.process_count  # this process's share of every batch
+        local = bucket_batches([len(row) for row in rows], self.buckets, size)
+        if self.hosts is not None:
+            counts = self.hosts.gather(np.asarray([len(local.get(b, ())) for b in self.buckets], np.int64))
+            batches = lockstep_batches(local, self.buckets, counts)
+        else:
+            batches = [(bucket, chunk) for bucket, chunks in sorted(local.items()) for chunk in chunks]
+        rewards = np.zeros(len(rows), np.float32)
+        for bucket, chunk in batches:
+            ids, mask = right_pad([rows[i] for i in chunk], bucket, size, self.pad_id)
+            if self.hosts is None:
                 scores = np.asarray(self._forward(self.state, self.put_batch(ids), self.put_batch(mask)))
-                rewards[chunk] = scores[: len(chunk)]
+            else:
+                scores = self.hosts.take(self._forward(self.state, *self.hosts.put((ids, mask))))
+            rewards[chunk] = scores[: len(chunk)]
         return rewards
 
     def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Rewards of (prompt messages, answer) pairs: [n] float32, and which inputs were cut: [n] bool."""
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        if not answers:  # nothing to score here (other processes may still have rows: score_ids runs along)
+            return self.score_ids([]), np.zeros(0, bool)
         rows, truncated = self.encode([self.render(m, a) for m, a in zip(prompts, answers)])
         return self.score_ids(rows), truncated
 
@@ -219,7 +261,7 @@ class RewardScorer:
             rewards = np.full(len(answers), format_penalty, np.float32)
             truncated = np.zeros(len(answers), bool)
             kept = np.flatnonzero(valid)
-            if len(kept):
+            if len(kept) or self.hosts is not None:  # in lockstep every process scores, rows or not
                 rewards[kept], truncated[kept] = self.score([prompts[i] for i in kept], [answers[i] for i in kept])
         counter = length_tokenizer or self.tokenizer
         plan_tokens = token_counts(counter, [s.plan for s in splits])

@@ -178,9 +178,13 @@ class Sampler:
         rollout = sampler(params, prompts, jax.random.key(0))   # prompts: list of token-id lists
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig):
+    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, hosts=None):
+        """hosts: a `multihost.HostRows` to sample on a mesh: each process passes its own prompts, the bucket
+        fits the longest prompt of all processes, the programs run on global arrays split over the batch
+        axes, and the Rollout holds this process's rows (numpy). None: one device, arrays as given."""
         self.graphdef = graphdef
         self.config = config
+        self.hosts = hosts
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
 
@@ -197,11 +201,22 @@ class Sampler:
         for row, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise UserError(f"sampling: prompt {row} is empty (a prompt needs at least one token)")
-        length = bucket_length(max(len(p) for p in prompts), self.config.prompt_buckets)
+        longest, count = max(len(p) for p in prompts), len(prompts)
+        if self.hosts is not None:
+            # every process runs the same programs: the same bucket and the same number of prompts
+            agreed = self.hosts.gather(np.asarray([longest, count], np.int64))
+            if len(set(agreed[:, 1].tolist())) > 1:
+                raise ValueError(f"sampling: the processes passed different numbers of prompts {agreed[:, 1]}")
+            longest = int(agreed[:, 0].max())
+            # filler prompts (copies of the last; their rows are dropped) make the rows split over the mesh
+            prompts = [*prompts, *[prompts[-1]] * (-count % self.hosts.rows_multiple)]
+        length = bucket_length(longest, self.config.prompt_buckets)
         ids, mask = left_pad(prompts, length, self.config.pad_id)
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        ids, mask = (jnp.asarray(ids), jnp.asarray(mask)) if self.hosts is None else self.hosts.put((ids, mask))
         cache, first, first_logprobs, positions = self._prefill(params, ids, mask, key)
         arrays, _ = self._decode(params, cache, first, first_logprobs, positions, ids, mask, key)
+        if self.hosts is not None:
+            arrays = tuple(rows[: count * self.config.n] for rows in self.hosts.take(arrays))
         return Rollout(*arrays, prompt_len=length, group_size=self.config.n)
 
     def compiled_programs(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -26,6 +27,7 @@ from flax import nnx
 import models
 from rlmt_jax import checkpoint as ckpt
 from rlmt_jax import mesh as mesh_lib
+from rlmt_jax import multihost
 from rlmt_jax.algorithms.dpo import DPOConfig as DPOLossConfig
 from rlmt_jax.algorithms.dpo import build_preference_pairs
 from rlmt_jax.algorithms.grpo import GRPOConfig, group_advantages
@@ -46,6 +48,7 @@ from rlmt_jax.train_step import compute_logprobs, compute_values, init_optimizer
 
 log = logging.getLogger("rlmt_jax.trainer")
 EXPORT_DIR = "export"
+SUMMED_METRICS = ("reward_truncated", "prompts_truncated")  # counts: added over processes, not averaged
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +57,14 @@ class TrainingError(RuntimeError):
 
 def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def _pad_to_agreed_length(arrays: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """[..., S] arrays right-padded to the longest S of all processes (their programs need one shape):
+    `tokens` with pad_id, masks with 0. One process: unchanged."""
+    length = multihost.global_max_int(arrays["tokens"].shape[-1])
+    return {name: np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, length - a.shape[-1])],
+                         constant_values=pad_id if name == "tokens" else 0) for name, a in arrays.items()}
 
 
 def config_digest(cfg: RunConfig) -> str:
@@ -69,14 +80,16 @@ class Trainer:
         self.run_dir = cfg.run.output_dir
         mesh_lib.initialize_distributed(**dataclasses.asdict(cfg.distributed))
         self.mesh = mesh_lib.make_mesh(cfg.mesh)
+        self.hosts = multihost.HostRows(self.mesh)  # this process's rows of every global batch
+        self._check_multihost()
         self.step = 0
         self.key = jax.random.key(cfg.run.seed)
         # Everything a user can get wrong (data, model paths) is read before the run dir is touched.
         self.records = load_train_records(cfg)
         with mesh_lib.activation_sharding(self.mesh):
             self._load_models()
+        os.makedirs(self.run_dir, exist_ok=True)  # every process: DPO pairs are kept per process
         if jax.process_index() == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
             save_resolved(cfg, self.run_dir)
         self.store = ckpt.CheckpointStore(
             cfg.checkpoint_dir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
@@ -85,6 +98,27 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------ setup
+    def _check_multihost(self) -> None:
+        """Settings that several processes need: each process owns whole GRPO groups and equal shares of
+        every batch (one process: nothing to check)."""
+        processes = jax.process_count()
+        if processes == 1:
+            return
+        cfg, split = self.cfg, mesh_lib.batch_split(self.mesh)
+        shares = {"rollout.prompts_per_step": cfg.rollout.prompts_per_step}
+        if self.algorithm == "dpo":
+            shares["algorithm.dpo.batch_size"] = cfg.algorithm.dpo.batch_size
+        if self.algorithm == "sft":
+            shares = {"algorithm.sft.batch_size": cfg.algorithm.sft.batch_size}
+        for key, value in shares.items():
+            if value % processes:
+                raise UserError(f"config key '{key}' ({value}) must be a multiple of the {processes} processes: "
+                                "each process takes an equal share (and GRPO groups never straddle processes)")
+        if cfg.algorithm.name != "sft" and cfg.reward.batch_size % split:
+            raise UserError(f"config key 'reward.batch_size' ({cfg.reward.batch_size}) must be a multiple of the "
+                            f"mesh's batch split (data x fsdp = {split}) with {processes} processes: every "
+                            "process scores its share of each reward batch")
+
     def _load(self, path: str, task: str | None = None):
         runtime = self.cfg.runtime
         try:
@@ -131,29 +165,21 @@ class Trainer:
                 truncation_side=cfg.reward.truncation_side, dtype=cfg.runtime.dtype,
                 param_dtype=cfg.runtime.param_dtype,
             )
+            lockstep = self.cfg.reward.batch_size % mesh_lib.batch_split(self.mesh) == 0
             self.scorer = RewardScorer.from_pretrained(rm_path, settings, place=mesh_lib.make_placer(self.mesh),
-                                                       put_batch=self._reward_batch_placer())
+                                                       hosts=self.hosts if lockstep else None)
             n = cfg.rollout.n
             self.sampler = Sampler(self.graphdef, SamplingConfig(
                 n=n, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, eos_ids=self.text.stop_ids,
                 pad_id=self.text.pad_id, prompt_buckets=cfg.prompt_buckets,
                 cache_dtype=cfg.rollout.cache_dtype or cfg.runtime.dtype,
-            ))
+            ), hosts=self.hosts)
 
         self.critic_graphdef = self.critic_params = None
         if self.algorithm == "ppo":
             critic = self._load(resolve_model_path(cfg.model.critic_path), task="value")
             self.critic_graphdef, self.critic_params = nnx.split(critic, nnx.Param)
-
-    def _reward_batch_placer(self):
-        """Reward-model inputs split over the mesh's batch axes when reward.batch_size allows (one process;
-        several processes score their own rollouts unsharded, as their bucket counts may differ)."""
-        split = mesh_lib.batch_split(self.mesh)
-        if jax.process_count() > 1 or split == 1 or self.cfg.reward.batch_size % split:
-            return None
-        sharding = mesh_lib.batch_sharding(self.mesh)
-        return lambda array: jax.device_put(array, sharding)
 
     def _optimizer(self, total_steps: int, lr: float | None = None) -> AdamWConfig:
         o = self.cfg.optimizer
@@ -213,12 +239,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ RL steps
     def _sample_and_score(self, prompts: list) -> tuple[dict, dict, list[dict], float, float]:
+        """Samples and scores this process's prompts -> (its rows of the RL batch, numpy, with `rewards` and
+        `sampler_logprobs`; the rollout and reward metrics over all processes; samples of its rows; timings)."""
         cfg = self.cfg
         n = cfg.rollout.n
         start = time.perf_counter()
         prompt_ids, truncated = self.text.encode(prompts)
         self.key, sample_key = jax.random.split(self.key)
-        rollout = self.sampler(self.params, prompt_ids, sample_key)
+        rollout = self.sampler(self.params, prompt_ids, sample_key)  # this process's rows
         jax.block_until_ready(rollout.tokens)
         sampled = time.perf_counter()
         texts = self.text.decode_responses(rollout)
@@ -227,11 +255,15 @@ class Trainer:
             repeated, texts, self.text.settings, self.text.eos_texts, length_tokenizer=self.text.tokenizer,
             format_penalty=cfg.template.format_penalty,
         )
-        if not np.all(np.isfinite(scored.rewards)):
-            bad = int(np.flatnonzero(~np.isfinite(scored.rewards))[0])
-            raise TrainingError(f"step {self.step + 1}: the reward model gave a non-finite reward ({scored.rewards[bad]})"
-                                f" for rollout {bad}; stopping with the last good checkpoint intact")
-        metrics = {**scored.metrics, **rollout_metrics(rollout), "prompts_truncated": float(truncated)}
+        metrics = multihost.global_metrics(
+            {**scored.metrics, **rollout_metrics(rollout), "prompts_truncated": float(truncated)},
+            rows=len(texts), sums=SUMMED_METRICS)
+        if not math.isfinite(metrics["reward_mean"]):  # every process sees it and stops
+            bad = np.flatnonzero(~np.isfinite(scored.rewards))
+            where = (f"({scored.rewards[bad[0]]}) for rollout {int(bad[0])} of process {jax.process_index()}"
+                     if len(bad) else "on another process")
+            raise TrainingError(f"step {self.step + 1}: the reward model gave a non-finite reward {where}; "
+                                "stopping with the last good checkpoint intact")
         samples = [
             {"step": self.step + 1, "prompt": repeated[i][-1]["content"], "output": texts[i],
              "plan": scored.plans[i], "answer": scored.answers[i], "reward": float(scored.rewards[i]),
@@ -240,19 +272,20 @@ class Trainer:
         ]
         batch = rl_batch(rollout)
         batch["sampler_logprobs"] = rollout.logprobs
+        batch["rewards"] = scored.rewards
         metrics["prompt_len"] = rollout.prompt_len
-        return batch, {"rewards": scored.rewards, **metrics}, samples, sampled - start, time.perf_counter() - sampled
+        return batch, metrics, samples, sampled - start, time.perf_counter() - sampled
 
     def _rl_step(self, prompts: list) -> tuple[dict[str, float], list[dict]]:
         cfg = self.cfg
-        batch, info, samples, t_sample, t_score = self._sample_and_score(prompts)
+        local, info, samples, t_sample, t_score = self._sample_and_score(prompts)
         start = time.perf_counter()
-        rewards = jnp.asarray(info.pop("rewards"))
-        sampler_logprobs = batch.pop("sampler_logprobs")
         # every response starts at the bucket's prompt length: the prompt's logits are never made
         start_column = int(info.pop("prompt_len"))
         objective = dataclasses.replace(self.objective, response_start=start_column)
-        batch = mesh_lib.shard_batch(batch, self.mesh)
+        batch = self.hosts.put(local)  # global arrays: process 0's rows, then process 1's, ...
+        rewards = batch.pop("rewards")
+        sampler_logprobs = batch.pop("sampler_logprobs")
         rows = batch["tokens"].shape[0]
         micro = self._micro_batches(rows)
         temperature = cfg.rollout.temperature
@@ -263,10 +296,9 @@ class Trainer:
                                                      num_micro_batches=micro, response_start=start_column)
         metrics = dict(info)
         metrics.update(logprob_gap(batch["old_logprobs"], sampler_logprobs, batch["response_mask"]))
-        if self.algorithm == "grpo":
-            batch["advantages"] = mesh_lib.shard_batch(
-                group_advantages(rewards, cfg.rollout.n, cfg.algorithm.grpo.eps, cfg.algorithm.grpo.std_normalize),
-                self.mesh)
+        if self.algorithm == "grpo":  # groups are whole on each process, so also whole in the global rows
+            batch["advantages"] = group_advantages(
+                rewards, cfg.rollout.n, cfg.algorithm.grpo.eps, cfg.algorithm.grpo.std_normalize)
         else:
             values = compute_values(self.critic_graphdef, self.critic_params, batch, num_micro_batches=micro)
             batch["advantages"], batch["returns"] = ppo_advantages(
@@ -288,7 +320,7 @@ class Trainer:
         metrics.update(update)
         metrics["clip_fraction"] = update.get("pg_clipfrac", 0.0)
         t_update = time.perf_counter() - start
-        tokens = float(np.asarray(batch["attention_mask"]).sum())
+        tokens = float(jnp.sum(batch["attention_mask"]))  # over all processes
         metrics.update(time_sample_s=t_sample, time_score_s=t_score, time_update_s=t_update,
                        tokens_per_s=tokens / max(t_sample + t_score + t_update, 1e-9))
         return metrics, samples
@@ -298,20 +330,20 @@ class Trainer:
         start = time.perf_counter()
         examples = [sft_tokens(self.text.tokenizer, c, f"SFT conversation {i}") for i, c in enumerate(conversations)]
         arrays = sft_batch(examples, self.cfg.algorithm.sft.max_seq_tokens, self.text.pad_id)
-        batch = mesh_lib.shard_batch(arrays, self.mesh)
+        batch = self.hosts.put(_pad_to_agreed_length(arrays, self.text.pad_id))
         self.params, self.opt_state, update = train_step(
             self.graphdef, self.params, self.opt_state, batch, objective=self.objective, optimizer=self.optimizer,
-            num_micro_batches=self._micro_batches(arrays["tokens"].shape[0]))
+            num_micro_batches=self._micro_batches(batch["tokens"].shape[0]))
         metrics = _floats(update)
         elapsed = time.perf_counter() - start
-        metrics.update(time_update_s=elapsed, tokens_per_s=float(arrays["attention_mask"].sum()) / elapsed)
+        metrics.update(time_update_s=elapsed, tokens_per_s=float(jnp.sum(batch["attention_mask"])) / elapsed)
         return metrics, []
 
     def _dpo_step(self, pairs: list) -> tuple[dict[str, float], list[dict]]:
         start = time.perf_counter()
         arrays = dpo_batch(pairs, self.cfg.algorithm.dpo.max_pair_tokens, self.text.pad_id)
-        batch = mesh_lib.shard_batch(arrays, self.mesh)
-        count, _, seq = arrays["tokens"].shape
+        batch = self.hosts.put(_pad_to_agreed_length(arrays, self.text.pad_id))
+        count, _, seq = batch["tokens"].shape  # pairs of all processes
         flat = {k: v.reshape(count * 2, seq) for k, v in batch.items()}
         micro = self._micro_batches(count)
         ref = compute_logprobs(self.graphdef, self.ref_params, flat, temperature=1.0, num_micro_batches=micro)
@@ -325,35 +357,41 @@ class Trainer:
             num_micro_batches=micro)
         metrics = _floats(update)
         elapsed = time.perf_counter() - start
-        metrics.update(time_update_s=elapsed, tokens_per_s=float(arrays["attention_mask"].sum()) / elapsed)
+        metrics.update(time_update_s=elapsed, tokens_per_s=float(jnp.sum(batch["attention_mask"])) / elapsed)
         return metrics, []
 
     def _dpo_pairs(self) -> list[dict]:
         """Online DPO's one round: n answers per prompt from the initial policy, best vs worst valid answer.
 
-        Saved to RUN_DIR/dpo_pairs.jsonl (per process) so a resumed run trains on the same pairs."""
+        Each process samples its own prompts (every process runs the same number of sampler calls, a short
+        last chunk filled up with prompts that make no pairs) and keeps its pairs in
+        RUN_DIR/dpo_pairs.process-<i>.jsonl, so a resumed run trains on the same pairs."""
         path = os.path.join(self.run_dir, f"dpo_pairs.process-{jax.process_index()}.jsonl")
-        if os.path.exists(path):
+        if multihost.global_min_int(int(os.path.exists(path))):  # every process has its pairs: none samples
             return read_jsonl(path)
         cfg = self.cfg
         n = cfg.rollout.n
-        local = self.records[jax.process_index()::jax.process_count()]
-        chunk = max(cfg.rollout.prompts_per_step // jax.process_count(), 1)
+        processes = jax.process_count()
+        local = self.records[jax.process_index()::processes]
+        chunk = max(cfg.rollout.prompts_per_step // processes, 1)
+        chunks = math.ceil(math.ceil(len(self.records) / processes) / chunk)  # process 0's count: the most
         pairs: list[dict] = []
         skipped = {"too_few_valid": 0, "too_long": 0, "tied": 0}
-        for start in range(0, len(local), chunk):
+        for start in range(0, chunks * chunk, chunk):
             prompts = list(local[start:start + chunk])
+            real = len(prompts)
+            prompts += [self.records[0]] * (chunk - real)  # fillers: sampled for the lockstep, never scored
             prompt_ids, _ = self.text.encode(prompts)
             self.key, sample_key = jax.random.split(self.key)
             rollout = self.sampler(self.params, prompt_ids, sample_key)
-            texts = self.text.decode_responses(rollout)
-            repeated = [p for p in prompts for _ in range(n)]
+            texts = self.text.decode_responses(rollout)[: real * n]
+            repeated = [p for p in prompts[:real] for _ in range(n)]
             scored = self.scorer.score_outputs(repeated, texts, self.text.settings, self.text.eos_texts)
             lengths = np.asarray(rollout.response_lengths)
             responses = [rollout.response_tokens(r) for r in range(len(texts))]
             selection = build_preference_pairs(
                 scored.rewards.reshape(-1, n).tolist(), scored.valid.reshape(-1, n).tolist(),
-                [[len(prompt_ids[p]) + int(lengths[p * n + i]) for i in range(n)] for p in range(len(prompts))],
+                [[len(prompt_ids[p]) + int(lengths[p * n + i]) for i in range(n)] for p in range(real)],
                 min_valid=cfg.algorithm.dpo.min_valid, max_tokens=cfg.algorithm.dpo.max_pair_tokens,
             )
             skipped["too_few_valid"] += selection.skipped_too_few_valid
@@ -367,9 +405,10 @@ class Trainer:
                     "chosen_score": pair.chosen_score, "rejected_score": pair.rejected_score,
                 })
         log.warning("online DPO: %d pairs from %d prompts (skipped: %s)", len(pairs), len(local), skipped)
-        if not pairs:
-            raise UserError("online DPO: no preference pairs (every prompt had fewer than algorithm.dpo.min_valid "
-                            "parseable answers, tied scores, or too many tokens)")
+        if not multihost.global_min_int(len(pairs)):  # every process stops together
+            raise UserError("online DPO: no preference pairs" + (" on some process" if processes > 1 else "")
+                            + " (every prompt had fewer than algorithm.dpo.min_valid parseable answers, tied "
+                            "scores, or too many tokens)")
         write_jsonl_atomic(path, pairs)
         return pairs
 
@@ -379,7 +418,7 @@ class Trainer:
         if self.algorithm == "dpo":
             pairs = self._dpo_pairs()
             dpo = cfg.algorithm.dpo
-            self.batches = BatchIterator(pairs, min(dpo.batch_size, len(pairs)), seed=cfg.data.shuffle_seed,
+            self.batches = BatchIterator(pairs, self._dpo_local_batch(len(pairs)), seed=cfg.data.shuffle_seed,
                                          epochs=dpo.epochs, shard_index=0, shard_count=1)
             self.objective = DPOObjective(DPOLossConfig(beta=dpo.beta, loss_type=dpo.loss_type,
                                                          label_smoothing=dpo.label_smoothing))
@@ -391,15 +430,30 @@ class Trainer:
             else:
                 self.actor_config = self._actor_config()
                 self.objective, step_fn = PolicyObjective(self.actor_config), self._rl_step
-        self.total_steps = min(s for s in (cfg.run.total_steps, self.batches.num_steps) if s is not None)
+        data_steps = self.batches.num_steps  # DPO: each process its own pairs; the run stops with the fewest
+        data_steps = None if data_steps is None else multihost.global_min_int(data_steps)
+        self.total_steps = min(s for s in (cfg.run.total_steps, data_steps) if s is not None)
         self.optimizer = self._optimizer(self.total_steps)
-        self.opt_state = init_optimizer_state(self.params, self.optimizer)
+        # the step counter is made off the mesh: placed on it, a checkpoint restores it where the params are
+        self.opt_state = mesh_lib.replicate_unplaced(init_optimizer_state(self.params, self.optimizer), self.mesh)
         if self.algorithm == "ppo":
             self.critic_optimizer = self._optimizer(self.total_steps, lr=cfg.algorithm.ppo.critic_lr)
-            self.critic_opt_state = init_optimizer_state(self.critic_params, self.critic_optimizer)
+            self.critic_opt_state = mesh_lib.replicate_unplaced(
+                init_optimizer_state(self.critic_params, self.critic_optimizer), self.mesh)
             self.critic_objective = ValueObjective(cfg.algorithm.ppo.value_clip, cfg.algorithm.ppo.value_coef)
         self._resume()
         return step_fn
+
+    def _dpo_local_batch(self, pairs: int) -> int:
+        """Pairs per step from this process: every process the same number (its share of
+        algorithm.dpo.batch_size, at most the fewest pairs any process has), rows that split over the mesh."""
+        share = self.cfg.algorithm.dpo.batch_size // jax.process_count()
+        multiple = self.hosts.rows_multiple
+        size = min(share, multihost.global_min_int(pairs)) // multiple * multiple
+        if size < 1:
+            raise UserError(f"online DPO: too few pairs for one step of {multiple * jax.process_count()} pairs "
+                            "(a multiple of the mesh's batch split, data x fsdp)")
+        return size
 
     def run(self) -> dict[str, Any]:
         """Trains to the last step, checkpointing and logging; returns a summary (first/last steps' means)."""
