@@ -167,12 +167,13 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _restore_target(leaf: Any) -> Any:
-    """The abstract array orbax restores one leaf onto: the leaf's own sharding, else the first device."""
+    """The abstract array orbax restores one leaf onto: the leaf's own sharding, else this process's first
+    device (the trainer puts every leaf on its mesh first: a multi-host run needs global arrays)."""
     sharding = getattr(leaf, "sharding", None)
     if isinstance(leaf, np.ndarray):
         return leaf
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 

@@ -108,8 +108,9 @@ def check_batch_split_by_process(mesh: Mesh) -> None:
     blocks: dict[int, set[int]] = {}
     for device, index in mesh_lib.batch_sharding(mesh).devices_indices_map((split,)).items():
         blocks.setdefault(device.process_index, set()).add(index[0].start or 0)
-    owners = [p for block in blocks.values() for p in block]
-    if split % processes or len(owners) != len(set(owners)) or len(owners) != split:
+    owned = [blocks.get(p, set()) for p in range(processes)]
+    disjoint = sum(map(len, owned)) == len(set().union(*owned))
+    if split % processes or not disjoint or any(len(block) != split // processes for block in owned):
         raise UserError(
             f"mesh {dict(mesh.shape)}: the batch axes (data x fsdp = {split}) must split every batch between the "
             f"{processes} processes, each its own rows; set mesh.dcn_data or mesh.dcn_fsdp (not mesh.dcn_tensor) "

@@ -15,13 +15,23 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
-from rlmt_jax.multihost import all_gather, combine_metrics, global_max_int, global_metrics
+from models import ModelConfig, build_model
+from rlmt_jax.config import MeshConfig, resolve
+from rlmt_jax.errors import UserError
+from rlmt_jax.mesh import make_mesh
+from rlmt_jax.multihost import HostRows, all_gather, combine_metrics, global_max_int, global_metrics
+from rlmt_jax.sampling import Sampler, SamplingConfig
 from rlmt_jax.tiny import tiny_assets_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +73,72 @@ def test_metrics_combine_as_if_computed_over_all_rows():
     assert combined["format_valid_rate"] == pytest.approx((2 * 0.5 + 4 * 0.25) / 6)
 
 
+def test_a_batch_that_cannot_split_between_processes_is_refused(monkeypatch):
+    mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # one device cannot hold two processes' rows
+    with pytest.raises(UserError, match=r"batch axes \(data x fsdp = 1\) must split every batch between the 2"):
+        HostRows(mesh)
+
+
+def test_trainer_refuses_prompts_per_step_that_do_not_split_between_processes(monkeypatch):
+    from rlmt_jax.trainer import Trainer
+
+    cfg = resolve(None, ["rollout.prompts_per_step=3", "optimizer.micro_batch_size=4"])
+    trainer = types.SimpleNamespace(cfg=cfg, algorithm="grpo", mesh=make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(UserError, match=r"'rollout.prompts_per_step' \(3\) must be a multiple of the 2 processes"):
+        Trainer._check_multihost(trainer)
+
+
+class FakeProcessPair:
+    """HostRows as process 0 of 2 sees it: the other process reports (its longest prompt, its prompt count);
+    a batch must have a multiple of `rows_multiple` rows on each process."""
+
+    process_count = 2
+
+    def __init__(self, other: tuple[int, int], rows_multiple: int):
+        self.other, self.rows_multiple, self.put_rows = other, rows_multiple, []
+
+    def gather(self, values):
+        return np.stack([values, np.asarray(self.other, values.dtype)])
+
+    def put(self, arrays):
+        self.put_rows.append([a.shape[0] for a in arrays])
+        return tuple(jnp.asarray(a) for a in arrays)
+
+    def take(self, arrays):
+        return tuple(np.asarray(a) for a in arrays)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    return nnx.split(build_model(config, nnx.Rngs(0)))
+
+
+def test_sampler_on_hosts_uses_the_longest_prompt_of_all_processes_and_returns_its_own_rows(tiny_policy):
+    graphdef, params = tiny_policy
+    config = SamplingConfig(n=2, max_new_tokens=5, temperature=0.0, prompt_buckets=(16, 32))
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [20, 21]]  # longest 11: bucket 16
+    hosts = FakeProcessPair(other=(20, 3), rows_multiple=4)  # the other process has a prompt of 20 tokens
+    rollout = Sampler(graphdef, config, hosts=hosts)(params, prompts, jax.random.key(0))
+    assert rollout.prompt_len == 32
+    assert hosts.put_rows == [[4, 4]]  # 3 prompts + 1 filler: the rows split over the mesh
+    assert rollout.tokens.shape == (6, 32 + 5) and isinstance(rollout.tokens, np.ndarray)
+    alone = Sampler(graphdef, config)(params, prompts, jax.random.key(0))  # greedy: the rows must agree
+    assert alone.prompt_len == 16
+    np.testing.assert_array_equal(rollout.tokens[:, 32:], np.asarray(alone.tokens[:, 16:]))
+
+
+def test_sampler_on_hosts_refuses_different_prompt_counts(tiny_policy):
+    graphdef, params = tiny_policy
+    sampler = Sampler(graphdef, SamplingConfig(max_new_tokens=2, prompt_buckets=(16,)),
+                      hosts=FakeProcessPair(other=(4, 2), rows_multiple=1))
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        sampler(params, [[1, 2, 3]], jax.random.key(0))
+
+
 # ------------------------------------------------------------------------------------ two processes
 
 
@@ -86,24 +162,26 @@ def start(processes: int, runs: list[list[str]]) -> list[subprocess.Popen]:
     ]
 
 
-def finish(workers: list[subprocess.Popen]) -> list[dict]:
-    """Each worker's summary and stderr; a worker that fails or outlives TIMEOUT_S fails the test, and
-    all of them are killed (a process stuck in a collective never exits by itself)."""
-    outputs = []
+def finish(**clusters: list[subprocess.Popen]) -> dict[str, list[dict]]:
+    """Each cluster's worker summaries (with their stderr). A worker that fails, or a cluster still running
+    after TIMEOUT_S (a process stuck in a collective never exits by itself), fails the test, and every
+    worker still running is killed first."""
+    workers = [w for cluster in clusters.values() for w in cluster]
+    deadline = time.monotonic() + TIMEOUT_S
+    outputs = {}
     try:
         for worker in workers:
-            outputs.append(worker.communicate(timeout=TIMEOUT_S))
+            outputs[worker] = worker.communicate(timeout=max(deadline - time.monotonic(), 1))
+            assert worker.returncode == 0, outputs[worker][1][-4000:]
     except subprocess.TimeoutExpired:
-        for worker in workers:
-            worker.kill()
-        for worker in workers:
-            worker.communicate()
         pytest.fail(f"the workers did not finish in {TIMEOUT_S} s (a deadlock between the processes?)")
-    summaries = []
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-4000:]
-        summaries.append({**json.loads(out.strip().splitlines()[-1]), "stderr": err})
-    return summaries
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    return {name: [{**json.loads(outputs[w][0].strip().splitlines()[-1]), "stderr": outputs[w][1]} for w in cluster]
+            for name, cluster in clusters.items()}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -135,7 +213,27 @@ def runs(tmp_path_factory, tiny_cache):
                     [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3"]])
     one = start(1, [[*grpo, f"run.output_dir={root / 'one'}", "run.total_steps=3"]])
     offline = start(2, [dpo, sft_run])
-    return {"two": finish(two), "one": finish(one), "offline": finish(offline), "root": root}
+    return {**finish(two=two, one=one, offline=offline), "root": root}
+
+
+def grpo_metrics_and_params(run_dir: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
+    return read_jsonl(run_dir / "metrics.jsonl"), load_file(run_dir / "export" / "model.safetensors")
+
+
+def assert_same_training(a_dir: Path, b_dir: Path) -> None:
+    """Every logged metric of every step (but wall-clock ones) and every final param within TOLERANCE."""
+    (a_rows, a_params), (b_rows, b_params) = grpo_metrics_and_params(a_dir), grpo_metrics_and_params(b_dir)
+    assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows]
+    for a, b in zip(a_rows, b_rows):
+        assert a.keys() == b.keys()
+        for key in a:
+            if not key.startswith(NOT_COMPARED):
+                assert a[key] == pytest.approx(b[key], abs=TOLERANCE), (a["step"], key)
+    assert a_params.keys() == b_params.keys()
+    params_diff = max(float(np.abs(a_params[k] - b_params[k]).max()) for k in a_params)
+    metrics_diff = max(abs(a[k] - b[k]) for a, b in zip(a_rows, b_rows) for k in a if not k.startswith(NOT_COMPARED))
+    print(f"largest difference: params {params_diff:.2e}, metrics {metrics_diff:.2e}")
+    assert params_diff <= TOLERANCE
 
 
 def test_two_processes_form_one_cluster_of_four_devices(runs):
@@ -149,26 +247,24 @@ def test_two_processes_form_one_cluster_of_four_devices(runs):
 
 
 def test_grpo_on_two_processes_equals_one_process_step_by_step(runs):
-    two = read_jsonl(runs["root"] / "two" / "metrics.jsonl")
-    one = read_jsonl(runs["root"] / "one" / "metrics.jsonl")
-    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]  # written once, by process 0
-    for a, b in zip(two, one):
-        assert a.keys() == b.keys()
-        for key in a:
-            if not key.startswith(NOT_COMPARED):
-                assert a[key] == pytest.approx(b[key], abs=TOLERANCE), (a["step"], key)
-    rewards = [r["reward_mean"] for r in one]
-    assert len(set(rewards)) == 3 and all(r["reward_std"] > 0.01 for r in one)  # real, varied rewards
-    assert two[-1]["kl"] > 0 and two[-1]["logprob_diff_max"] < 1e-4
-
-
-def test_grpo_final_params_on_two_processes_equal_one_process(runs):
-    two = load_file(runs["root"] / "two" / "export" / "model.safetensors")
-    one = load_file(runs["root"] / "one" / "export" / "model.safetensors")
+    root = runs["root"]
+    rows = read_jsonl(root / "two" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by process 0 (and resumed at step 3)
+    assert_same_training(root / "two", root / "one")
+    assert len({r["reward_mean"] for r in rows}) == 3 and all(r["reward_std"] > 0.01 for r in rows)  # real rewards
+    assert rows[-1]["kl"] > 0 and rows[-1]["logprob_diff_max"] < 1e-4
+    params = load_file(root / "two" / "export" / "model.safetensors")
     initial = load_file(tiny_assets_dir() / "policy" / "model.safetensors")
-    assert two.keys() == one.keys()
-    assert max(float(np.abs(two[k] - one[k]).max()) for k in two) <= TOLERANCE
-    assert max(float(np.abs(two[k] - initial[k]).max()) for k in two) > 1e-3  # the params did move
+    assert max(float(np.abs(params[k] - initial[k]).max()) for k in params) > 1e-3  # the params did move
+
+
+@pytest.mark.slow  # the same code path as the fsdp=4 run above, on the other mesh layout
+def test_grpo_with_data_parallel_across_processes_equals_one_process(tmp_path, tiny_cache):
+    tiny_assets_dir()
+    grpo = [*FAST, *DATA_ACROSS_PROCESSES, "run.total_steps=2"]
+    finish(two=start(2, [[*grpo, f"run.output_dir={tmp_path / 'two'}"]]),
+           one=start(1, [[*grpo, f"run.output_dir={tmp_path / 'one'}"]]))
+    assert_same_training(tmp_path / "two", tmp_path / "one")
 
 
 def test_resume_on_two_processes_reads_each_process_data_state(runs):
