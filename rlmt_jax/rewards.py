@@ -4,7 +4,8 @@ For each rollout: split the answer from the policy output (templates.split_outpu
 `prompt messages + {"role": "assistant", "content": answer}` with the RM's chat template
 (`add_generation_prompt=False`), tokenize without adding special tokens again, cut to `max_length`,
 right-pad into a few length buckets, and score in jitted batches of a fixed shape (one compile per
-bucket). The reward is the raw score at the last real token (no whitening).
+bucket). The reward is the raw score at the last real token (no whitening). On several processes
+(`hosts`) the scoring runs in lockstep: all processes run the same batches, each giving its share of rows.
 """
 
 from __future__ import annotations
