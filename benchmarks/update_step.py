@@ -14,7 +14,9 @@ MFU = model FLOPs / time / matmul peak, with model FLOPs per token = 6 * N + 12 
 (N = parameters in matmuls, embedding excluded; the lm head counted only on the positions whose logits
 are made; the attention term counts the full seq x seq score matrix, as PaLM's appendix does) and the
 peak measured in the same run as the best float32 2048^3 matmul rate of jax (at start and end, best).
-Steps of the two sides alternate, so both see the same share of a machine others may be using.
+Steps of the two sides alternate, so both see the same share of a machine others may be using. The script
+starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/host_memory.py; both sides
+get them; RLMT_JAX_HOST_MEMORY=default keeps glibc's), and prints each side's page faults per step.
 
 Last line, for scripts: update_step ours_tok_s=... torch_tok_s=... ratio=... mfu=...
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -34,6 +37,8 @@ import numpy as np
 # Idle OpenMP threads of torch would otherwise spin on the cores while jax runs its step (and halve it).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32000, 512, 1408, 8, 8, 4
 
@@ -186,10 +191,14 @@ def bench_torch(hf_model, batch_np, extras, args, cfg):
     return step, losses, torch.get_num_threads()
 
 
-def timed(step) -> float:
+def timed(step, faults: list[int]) -> float:
+    """Wall seconds of one step; appends the page faults it took to `faults`."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     begin = time.perf_counter()
     step()
-    return time.perf_counter() - begin
+    elapsed = time.perf_counter() - begin
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return elapsed
 
 
 def main() -> None:
@@ -208,11 +217,14 @@ def main() -> None:
     parser.add_argument("--no-skip-prompt-logits", dest="skip_prompt_logits", action="store_false",
                         help="make logits for prompt positions too (both sides)")
     args = parser.parse_args()
+    # Both sides run in this one process with the host-memory settings `rlmt-jax` uses (rlmt_jax/host_memory.py).
+    relaunch_with_reused_memory([os.path.abspath(__file__), *sys.argv[1:]])
 
     from rlmt_jax.algorithms import GRPOConfig
 
     cfg = GRPOConfig()
-    print(f"devices: {jax.devices()}  cpu count: {os.cpu_count()}  load average: {os.getloadavg()}")
+    print(f"devices: {jax.devices()}  cpu count: {os.cpu_count()}  load average: {os.getloadavg()}  "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
     peaks = [measure_matmul_peak()]
     batch_np = make_batch(args.batch, args.seq, args.prompt)
     tokens = args.batch * args.seq
@@ -228,11 +240,11 @@ def main() -> None:
         if torch_step:
             torch_step()
     # Alternate the two so both see the same share of a machine that others may be using.
-    ours_times, torch_times = [], []
+    ours_times, torch_times, ours_faults, torch_faults = [], [], [], []
     for _ in range(args.steps):
-        ours_times.append(timed(ours_step))
+        ours_times.append(timed(ours_step, ours_faults))
         if torch_step:
-            torch_times.append(timed(torch_step))
+            torch_times.append(timed(torch_step, torch_faults))
     peaks.append(measure_matmul_peak())
     peak = max(peaks)
     print(f"matmul peak (jax, f32 2048^3, best of start/end): {peak / 1e9:.1f} GFLOP/s "
@@ -248,14 +260,15 @@ def main() -> None:
     mfu = ours_tok_s * flops_per_token / peak
     print(f"ours: {ours_s:.2f} s/step median of {[round(x, 2) for x in ours_times]} ({ours_tok_s:.0f} tok/s), "
           f"compile+first step {compile_s:.1f} s, MFU {mfu:.1%} ({n_matmul / 1e6:.1f}M matmul params, "
-          f"{flops_per_token / 1e6:.0f} MFLOP/token); first-step loss {metrics['loss']:.6f}")
+          f"{flops_per_token / 1e6:.0f} MFLOP/token); first-step loss {metrics['loss']:.6f}; "
+          f"page faults/step {int(np.median(ours_faults))}")
     torch_tok_s = float("nan")
     if torch_step:
         torch_s = float(np.median(torch_times))
         torch_tok_s = tokens / torch_s
         print(f"torch ({threads} threads): {torch_s:.2f} s/step median of {[round(x, 2) for x in torch_times]} "
               f"({torch_tok_s:.0f} tok/s), MFU {torch_tok_s * flops_per_token / peak:.1%}; "
-              f"first-step loss {torch_losses[0]:.6f}")
+              f"first-step loss {torch_losses[0]:.6f}; page faults/step {int(np.median(torch_faults))}")
     print(f"update_step ours_tok_s={ours_tok_s:.1f} torch_tok_s={torch_tok_s:.1f} "
           f"ratio={ours_tok_s / torch_tok_s:.2f} mfu={mfu:.3f}")
 

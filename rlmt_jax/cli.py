@@ -8,6 +8,7 @@ import sys
 
 from rlmt_jax.commands import COMMANDS
 from rlmt_jax.errors import UserError
+from rlmt_jax.host_memory import relaunch_with_reused_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,5 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `rlmt-jax` console script: main() in a process that reuses host memory between XLA:CPU steps."""
+    relaunch_with_reused_memory(["-m", "rlmt_jax.cli", *sys.argv[1:]])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
