@@ -1,13 +1,17 @@
 """The tiny built-in models of the default run: a Llama-style policy and reward model made from a fixed seed.
 
 `builtin:tiny-policy` and `builtin:tiny-reward` in a config resolve to Hugging Face directories that are made
-once and cached (in $RLMT_JAX_CACHE, default ~/.cache/rlmt_jax). Both share a small byte-level BPE tokenizer
+once and cached (in $RLMT_JAX_CACHE, default ~/.cache/rlmt_jax). Every process of a multi-host run can make
+them by itself, on its own CPU device, and several processes may make them at once on one disk: each builds
+into a temporary folder beside the cache and renames it into place; the first rename wins, the others keep
+the winner's folder, so a reader never sees a half-written one. Both share a small byte-level BPE tokenizer
 with the Llama-3.1-Instruct special tokens and chat template, and the think tags as single tokens (a random
 tiny model could never spell `</think>` out of several pieces, so learning the format would take too long).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,9 +19,13 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
-from models import ModelConfig, build_model, save_pretrained
+from models import ModelConfig, build_model
+from models.hf_io import SINGLE_FILE, hf_tensors
 from rlmt_jax.config import BUILTIN_PREFIX, BUILTIN_DATA
 from rlmt_jax.errors import UserError
 
@@ -63,37 +71,72 @@ def tiny_model_config(tokenizer, architecture: str) -> ModelConfig:
     )
 
 
+def _save_here(model, path: Path, extra_files: list[Path]) -> None:
+    """The files `models.save_pretrained` writes for a one-shard model, but written by this process whatever
+    its index (save_pretrained writes on process 0 only, and every process may need its own cache)."""
+    cfg: ModelConfig = model.config
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    path.mkdir()
+    save_file({name: array.astype(dtype) for name, array in hf_tensors(model)}, str(path / SINGLE_FILE),
+              metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_config(dtype_name=dtype.name), indent=2))
+    if cfg.kind == "causal_lm":
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id) or None}
+        if cfg.pad_token_id is not None:
+            generation["pad_token_id"] = cfg.pad_token_id
+        (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    for extra in extra_files:
+        shutil.copy2(extra, path / extra.name)
+
+
 def _build(root: Path) -> None:
     from rlmt_jax.toy_tokenizer import build_toy_tokenizer
 
     tokenizer_dir = root / "tokenizer"
     tokenizer = build_toy_tokenizer(tokenizer_dir, _tokenizer_spec())
-    tokenizer_files = [tokenizer_dir / name for name in os.listdir(tokenizer_dir)]
+    tokenizer_files = sorted(tokenizer_dir.iterdir())
 
     policy = build_model(tiny_model_config(tokenizer, "LlamaForCausalLM"), nnx.Rngs(POLICY_SEED))
-    save_pretrained(policy, root / "policy", extra_files=tokenizer_files)
+    _save_here(policy, root / "policy", tokenizer_files)
 
     reward = build_model(tiny_model_config(tokenizer, "LlamaForSequenceClassification"), nnx.Rngs(REWARD_SEED))
     reward.score.set_value(reward.score[...] * REWARD_HEAD_SCALE)
-    save_pretrained(reward, root / "reward", extra_files=tokenizer_files)
+    _save_here(reward, root / "reward", tokenizer_files)
+
+
+def _is_complete(root: Path) -> bool:
+    return all((root / part).exists() for part in ("tokenizer", "policy/config.json", "reward/config.json"))
+
+
+def _build_device() -> jax.Device:
+    """This process's own CPU device (jax.devices('cpu')[0] is process 0's in a multi-host run); the
+    accelerator where the CPU backend is switched off (random init may then differ in the last bits)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
 
 
 def tiny_assets_dir() -> Path:
-    """The cached folder with `policy/` and `reward/` (made on first use, atomically)."""
+    """The cached folder with `tokenizer/`, `policy/` and `reward/`, made on first use by this process."""
     root = cache_root() / f"tiny-{VERSION}"
-    if (root / "policy" / "config.json").exists() and (root / "reward" / "config.json").exists():
+    if _is_complete(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{VERSION}.tmp-", dir=root.parent))
     try:
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(_build_device()):
             _build(tmp)
         try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first
-            pass
+            os.rename(tmp, root)  # atomic; fails when `root` exists and is not empty
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # another process renamed its build into place first: keep theirs (the same bytes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_complete(root):  # only a folder made by hand (or by an older rlmt-jax) gets here
+        raise UserError(f"the built-in tiny models' cache {root} is incomplete; delete it and run again")
     return root
 
 

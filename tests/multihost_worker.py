@@ -7,10 +7,15 @@ Each entry of `runs` is the key=value overrides of one `train` on the tiny defau
 other in this process. With num_processes > 1 the process joins a JAX cluster on localhost (CPU collectives
 over gloo) through the run config's `distributed.*` keys. The last line printed is a JSON summary.
 XLA_FLAGS (the simulated devices of this process) is set by the caller.
+
+With `"build_tiny": true` instead of `runs` (tests/test_tiny_build.py), the processes join the cluster, wait
+for each other, and all build the built-in tiny models into $RLMT_JAX_CACHE at once; the summary has the
+sha256 of every file of the cached folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -36,5 +41,23 @@ def main(spec: dict) -> None:
                       "device_count": jax.device_count(), "steps": steps, "seconds": seconds}))
 
 
+def build_tiny(spec: dict) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from jax.experimental import multihost_utils
+
+    from rlmt_jax.mesh import initialize_distributed
+    from rlmt_jax.tiny import VERSION, cache_root, tiny_assets_dir
+
+    initialize_distributed(f"localhost:{spec['port']}", spec["num_processes"], spec["process_id"])
+    multihost_utils.sync_global_devices("build the tiny models")  # start together, so the builds overlap
+    existed = (cache_root() / f"tiny-{VERSION}").exists()
+    root = tiny_assets_dir()
+    files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(root.rglob("*")) if p.is_file()}
+    print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
+                      "cache_existed": existed, "files": files}))
+
+
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    spec = json.loads(sys.argv[1])
+    build_tiny(spec) if spec.get("build_tiny") else main(spec)

@@ -191,8 +191,8 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_cache):
     """GRPO for 2 steps then resumed to 3 on two processes, the same GRPO run for 3 steps on one process,
-    and online DPO then SFT on two processes."""
-    tiny_assets_dir()  # made here once; the workers only read it
+    and online DPO then SFT on two processes. The workers build the tiny models themselves (all five at once
+    when this test session's cache is still empty)."""
     root = tmp_path_factory.mktemp("multihost")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name a colour ({i})."}]})
@@ -260,7 +260,6 @@ def test_grpo_on_two_processes_equals_one_process_step_by_step(runs):
 
 @pytest.mark.slow  # the same code path as the fsdp=4 run above, on the other mesh layout
 def test_grpo_with_data_parallel_across_processes_equals_one_process(tmp_path, tiny_cache):
-    tiny_assets_dir()
     grpo = [*FAST, *DATA_ACROSS_PROCESSES, "run.total_steps=2"]
     finish(two=start(2, [[*grpo, f"run.output_dir={tmp_path / 'two'}"]]),
            one=start(1, [[*grpo, f"run.output_dir={tmp_path / 'one'}"]]))
