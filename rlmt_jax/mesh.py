@@ -33,7 +33,8 @@ from rlmt_jax.errors import UserError
 __all__ = [
     "MESH_AXES", "RULES", "AxisRule", "MeshConfig", "activation_constraint", "activation_sharding", "batch_sharding",
     "batch_split", "device_grid", "initialize_distributed", "is_main_process", "logical_to_spec", "make_mesh",
-    "make_placer", "param_shardings", "replicate_unplaced", "resolve_mesh_shape", "shard_batch", "shard_params",
+    "make_placer", "param_shardings", "place_unplaced_params", "replicate_unplaced", "resolve_mesh_shape",
+    "shard_batch", "shard_params",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -258,6 +259,26 @@ def replicate_unplaced(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(np.asarray(leaf), NamedSharding(mesh, PartitionSpec()))
 
     return jax.tree.map(place, tree)
+
+
+def place_unplaced_params(state: Any, mesh: Mesh, rules: Mapping[str, AxisRule] = RULES) -> Any:
+    """`state` (nnx Params) with every param not yet on `mesh` placed on it by its logical axes, as the
+    checkpoint loader places the others; params already on `mesh` are kept.
+
+    For params made after loading on the default device (a critic's fresh value head): a jitted update
+    returns every param on the mesh, so a param that came in off it would change the program's input
+    shardings at the next step and compile it again. The values must agree between processes (same seed).
+    """
+    place = make_placer(mesh, rules)
+
+    def put(path: Sequence[Any], variable: Any) -> Any:
+        value = variable.get_value()
+        sharding = getattr(value, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return variable
+        return variable.replace(place(_path_name(path), np.asarray(value), variable.get_metadata()["logical_axes"]))
+
+    return jax.tree_util.tree_map_with_path(put, state, is_leaf=_is_variable)
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, AxisRule] = RULES) -> NamedSharding:

@@ -48,6 +48,9 @@ from rlmt_jax.train_step import compute_logprobs, compute_values, init_optimizer
 
 log = logging.getLogger("rlmt_jax.trainer")
 EXPORT_DIR = "export"
+# one program per batch shape; called eagerly, the GAE scan (its step function made anew on every call)
+# missed jax's cache and compiled again at every step
+ppo_advantages_jit = jax.jit(ppo_advantages, static_argnames="config")
 SUMMED_METRICS = ("reward_truncated", "prompts_truncated")  # counts: added over processes, not averaged
 
 
@@ -179,7 +182,9 @@ class Trainer:
         self.critic_graphdef = self.critic_params = None
         if self.algorithm == "ppo":
             critic = self._load(resolve_model_path(cfg.model.critic_path), task="value")
-            self.critic_graphdef, self.critic_params = nnx.split(critic, nnx.Param)
+            self.critic_graphdef, critic_params = nnx.split(critic, nnx.Param)
+            # its fresh value head is made on the default device, not by the placer
+            self.critic_params = mesh_lib.place_unplaced_params(critic_params, self.mesh)
 
     def _optimizer(self, total_steps: int, lr: float | None = None) -> AdamWConfig:
         o = self.cfg.optimizer
@@ -301,8 +306,8 @@ class Trainer:
                 rewards, cfg.rollout.n, cfg.algorithm.grpo.eps, cfg.algorithm.grpo.std_normalize)
         else:
             values = compute_values(self.critic_graphdef, self.critic_params, batch, num_micro_batches=micro)
-            batch["advantages"], batch["returns"] = ppo_advantages(
-                rewards, values, batch["response_mask"], self.actor_config)
+            batch["advantages"], batch["returns"] = ppo_advantages_jit(
+                rewards, values, batch["response_mask"], config=self.actor_config)
             batch["old_values"] = values
             for _ in range(cfg.algorithm.update_epochs):
                 self.critic_params, self.critic_opt_state, critic_metrics = train_step(
