@@ -31,6 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
+
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32000, 512, 1408, 8, 8, 4
 PROMPT, NEW = 64, 128
 TEMPERATURE = 0.7
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="both samplers (the recipe: 1.0, some runs 0.95)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
+    # Both samplers run in this one process with the host-memory settings `rlmt-jax` uses on CPU.
+    relaunch_with_reused_memory([os.path.abspath(__file__), *sys.argv[1:]])
 
     import torch
 

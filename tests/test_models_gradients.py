@@ -13,6 +13,7 @@ from flax import nnx
 
 import models
 from models.hf_io import hf_tensors
+from models import layers
 from models.layers import causal_self_attention, gated_mlp, grouped_attention
 from tests.hf_factory import PAD_ID, make_checkpoint
 
@@ -56,14 +57,16 @@ def our_gradients(model, ids, mask, positions, weights) -> dict[str, np.ndarray]
     return dict(hf_tensors(nnx.merge(graphdef, grads)))  # HF names and layouts
 
 
-@pytest.mark.parametrize(("name", "remat", "scan_layers"), [
-    ("llama31", "none", False),  # llama3 rope scaling
-    ("qwen25", "none", False),  # qkv bias, GQA 7:1
-    ("llama32_tied", "dots", True),  # tied embeddings, one kv head
-    ("llama3", "full", True),
-    ("qwen25_tied", "dots", False),
+@pytest.mark.parametrize(("name", "remat", "scan_layers", "causal_block"), [
+    ("llama31", "none", False, 128),  # llama3 rope scaling
+    ("qwen25", "none", False, 8),  # qkv bias, GQA 7:1; three query blocks (8, 8, 5)
+    ("llama32_tied", "dots", True, 128),  # tied embeddings, one kv head
+    ("llama3", "full", True, 4),
+    ("qwen25_tied", "dots", False, 128),
 ])
-def test_every_parameter_gradient_matches_transformers(tmp_path, name, remat, scan_layers):
+def test_every_parameter_gradient_matches_transformers(tmp_path, monkeypatch, name, remat, scan_layers,
+                                                       causal_block):
+    monkeypatch.setattr(layers, "CAUSAL_BLOCK", causal_block)
     path, reference = make_checkpoint(tmp_path / name, name)
     model = models.load_pretrained(path, remat=remat, scan_layers=scan_layers)
     ids, mask, positions = padded_batch()
@@ -79,18 +82,25 @@ def test_every_parameter_gradient_matches_transformers(tmp_path, name, remat, sc
 
 
 def attention_inputs(batch=2, seq=9, heads=6, kv_heads=2, head_dim=8, dtype=jnp.float32):
+    """q, k, v, a causal mask with row 0 left-padded by 3, and upstream gradients that are 0 on the padded
+    query rows (as a loss over real tokens gives them)."""
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), dtype)
     k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), dtype)
     v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim), dtype)
-    real = jnp.arange(seq)[None, :] >= jnp.array([[3], [0]])  # row 0 left-padded by 3
+    real = jnp.arange(seq)[None, :] >= jnp.array([[3], [0]])
     mask = jnp.tril(jnp.ones((seq, seq), bool))[None] & real[:, None, :]
-    upstream = jax.random.normal(keys[3], q.shape, dtype)
+    upstream = jax.random.normal(keys[3], q.shape, dtype) * real[:, :, None, None]
     return q, k, v, mask, upstream
 
 
-def test_attention_gradient_equals_autodiff_of_the_plain_formula():
+@pytest.mark.parametrize("causal_block", [128, 4, 3])  # one block; blocks (4, 4, 1); three full blocks
+def test_attention_and_its_gradient_equal_the_plain_formula(monkeypatch, causal_block):
+    monkeypatch.setattr(layers, "CAUSAL_BLOCK", causal_block)
     q, k, v, mask, upstream = attention_inputs()
+    real_rows = np.asarray(mask.any(-1))  # [batch, seq]: query rows with a key to attend to
+    out, plain_out = causal_self_attention(q, k, v, mask), grouped_attention(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(out)[real_rows], np.asarray(plain_out)[real_rows], rtol=1e-6, atol=1e-6)
     plain = jax.grad(lambda q, k, v: jnp.sum(upstream * grouped_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
     ours = jax.grad(lambda q, k, v: jnp.sum(upstream * causal_self_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
     for a, b in zip(ours, plain):
