@@ -306,10 +306,23 @@ class ValueModel(_WithDecoder):
 
 
 def value_model_from(policy: CausalLM | RewardModel, rngs: nnx.Rngs) -> ValueModel:
-    """A critic whose decoder starts as a copy of `policy`'s, with a fresh value head (as the recipe's PPO)."""
-    critic = ValueModel(policy.config, rngs)
+    """A critic whose decoder starts as a copy of `policy`'s, with a fresh value head (as the recipe's PPO).
+
+    The decoder is never initialised at random: the critic is built abstractly, and only its head is made, by a
+    jitted constructor of which XLA keeps nothing but the head (the head's values are those a full
+    `ValueModel(config, rngs)` would get). So an 8B critic costs its copy of the decoder (sharded as the
+    policy's is) and no whole random decoder on one device. The head is on the default device.
+    """
+    cfg = policy.config
+    critic = nnx.eval_shape(lambda: ValueModel(cfg, nnx.Rngs(0)))
+    head = nnx.jit(lambda r: nnx.state(ValueModel(cfg, r), _VALUE_HEAD))(rngs)
+    nnx.update(critic, head)
     nnx.update(critic.model, jax.tree.map(jnp.copy, nnx.state(policy.model, nnx.Param)))
     return critic
+
+
+def _VALUE_HEAD(path, _value) -> bool:  # nnx filter: the critic's own params, not its decoder's
+    return path[0] in ("value_head", "value_bias")
 
 
 MODEL_CLASSES = {"causal_lm": CausalLM, "seq_cls": RewardModel}

@@ -3,11 +3,13 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import models
@@ -134,6 +136,25 @@ def test_value_model_starts_from_the_policy_decoder(tmp_path):
     np.testing.assert_allclose(np.asarray(critic.hidden_states(ids)), np.asarray(policy.hidden_states(ids)),
                                atol=1e-6)
     assert critic(ids).shape == (2, 7)
+
+
+def test_critic_head_is_the_seeded_fresh_head_and_no_random_decoder_is_made():
+    from models.transformer import _VALUE_HEAD
+
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+    policy = models.CausalLM(cfg, rngs=nnx.Rngs(1))
+    critic = models.value_model_from(policy, nnx.Rngs(7))
+    fresh = models.ValueModel(cfg, nnx.Rngs(7))
+    np.testing.assert_allclose(np.asarray(critic.value_head[...]), np.asarray(fresh.value_head[...]), atol=1e-7)
+    assert np.all(np.asarray(critic.value_bias[...]) == 0)
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(critic.model)), jax.tree.leaves(nnx.state(policy.model))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    # the head's constructor keeps nothing of the decoder's random init: its scratch memory is a few KB, where
+    # this config's decoder is ~16 MB (and an 8B one 32 GB)
+    big = cfg.replace(vocab_size=4096, hidden_size=256, intermediate_size=1024)
+    head_only = nnx.jit(lambda r: nnx.state(models.ValueModel(big, r), _VALUE_HEAD)).lower(nnx.Rngs(7)).compile()
+    assert head_only.memory_analysis().temp_size_in_bytes < 64 * 1024
 
 
 def _rewrite_tensors(path, edit):
