@@ -420,6 +420,9 @@ def _reward_length(cfg: RunConfig, response_seq: int) -> tuple[int, int]:
     return settings.batch_size, length
 
 
+DECODE_COPIED_PARAMS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+
+
 def _params_items(shapes: ModelShapes, mesh: AbstractMesh, name: str) -> Item:
     split = per_device_bytes(shapes.params, mesh)
     return Item(name, "resident", split,
@@ -467,6 +470,13 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
                           f"{prompts} prompts x {n} = {prompts * n} rows ({rows_local} per device) x {slots} slots "
                           f"(prompt {prompt_len} + {new} new - 1), {cache_dtype}, + the prompts' cache while "
                           "it is copied to their samples"))
+        # Sampling lays the q/k/v and gate/up kernels side by side and the lm head vocab-major, once per call
+        # (models.layers Attention._project_fused and MLP fused, sampling.vocab_major_head): copies of them
+        # in the compute dtype live through the decode loop.
+        copied = nnx.filter_state(policy.params, lambda path, _: str(path[-1]) in DECODE_COPIED_PARAMS)
+        items.append(Item("decode weight copies", "rollout",
+                          per_device_bytes(copied, mesh, jnp.dtype(policy.config.dtype)),
+                          f"{', '.join(DECODE_COPIED_PARAMS)} in {policy.config.dtype}, split like the params"))
         prefill = LocalDims.of(policy.config, prompts, mesh)
         items.append(Item("prefill activations", "rollout",
                           layer_activation_bytes(prefill, prompt_len, act)["none"],

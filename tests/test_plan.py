@@ -83,6 +83,13 @@ def test_kv_cache_is_every_rollout_row_split_over_the_devices(grpo_v5p, grpo_h10
     assert grpo_h100.item("KV cache").bytes == cache(512 // 8, 5119) + cache(64 // 8, 1024)
 
 
+def test_decode_weight_copies_are_the_fused_kernels_and_the_head_in_the_compute_dtype(grpo_h100):
+    # sampling concatenates q, k, v and gate, up per layer and transposes the lm head, in bfloat16, split 8 ways
+    per_layer = 4096 * 4096 + 2 * 4096 * 1024 + 2 * 4096 * 14336
+    assert grpo_h100.item("decode weight copies").bytes == (32 * per_layer + LLAMA_TABLE) * 2 // 8
+    assert grpo_h100.item("decode weight copies").phase == "rollout"
+
+
 def test_h100_peak_is_the_rollout_and_the_kv_cache_is_the_largest_item(grpo_h100):
     assert grpo_h100.peak_phase == "rollout"
     assert grpo_h100.largest.name == "KV cache"
