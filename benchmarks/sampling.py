@@ -14,6 +14,9 @@ The machine's limit for a decode step of B rows, measured here:
 with the read bandwidth the best rate of a jnp.sum over 256 MB and the matmul peak the best float32 2048^3
 matmul rate of jax. Prefill is not counted in the limit (it is ~1/3 of a step's weight traffic for all 64 tokens).
 
+The script starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/host_memory.py;
+both samplers get them; RLMT_JAX_HOST_MEMORY=default keeps glibc's).
+
 Last lines, for scripts:  sampling B=8 ours_tok_s=... hf_tok_s=... ratio=... limit_frac=...
 """
 
