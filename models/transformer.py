@@ -82,8 +82,7 @@ class Decoder(nnx.Module):
         table = constrain(self.embed[...].astype(dtype), ("vocab", "embed"))
         x = jnp.take(table, input_ids, axis=0)
         x = constrain(x, ("batch", "seq", "embed"))
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        cos, sin = rope_tables(positions, inv_freq, dtype) if rope is None else rope
+        cos, sin = self.rotary_tables(positions) if rope is None else rope
 
         def block_forward(block_graphdef, block_state, h, layer_cache, layer_index):
             block = nnx.merge(block_graphdef, block_state)
@@ -127,6 +126,13 @@ class Decoder(nnx.Module):
                 cache = cache._replace(k=kv[0], v=kv[1])
         x = self.final_norm(x)
         return x, cache
+
+
+    def rotary_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin of rotary embedding at `positions` [batch, seq] -> each [batch, seq, head_dim]."""
+        cfg = self.config
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return rope_tables(positions, inv_freq, jnp.dtype(cfg.dtype))
 
 
 def per_layer_cache(cache: KVCache) -> KVCache:
@@ -183,14 +189,16 @@ class CausalLM(_WithDecoder):
         else:
             self.lm_head = None
 
-    def lm_logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden: [batch, seq, embed] -> logits [batch, seq, vocab] in the compute dtype."""
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection as [embed, vocab] in the compute dtype (the transposed embedding when tied)."""
         dtype = jnp.dtype(self.config.dtype)
         if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", hidden, self.model.embed[...].astype(dtype))
-        else:
-            logits = hidden @ self.lm_head[...].astype(dtype)
-        return constrain(logits, ("batch", "seq", "vocab"))
+            return self.model.embed[...].astype(dtype).T
+        return self.lm_head[...].astype(dtype)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [batch, seq, embed] -> logits [batch, seq, vocab] in the compute dtype."""
+        return constrain(hidden @ self.lm_head_weight(), ("batch", "seq", "vocab"))
 
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None
@@ -245,9 +253,7 @@ class CausalLM(_WithDecoder):
 
     def rotary_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin of rotary embedding at `positions` [batch, seq] -> each [batch, seq, head_dim]."""
-        cfg = self.config
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        return rope_tables(positions, inv_freq, jnp.dtype(cfg.dtype))
+        return self.model.rotary_tables(positions)
 
 
 def last_token_index(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:

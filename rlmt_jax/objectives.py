@@ -56,15 +56,6 @@ def model_inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     return batch["tokens"], mask, default_positions(mask) if positions is None else positions
 
 
-def lm_head_weight(model) -> jax.Array:
-    """The CausalLM's output projection as [embed, vocab] in its compute dtype (the transposed
-    embedding when the embeddings are tied)."""
-    dtype = jnp.dtype(model.config.dtype)
-    if model.lm_head is None:
-        return model.model.embed[...].astype(dtype).T
-    return model.lm_head[...].astype(dtype)
-
-
 def policy_logprobs_and_entropy(
     model, batch: dict, temperature: float, logits_chunk_size: int | None, response_start: int = 0
 ) -> tuple[jax.Array, jax.Array]:
@@ -79,7 +70,7 @@ def policy_logprobs_and_entropy(
     hidden = model.hidden_states(tokens, mask, positions)
     first = max(response_start - 1, 0)  # the last prompt position predicts the first response token
     lp, ent = chunked_sequence_logprobs_and_entropy(
-        hidden[:, first:], tokens[:, first:], lm_head_weight(model), temperature, logits_chunk_size
+        hidden[:, first:], tokens[:, first:], model.lm_head_weight(), temperature, logits_chunk_size
     )
     if first:
         lp, ent = (jnp.pad(x, ((0, 0), (first, 0))) for x in (lp, ent))

@@ -168,10 +168,7 @@ def vocab_major_head(model) -> jax.Array:
     """The lm head as [vocab, embed] in the compute dtype (the embedding table itself when tied). Laid out
     once before the decode loop: each step's [rows, embed] x [embed, vocab] product then reads the weights
     row by row, contiguously, which XLA:CPU streams faster than the [embed, vocab] layout."""
-    dtype = jnp.dtype(model.config.dtype)
-    if model.lm_head is None:
-        return model.model.embed[...].astype(dtype)
-    return constrain(jnp.transpose(model.lm_head[...].astype(dtype)), ("vocab", "embed"))
+    return constrain(model.lm_head_weight().T, ("vocab", "embed"))
 
 
 class _DecodeState(NamedTuple):
