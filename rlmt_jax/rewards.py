@@ -141,12 +141,11 @@ class RewardScorer:
     """Scores (prompt messages, answer) pairs with a sequence-classification reward model."""
 
     def __init__(self, model, tokenizer, settings: RewardSettings = RewardSettings(), name: str = "reward model",
-                 put_batch=None, hosts=None):
-        """put_batch: places each [batch, bucket] input array on device (e.g. split over a mesh's batch axes);
-        default: the default device.
-        hosts: a `multihost.HostRows` to score in lockstep on a mesh: every process scores its own rows, all
-        processes run the same batches (count and buckets agreed, see `lockstep_batches`), each giving
-        batch_size / process_count rows of every batch; put_batch is then unused."""
+                 hosts=None):
+        """hosts: a `multihost.HostRows` to score on a mesh, each batch split over its batch axes; with several
+        processes in lockstep: every process scores its own rows, all processes run the same batches (count and
+        buckets agreed, see `lockstep_batches`), each giving batch_size / process_count rows of every batch.
+        None: the default device."""
         if not tokenizer.chat_template:
             raise UserError(f"{name}: its tokenizer has no chat template to render the conversation with")
         self.tokenizer = tokenizer
@@ -154,7 +153,6 @@ class RewardScorer:
         self.buckets = settings.bucket_lengths()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.put_batch = put_batch or jnp.asarray
         self.hosts = hosts
         if hosts is not None and settings.batch_size % (hosts.process_count * hosts.rows_multiple):
             raise UserError(f"reward batch_size {settings.batch_size}: must be a multiple of "
@@ -164,11 +162,11 @@ class RewardScorer:
 
     @classmethod
     def from_pretrained(cls, path, settings: RewardSettings = RewardSettings(), place=None,
-                        put_batch=None, hosts=None) -> RewardScorer:
+                        hosts=None) -> RewardScorer:
         """A scorer from a Hugging Face reward-model directory (its tokenizer files and weights).
 
         place: how each weight goes on device as it is read (`mesh.make_placer(mesh)` shards it over a mesh);
-        put_batch, hosts: how each input batch goes on device (see the constructor).
+        hosts: how each input batch goes on device (see the constructor).
         """
         from transformers import AutoTokenizer
 
@@ -186,7 +184,7 @@ class RewardScorer:
             raise UserError(f"reward model {path}: {err}") from err
         if not hasattr(model, "score"):
             raise UserError(f"reward model {path}: is not a *ForSequenceClassification checkpoint")
-        return cls(model, tokenizer, settings, name=f"reward model {path}", put_batch=put_batch, hosts=hosts)
+        return cls(model, tokenizer, settings, name=f"reward model {path}", hosts=hosts)
 
     def _scores(self, state, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """input_ids, attention_mask: [batch, bucket] -> rewards [batch] float32."""
@@ -223,7 +221,7 @@ class RewardScorer:
         for bucket, chunk in batches:
             ids, mask = right_pad([rows[i] for i in chunk], bucket, size, self.pad_id)
             if self.hosts is None:
-                scores = np.asarray(self._forward(self.state, self.put_batch(ids), self.put_batch(mask)))
+                scores = np.asarray(self._forward(self.state, jnp.asarray(ids), jnp.asarray(mask)))
             else:
                 scores = self.hosts.take(self._forward(self.state, *self.hosts.put((ids, mask))))
             rewards[chunk] = scores[: len(chunk)]

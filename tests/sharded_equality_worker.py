@@ -32,6 +32,7 @@ def main() -> dict:
     from models import ModelConfig, build_model, load_pretrained, save_pretrained
     from rlmt_jax import mesh as mesh_lib
     from rlmt_jax.algorithms.grpo import GRPOConfig
+    from rlmt_jax.multihost import HostRows
     from rlmt_jax.objectives import PolicyObjective
     from rlmt_jax.optim import AdamWConfig
     from rlmt_jax.rewards import RewardScorer, RewardSettings
@@ -88,10 +89,9 @@ def main() -> dict:
             out["logits"] = np.asarray(logits)
             out["logits_spec"] = str(logits.sharding.spec) if mesh is not None else None
 
-            put_rows = None if mesh is None else (
-                lambda a: jax.device_put(a, mesh_lib.batch_sharding(mesh)))  # rows split as the trainer does
+            hosts = None if mesh is None else HostRows(mesh)  # rows split over the batch axes, as the trainer does
             scorer = RewardScorer(reward_model, tokenizer, RewardSettings(batch_size=8, buckets=(12,), max_length=12),
-                                  put_batch=put_rows)
+                                  hosts=hosts)
             scorer.state = place(scorer.state)
             out["rewards"] = scorer.score_ids(reward_rows)
 
