@@ -262,12 +262,14 @@ def save_pretrained(
     *,
     dtype: str | None = None,
     extra_files: Iterable[str | os.PathLike] = (),
+    writer: bool | None = None,
 ) -> str:
     """Writes a HF directory (config.json, generation_config.json for causal LMs, safetensors shards with an
     index when more than one, `extra_files` copied in) that transformers' from_pretrained loads.
 
     Everything is written into a temporary folder beside `path` and moved into place at the end, so a crash
-    never leaves a half-written export; an existing `path` is replaced only then. Only process 0 writes.
+    never leaves a half-written export; an existing `path` is replaced only then. writer: whether this process
+    writes (default: process 0 only); every process must call it, as gathering a sharded param is a collective.
     """
     cfg: ModelConfig = model.config
     if cfg.kind not in ("causal_lm", "seq_cls") or type(model).__name__ == "ValueModel":
@@ -275,7 +277,7 @@ def save_pretrained(
     path = os.path.abspath(os.fspath(path))
     limit = _parse_size(max_shard_size)
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-    is_writer = jax.process_index() == 0
+    is_writer = jax.process_index() == 0 if writer is None else writer
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent) if is_writer else None

@@ -19,13 +19,9 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
-from models import ModelConfig, build_model
-from models.hf_io import SINGLE_FILE, hf_tensors
+from models import ModelConfig, build_model, save_pretrained
 from rlmt_jax.config import BUILTIN_PREFIX, BUILTIN_DATA
 from rlmt_jax.errors import UserError
 
@@ -71,24 +67,6 @@ def tiny_model_config(tokenizer, architecture: str) -> ModelConfig:
     )
 
 
-def _save_here(model, path: Path, extra_files: list[Path]) -> None:
-    """The files `models.save_pretrained` writes for a one-shard model, but written by this process whatever
-    its index (save_pretrained writes on process 0 only, and every process may need its own cache)."""
-    cfg: ModelConfig = model.config
-    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-    path.mkdir()
-    save_file({name: array.astype(dtype) for name, array in hf_tensors(model)}, str(path / SINGLE_FILE),
-              metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(cfg.to_hf_config(dtype_name=dtype.name), indent=2))
-    if cfg.kind == "causal_lm":
-        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_id) or None}
-        if cfg.pad_token_id is not None:
-            generation["pad_token_id"] = cfg.pad_token_id
-        (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    for extra in extra_files:
-        shutil.copy2(extra, path / extra.name)
-
-
 def _build(root: Path) -> None:
     from rlmt_jax.toy_tokenizer import build_toy_tokenizer
 
@@ -97,11 +75,12 @@ def _build(root: Path) -> None:
     tokenizer_files = sorted(tokenizer_dir.iterdir())
 
     policy = build_model(tiny_model_config(tokenizer, "LlamaForCausalLM"), nnx.Rngs(POLICY_SEED))
-    _save_here(policy, root / "policy", tokenizer_files)
+    # every process writes its own copy (save_pretrained writes on process 0 only by default)
+    save_pretrained(policy, root / "policy", extra_files=tokenizer_files, writer=True)
 
     reward = build_model(tiny_model_config(tokenizer, "LlamaForSequenceClassification"), nnx.Rngs(REWARD_SEED))
     reward.score.set_value(reward.score[...] * REWARD_HEAD_SCALE)
-    _save_here(reward, root / "reward", tokenizer_files)
+    save_pretrained(reward, root / "reward", extra_files=tokenizer_files, writer=True)
 
 
 def _is_complete(root: Path) -> bool:
