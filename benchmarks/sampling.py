@@ -26,45 +26,20 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from benchmarks.common import (  # noqa: E402
+    HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, best_seconds, make_hf_model, measure_matmul_peak,
+    measure_read_bandwidth,
+)
 from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
 
-VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32000, 512, 1408, 8, 8, 4
 PROMPT, NEW = 64, 128
 TEMPERATURE = 0.7
-
-
-def measure_read_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
-    """Best rate of summing a float32 array of `megabytes`, bytes/s."""
-    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    return x.nbytes / best_seconds(lambda: total(x).block_until_ready(), repeats)
-
-
-def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best float32 n^3 matmul rate of jax, FLOP/s."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    return 2 * n**3 / best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
-
-
-def best_seconds(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def decode_limit(batch: int, bandwidth: float, peak: float) -> tuple[float, float, float]:
@@ -78,21 +53,6 @@ def decode_limit(batch: int, bandwidth: float, peak: float) -> tuple[float, floa
     memory_s = (4 * matmul_params + cache_bytes) / bandwidth
     compute_s = flops / peak
     return batch / max(memory_s, compute_s), memory_s, compute_s
-
-
-def make_hf_model(path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(path)
-    return model
 
 
 def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dtype: str, top_p: float) -> float:

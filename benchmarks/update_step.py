@@ -38,44 +38,8 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from benchmarks.common import HIDDEN, LAYERS, VOCAB, make_hf_model, measure_matmul_peak  # noqa: E402
 from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
-
-VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32000, 512, 1408, 8, 8, 4
-
-
-def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best float32 n^3 matmul rate of jax on this machine, FLOP/s."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def make_hf_model(path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    model = transformers.LlamaForCausalLM(config).float()
-    model.save_pretrained(path)
-    return model
 
 
 def make_batch(batch: int, seq: int, prompt: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,0 +1,55 @@
+"""What both benchmarks share: the benchmark Llama (made with transformers from a fixed seed) and the
+machine's float32 matmul peak and read bandwidth, measured with jax."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# The issues' benchmark model: vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads, 4 KV heads.
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32000, 512, 1408, 8, 8, 4
+
+
+def make_hf_model(path: str):
+    """A randomly initialised float32 LlamaForCausalLM of the benchmark config (seed 0), saved to `path`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of fn()."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best float32 n^3 matmul rate of jax on this machine, FLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    return 2 * n**3 / best_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+
+
+def measure_read_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+    """Best rate of summing a float32 array of `megabytes`, bytes/s."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return x.nbytes / best_seconds(lambda: total(x).block_until_ready(), repeats)
