@@ -18,17 +18,21 @@ SHORT = ["run.total_steps=2", "rollout.max_new_tokens=8", "rollout.prompts_per_s
          "checkpoint.async_save=false", "logging.tensorboard=false", "optimizer.micro_batch_size=8"]
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory, tiny_cache):
-    """`rlmt-jax train` with the built-in default, shortened, through the installed console entry point."""
-    run_dir = tmp_path_factory.mktemp("cli") / "run"
-    env = {**os.environ, "RLMT_JAX_CACHE": str(tiny_cache)}
+def train_in_a_new_process(run_dir, tiny_cache, hash_seed: str):
+    """`rlmt-jax train` with the built-in default, shortened, in a process of its own."""
+    env = {**os.environ, "RLMT_JAX_CACHE": str(tiny_cache), "PYTHONHASHSEED": hash_seed}
     result = subprocess.run(
         [sys.executable, "-m", "rlmt_jax.cli", "train", *SHORT, f"run.output_dir={run_dir}"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
+    return result
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_cache):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    return run_dir, train_in_a_new_process(run_dir, tiny_cache, hash_seed="1")
 
 
 def test_train_with_no_config_runs_the_tiny_default(short_run):
@@ -38,6 +42,27 @@ def test_train_with_no_config_runs_the_tiny_default(short_run):
     config = (run_dir / "config.yaml").read_text()
     assert "builtin:tiny-policy" in config and "total_steps: 2" in config
     assert {"config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "export"} <= set(os.listdir(run_dir))
+
+
+def test_a_second_process_with_the_same_config_reproduces_the_run_exactly(short_run, tiny_cache, tmp_path):
+    # Another process (and another Python hash seed, so nothing may depend on set or str-hash order) samples
+    # the same tokens, logs the same metrics and exports the same bytes.
+    run_dir, _ = short_run
+    again = tmp_path / "again"
+    train_in_a_new_process(again, tiny_cache, hash_seed="2")
+
+    def metrics(directory):
+        rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.startswith("time") and k != "tokens_per_s"} for row in rows]
+
+    first, second = metrics(run_dir), metrics(again)
+    assert len(first) == 2 and "reward_mean" in first[0]
+    assert first == second
+    assert (run_dir / "samples.jsonl").read_text() == (again / "samples.jsonl").read_text()
+    exported = sorted(p.name for p in (run_dir / "export").glob("*.safetensors"))
+    assert exported
+    for name in exported:
+        assert (run_dir / "export" / name).read_bytes() == (again / "export" / name).read_bytes()
 
 
 def test_export_command_writes_the_checkpoint_that_transformers_loads(short_run, tmp_path):
