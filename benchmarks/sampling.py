@@ -14,6 +14,13 @@ The machine's limit for a decode step of B rows, measured here:
 with the read bandwidth the best rate of a jnp.sum over 256 MB and the matmul peak the best float32 2048^3
 matmul rate of jax. Prefill is not counted in the limit (it is ~1/3 of a step's weight traffic for all 64 tokens).
 
+Where a step's time goes, measured in the same run: the step's weight matmuls alone (`step_matmul_seconds`: every
+layer's projections and the lm head at B rows, 128 steps in a row so that the weights stream from memory as in
+decode, nothing else), timed with jax (our layouts: q|k|v and gate|up fused, vocab-major head) and with torch
+(transformers' layouts: seven nn.Linear per layer). On this 2-core CPU both libraries' matmul kernels stream
+the weights at well under the read bandwidth above, so this floor, not the limit, is what a sampler built on
+them can approach; the gap between it and our step is attention, sampling and per-op overhead.
+
 The script starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/host_memory.py;
 both samplers get them; RLMT_JAX_HOST_MEMORY=default keeps glibc's).
 
@@ -28,6 +35,7 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -42,17 +50,77 @@ PROMPT, NEW = 64, 128
 TEMPERATURE = 0.7
 
 
+def step_weight_params() -> int:
+    """Parameters a decode step streams through matmuls: every layer's projections and the lm head."""
+    head_dim = HIDDEN // HEADS
+    per_layer = HIDDEN * head_dim * (2 * HEADS + 2 * KV_HEADS) + 3 * HIDDEN * INTERMEDIATE
+    return LAYERS * per_layer + HIDDEN * VOCAB
+
+
 def decode_limit(batch: int, bandwidth: float, peak: float) -> tuple[float, float, float]:
     """(limit tokens/s, seconds a step needs to stream its bytes, seconds for its flops) for a float32 step."""
     head_dim = HIDDEN // HEADS
-    per_layer = HIDDEN * head_dim * (2 * HEADS + 2 * KV_HEADS) + 3 * HIDDEN * INTERMEDIATE + 2 * HIDDEN
-    matmul_params = LAYERS * per_layer + HIDDEN * VOCAB + HIDDEN
+    matmul_params = step_weight_params() + (2 * LAYERS + 1) * HIDDEN  # and the norms' scales
     attended = PROMPT + NEW / 2
     cache_bytes = 2 * LAYERS * batch * KV_HEADS * head_dim * attended * 4
     flops = 2 * batch * matmul_params + 4 * batch * LAYERS * HEADS * head_dim * attended
     memory_s = (4 * matmul_params + cache_bytes) / bandwidth
     compute_s = flops / peak
     return batch / max(memory_s, compute_s), memory_s, compute_s
+
+
+def step_matmul_seconds(batch: int, steps: int = NEW, repeats: int = 3) -> tuple[float, float]:
+    """(jax, torch) seconds per decode step spent in the weight matmuls alone, at `batch` rows.
+
+    Each step chains its matmuls (every output feeds the next input) through distinct per-layer weights, so
+    nothing is hoisted out of the loop and the weights stream from memory as in a real decode loop."""
+    import torch
+
+    head_dim = HIDDEN // HEADS
+    qkv_width = (HEADS + 2 * KV_HEADS) * head_dim
+    rng = np.random.default_rng(0)
+
+    def weights(*shape):
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+    layers = [(weights(HIDDEN, qkv_width), weights(HEADS * head_dim, HIDDEN), weights(HIDDEN, 2 * INTERMEDIATE),
+               weights(INTERMEDIATE, HIDDEN)) for _ in range(LAYERS)]
+    head = weights(VOCAB, HIDDEN)
+
+    def jax_steps(layers, head, x):
+        def step(_, x):
+            for w_qkv, w_o, w_gate_up, w_down in layers:
+                x = x + 1e-3 * ((x @ w_qkv)[:, : HEADS * head_dim] @ w_o)
+                x = x + 1e-3 * ((x @ w_gate_up)[:, :INTERMEDIATE] @ w_down)
+            return x + 1e-3 * jnp.einsum("bd,vd->bv", x, head)[:, :HIDDEN]
+        return jax.lax.fori_loop(0, steps, step, x)
+
+    run = jax.jit(jax_steps)
+    args = (jax.tree.map(jnp.asarray, layers), jnp.asarray(head), jnp.ones((batch, HIDDEN), jnp.float32))
+    run(*args).block_until_ready()
+    jax_seconds = best_seconds(lambda: run(*args).block_until_ready(), repeats) / steps
+
+    # transformers' Llama: q, k, v, o, gate, up, down as nn.Linear weights [out, in]
+    torch_layers = [[torch.from_numpy(np.ascontiguousarray(w.T)) for w in (
+        w_qkv[:, : HEADS * head_dim], w_qkv[:, HEADS * head_dim: (HEADS + KV_HEADS) * head_dim],
+        w_qkv[:, (HEADS + KV_HEADS) * head_dim:], w_o, w_gate_up[:, :INTERMEDIATE], w_gate_up[:, INTERMEDIATE:],
+        w_down)] for w_qkv, w_o, w_gate_up, w_down in layers]
+    torch_head = torch.from_numpy(head)
+    linear = torch.nn.functional.linear
+
+    def torch_steps():
+        x = torch.ones(batch, HIDDEN)
+        with torch.no_grad():
+            for _ in range(steps):
+                for w_q, w_k, w_v, w_o, w_gate, w_up, w_down in torch_layers:
+                    q, _, _ = linear(x, w_q), linear(x, w_k), linear(x, w_v)  # eager: k and v are computed
+                    x = x + 1e-3 * linear(q, w_o)
+                    x = x + 1e-3 * linear(linear(x, w_gate) * linear(x, w_up), w_down)
+                x = x + 1e-3 * linear(x, torch_head)[:, :HIDDEN]
+        return x
+
+    torch_steps()
+    return jax_seconds, best_seconds(torch_steps, repeats) / steps
 
 
 def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dtype: str, top_p: float) -> float:
@@ -123,9 +191,15 @@ def main() -> None:
             ours = bench_ours(tmp, prompts, args.repeats, args.cache_dtype, args.top_p)
             hf = float("nan") if args.skip_hf else bench_hf(hf_model, prompts, args.repeats, args.top_p)
             limit, memory_s, compute_s = decode_limit(batch, bandwidth, peak)
+            jax_matmuls_s, torch_matmuls_s = step_matmul_seconds(batch)
+            ours_step_s = batch / ours  # the call's time per decode step, prefill included
             print(f"B={batch}: ours {ours:.0f} tok/s, transformers {hf:.0f} tok/s, ratio {ours / hf:.2f}; "
                   f"limit {limit:.0f} tok/s (step: {memory_s * 1e3:.2f} ms of reads, {compute_s * 1e3:.2f} ms of "
                   f"matmul), ours = {ours / limit:.0%} of it; load average {os.getloadavg()[0]:.2f}")
+            print(f"  per decode step: ours {ours_step_s * 1e3:.2f} ms; its weight matmuls alone take "
+                  f"{jax_matmuls_s * 1e3:.2f} ms in jax, {torch_matmuls_s * 1e3:.2f} ms in torch "
+                  f"(their weight streaming: {4 * step_weight_params() / jax_matmuls_s / 1e9:.1f} and "
+                  f"{4 * step_weight_params() / torch_matmuls_s / 1e9:.1f} GB/s)")
             lines.append(f"sampling B={batch} ours_tok_s={ours:.0f} hf_tok_s={hf:.0f} ratio={ours / hf:.2f} "
                          f"limit_frac={ours / limit:.2f}")
     print("\n".join(lines))
