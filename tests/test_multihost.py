@@ -191,7 +191,8 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_cache):
     """GRPO for 2 steps then resumed to 3 on two processes, the same GRPO run for 3 steps on one process,
-    and online DPO then SFT on two processes. The workers build the tiny models themselves (all five at once
+    online DPO then SFT on two processes, and PPO (policy and critic updates) for 2 steps on two processes
+    and on one. The workers build the tiny models themselves (all five at once
     when this test session's cache is still empty)."""
     root = tmp_path_factory.mktemp("multihost")
     prompts = root / "prompts.jsonl"
@@ -208,12 +209,15 @@ def runs(tmp_path_factory, tiny_cache):
            "algorithm.dpo.batch_size=4", "algorithm.dpo.epochs=1", "run.total_steps=1"]
     sft_run = [*FAST, *DATA_ACROSS_PROCESSES, f"run.output_dir={root / 'sft'}", f"data.train_path={sft}",
                "algorithm.name=sft", "data.epochs=1", "algorithm.sft.batch_size=4", "run.total_steps=1"]
+    ppo = [*FAST, *FSDP_ACROSS_PROCESSES, "algorithm.name=ppo", "rollout.n=1", "algorithm.kl_coef=0.0",
+           "run.total_steps=2"]
     # three clusters at once: much of a worker's time is single-threaded compiling or waiting for its peer
     two = start(2, [[*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=2"],
                     [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3"]])
-    one = start(1, [[*grpo, f"run.output_dir={root / 'one'}", "run.total_steps=3"]])
-    offline = start(2, [dpo, sft_run])
-    return {**finish(two=two, one=one, offline=offline), "root": root}
+    one = start(1, [[*grpo, f"run.output_dir={root / 'one'}", "run.total_steps=3"],
+                    [*ppo, f"run.output_dir={root / 'ppo_one'}"]])
+    others = start(2, [dpo, sft_run, [*ppo, f"run.output_dir={root / 'ppo_two'}"]])
+    return {**finish(two=two, one=one, others=others), "root": root}
 
 
 def grpo_metrics_and_params(run_dir: Path) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -237,13 +241,13 @@ def assert_same_training(a_dir: Path, b_dir: Path) -> None:
 
 
 def test_two_processes_form_one_cluster_of_four_devices(runs):
-    print("seconds per run:", [[s["seconds"] for s in runs[k]] for k in ("two", "one", "offline")])
-    for cluster in ("two", "offline"):
+    print("seconds per run:", [[s["seconds"] for s in runs[k]] for k in ("two", "one", "others")])
+    for cluster in ("two", "others"):
         assert [(s["process_index"], s["process_count"], s["device_count"]) for s in runs[cluster]] == [
             (0, 2, 4), (1, 2, 4)]
     assert runs["one"][0]["device_count"] == 4
     assert [s["steps"] for s in runs["two"]] == [[2, 3]] * 2  # GRPO 2 steps, the same run resumed to 3
-    assert [s["steps"] for s in runs["offline"]] == [[1, 1]] * 2  # DPO 1 step, SFT 1 step
+    assert [s["steps"] for s in runs["others"]] == [[1, 1, 2]] * 2  # DPO 1 step, SFT 1 step, PPO 2 steps
 
 
 def test_grpo_on_two_processes_equals_one_process_step_by_step(runs):
@@ -281,6 +285,14 @@ def test_process_zero_alone_writes_samples_and_an_export_transformers_loads(runs
     model = transformers.AutoModelForCausalLM.from_pretrained(runs["root"] / "two" / "export", dtype=torch.float32)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_ppo_on_two_processes_equals_one_process_step_by_step(runs):
+    root = runs["root"]
+    rows = read_jsonl(root / "ppo_two" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["critic_vf_loss"] > 0 for r in rows)  # the critic was trained
+    assert_same_training(root / "ppo_two", root / "ppo_one")
 
 
 def test_online_dpo_and_sft_train_on_two_processes(runs):
