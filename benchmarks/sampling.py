@@ -5,6 +5,8 @@ Model: transformers LlamaConfig with vocab 32000, hidden 512, intermediate 1408,
 float32 (56.4M parameters). Work: B prompts of 64 tokens, exactly 128 new tokens each (no EOS), temperature 0.7,
 top-p 1.0 (--top-p), no top-k (the recipe's rollout settings), one sample per prompt. Tokens/s = B * 128 / wall time of
 the whole call (prefill, decode, results on the host), after one warm-up call of each; best of --repeats.
+Our sampler runs with its defaults: a float32 cache (--cache-dtype) and its automatic decode windows, 4 at 128
+new tokens (--decode-windows 1 reads the whole cache every step).
 
 The machine's limit for a decode step of B rows, measured here:
     bytes = the weights the step streams (every layer, final norm, lm head; not the embedding table, of which
@@ -123,14 +125,15 @@ def step_matmul_seconds(batch: int, steps: int = NEW, repeats: int = 3) -> tuple
     return jax_seconds, best_seconds(torch_steps, repeats) / steps
 
 
-def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dtype: str, top_p: float) -> float:
+def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dtype: str, top_p: float,
+               decode_windows: int | None) -> float:
     import models
     from rlmt_jax.sampling import Sampler, SamplingConfig
 
     model = models.load_pretrained(model_dir)
     config = SamplingConfig(
         n=1, max_new_tokens=NEW, temperature=TEMPERATURE, top_p=top_p, eos_ids=(), prompt_buckets=(PROMPT,),
-        cache_dtype=cache_dtype,
+        cache_dtype=cache_dtype, decode_windows=decode_windows,
     )
     sampler, params = Sampler.for_model(model, config)
 
@@ -169,6 +172,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--top-p", type=float, default=1.0, help="both samplers (the recipe: 1.0, some runs 0.95)")
+    parser.add_argument("--decode-windows", type=int, default=None,
+                        help="our sampler's decode windows (default: its automatic choice, 4 for 128 new tokens)")
     parser.add_argument("--skip-hf", action="store_true")
     args = parser.parse_args()
     # Both samplers run in this one process with the host-memory settings `rlmt-jax` uses on CPU.
@@ -180,6 +185,10 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     bandwidth, peak = measure_read_bandwidth(), measure_matmul_peak()
+    from rlmt_jax.sampling import SamplingConfig
+
+    windows = SamplingConfig(max_new_tokens=NEW, decode_windows=args.decode_windows).windows
+    print(f"our sampler: {windows} decode window(s), {args.cache_dtype} cache")
     print(f"machine: read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
 
     rng = np.random.default_rng(0)
@@ -188,7 +197,7 @@ def main() -> None:
         hf_model = make_hf_model(tmp)
         for batch in args.batches:
             prompts = rng.integers(3, VOCAB, size=(batch, PROMPT)).tolist()
-            ours = bench_ours(tmp, prompts, args.repeats, args.cache_dtype, args.top_p)
+            ours = bench_ours(tmp, prompts, args.repeats, args.cache_dtype, args.top_p, args.decode_windows)
             hf = float("nan") if args.skip_hf else bench_hf(hf_model, prompts, args.repeats, args.top_p)
             limit, memory_s, compute_s = decode_limit(batch, bandwidth, peak)
             jax_matmuls_s, torch_matmuls_s = step_matmul_seconds(batch)

@@ -1,6 +1,7 @@
 """Flax NNX ports of the Llama-3.x and Qwen2.5 decoders: architecture only, nothing about RL."""
 
 from models.config import ConfigError, ModelConfig, RopeScaling
+from models.layers import CacheBlocks
 from models.transformer import (
     CausalLM,
     Decoder,
@@ -12,7 +13,7 @@ from models.transformer import (
 )
 
 __all__ = [
-    "CausalLM", "ConfigError", "Decoder", "KVCache", "ModelConfig", "RewardModel", "RopeScaling", "ValueModel",
+    "CacheBlocks", "CausalLM", "ConfigError", "Decoder", "KVCache", "ModelConfig", "RewardModel", "RopeScaling", "ValueModel",
     "build_model", "value_model_from",
 ]
 

@@ -142,8 +142,9 @@ class Attention(nnx.Module):
         """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (True = may attend).
 
         Without a cache kv_len = seq. With one, cache = (k, v) in the KVCache layouts, either this layer's
-        (layer None) or every layer's (a leading layers axis; `layer` picks one): the new keys and values are
-        written at slots index..index+seq-1 of the layer, then its cache_len slots are attended to.
+        (layer None) or every layer's (a leading layers axis; `layer` picks one), each an array or the
+        `CacheBlocks` of consecutive slots: the new keys and values are written at slots index..index+seq-1
+        of the layer (inside the last block), then its kv_len slots (all blocks) are attended to.
         Returns (out [batch, seq, embed], the updated cache or None).
         """
         if cache is None:
@@ -158,13 +159,22 @@ class Attention(nnx.Module):
         if cache is None:
             out = causal_self_attention(q, k, v, mask)
         else:
+            key_blocks, value_blocks = (c.blocks if isinstance(c, CacheBlocks) else (c,) for c in cache)
+            # the new tokens go into the last block given, whose first slot is the slots of the others
+            start = sum(block.shape[-1] for block in key_blocks[:-1])
+            local = index - start if start else index
             # Write, then read what was written: the reads then come after the write in the data flow, which
             # lets XLA update the cache in place inside a decode loop instead of copying it.
-            cache = (write_cache(cache[0], k, layer, index, keys=True),
-                     write_cache(cache[1], v, layer, index, keys=False))
-            layer_k, layer_v = (c if layer is None else jax.lax.dynamic_index_in_dim(c, layer, keepdims=False)
-                                for c in cache)
-            out = cached_attention(q, layer_k.astype(self.dtype), layer_v.astype(self.dtype), mask)
+            key_blocks = (*key_blocks[:-1], write_cache(key_blocks[-1], k, layer, local, keys=True))
+            value_blocks = (*value_blocks[:-1], write_cache(value_blocks[-1], v, layer, local, keys=False))
+
+            def read(block):
+                block = block if layer is None else jax.lax.dynamic_index_in_dim(block, layer, keepdims=False)
+                return block.astype(self.dtype)
+
+            out = cached_attention(q, [read(b) for b in key_blocks], [read(b) for b in value_blocks], mask)
+            cache = tuple(CacheBlocks(new) if isinstance(old, CacheBlocks) else new[0]
+                          for old, new in zip(cache, (key_blocks, value_blocks)))
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
         if self.o_bias is not None:
             out = out + self.o_bias[...].astype(self.dtype)
@@ -182,38 +192,69 @@ def write_cache(cache: jax.Array, new: jax.Array, layer, index, keys: bool) -> j
     return jax.lax.dynamic_update_slice(cache, new[None], (layer, *start))
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+@jax.tree_util.register_pytree_node_class
+class CacheBlocks:
+    """One cache (keys or values, KVCache layouts) held as consecutive blocks of slots, each its own buffer:
+    blocks[0] holds slots 0..n0-1, blocks[1] the next n1, and so on. A decode loop that passes only the
+    blocks filled so far reads only those slots each step, with no copy (a slice of one big buffer would be
+    copied); its new tokens are written into the last block it passes."""
+
+    def __init__(self, blocks):
+        self.blocks = tuple(blocks)
+
+    def tree_flatten(self):
+        return self.blocks, None
+
+    @classmethod
+    def tree_unflatten(cls, _, blocks):
+        return cls(blocks)
+
+
+def cached_attention(q: jax.Array, k, v, mask: jax.Array) -> jax.Array:
     """grouped_attention over one layer's cache: keys [batch, kv_heads, head_dim, cache_len], values
     [batch, kv_heads, cache_len, head_dim], so that both products are plain row-major matmuls per (row, kv head),
     q @ k and probs @ v (with keys [cache_len, head_dim] XLA:CPU transposes them on every decode step, which
-    doubled the step's attention time).  -> [batch, seq, heads, head_dim]"""
+    doubled the step's attention time). k and v may be lists of consecutive blocks of slots.
+    -> [batch, seq, heads, head_dim]"""
     return grouped_attention(q, k, v, mask, k_layout="bnks", v_layout="bnsk")
 
 
-def grouped_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_layout: str = "bsnk", v_layout: str = "bsnk"
-) -> jax.Array:
+def grouped_attention(q: jax.Array, k, v, mask: jax.Array, k_layout: str = "bsnk", v_layout: str = "bsnk") -> jax.Array:
     """softmax(q k^T / sqrt(head_dim) + mask) v with kv heads shared by groups of query heads.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (layout "bsnk"), or heads-major
     [batch, kv_heads, kv_len, head_dim] ("bnsk"), or for keys transposed [batch, kv_heads, head_dim, kv_len]
-    ("bnks"); mask: [batch, seq, kv_len].  -> [batch, seq, heads, head_dim]. Scores and softmax in float32.
+    ("bnks"), or lists of such blocks that together make kv_len (scores are taken per block, the softmax over
+    all of them, and the blocks' products with their values summed); mask: [batch, seq, kv_len].
+    -> [batch, seq, heads, head_dim]. Scores and softmax in float32.
     """
+    key_blocks = list(k) if isinstance(k, (list, tuple)) else [k]
+    value_blocks = list(v) if isinstance(v, (list, tuple)) else [v]
     b, t, h, hd = q.shape
-    kv_heads = v.shape[v_layout.index("n")]
+    kv_heads = value_blocks[0].shape[v_layout.index("n")]
     q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
     # One query per row (a decode step): without the length-1 seq axis the products are plain batched matmuls.
-    query, scored = ("bngk", "bngs") if t == 1 else ("btngk", "bngts")
-    scores = jnp.einsum(f"{query},{k_layout}->{scored}", q[:, 0] if t == 1 else q, k,
-                        preferred_element_type=jnp.float32)
+    query, scored, out_axes = ("bngk", "bngs", "bngk") if t == 1 else ("btngk", "bngts", "btngk")
+    q = q[:, 0] if t == 1 else q
+    scores = [jnp.einsum(f"{query},{k_layout}->{scored}", q, block, preferred_element_type=jnp.float32)
+              for block in key_blocks]
+    scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
     if t == 1:
         scores = scores[:, :, :, None]
     scores = jnp.where(mask[:, None, None, :, :], scores / math.sqrt(hd), MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value_blocks[0].dtype)
     if t == 1:
-        out = jnp.einsum(f"bngs,{v_layout}->bngk", probs[:, :, :, 0], v)[:, None]
+        probs = probs[:, :, :, 0]
+    if len(value_blocks) == 1:
+        out = jnp.einsum(f"{scored},{v_layout}->{out_axes}", probs, value_blocks[0])
     else:
-        out = jnp.einsum(f"bngts,{v_layout}->btngk", probs, v)
+        out, start = None, 0
+        for block in value_blocks:
+            width = block.shape[v_layout.index("s")]
+            part = jnp.einsum(f"{scored},{v_layout}->{out_axes}", probs[..., start:start + width], block)
+            out, start = part if out is None else out + part, start + width
+    if t == 1:
+        out = out[:, None]
     return out.reshape(b, t, h, hd)
 
 

@@ -26,7 +26,9 @@ class KVCache(NamedTuple):
 
     A model whose layers are not scanned also takes k and v as tuples of per-layer arrays (the same layouts
     without the layers axis, `per_layer_cache`): in a decode loop on CPU this saves copying each layer's slice out of
-    the stacked array every step."""
+    the stacked array every step. Either array may also be a `CacheBlocks` of consecutive slots (each block its
+    own buffer, cache_len their total): new tokens are written into its last block, and attention reads the
+    blocks given only (how the sampler's decode windows read the filled part of the cache)."""
 
     k: jax.Array
     v: jax.Array

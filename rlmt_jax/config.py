@@ -94,6 +94,9 @@ class RolloutConfig:
     top_k: int | None = None  # None: off
     prompt_buckets: tuple[int, ...] = ()  # padded prompt lengths; data.max_prompt_tokens is always one
     cache_dtype: DType | None = None  # None: runtime.dtype
+    # Windows of the decode loop: in window j attention reads the prompt and response blocks 0..j of the cache
+    # only. null: 4 from max_new_tokens >= 128 on, else 1 (rlmt_jax.sampling.SamplingConfig.decode_windows).
+    decode_windows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -340,6 +343,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            "must be > 0 (log-probs are taken from logits / temperature)")
     _check(0 < roll.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {roll.top_p}")
     _check(roll.top_k is None or roll.top_k >= 1, "rollout.top_k", "must be >= 1 or null (off)")
+    _check(roll.decode_windows is None or roll.decode_windows >= 1, "rollout.decode_windows",
+           "must be >= 1 or null (automatic)")
     buckets = roll.prompt_buckets
     _check(all(b >= 1 for b in buckets), "rollout.prompt_buckets", "must hold positive lengths")
     _check(list(buckets) == sorted(set(buckets)), "rollout.prompt_buckets", "must be strictly increasing")

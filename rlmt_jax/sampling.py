@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.layers import CacheBlocks
 from models.sharding import constrain
 from models.transformer import KVCache, per_layer_cache
 from rlmt_jax.errors import UserError
@@ -36,6 +37,11 @@ STOP_EOS = 0  # the row produced one of the EOS ids (kept as its last response t
 STOP_LENGTH = 1  # the row reached max_new_tokens without one
 STOP_REASONS = ("eos", "length")
 CACHE_DTYPES = ("float32", "bfloat16")
+# The automatic decode windows (SamplingConfig.decode_windows): 4 windows cut a step's average cache reads to
+# ~5/8 of the response slots (8 would give ~9/16), for 4 copies of the loop body in the program; responses
+# shorter than MIN_TOKENS_FOR_WINDOWS keep one window (little to save, and a smaller program to compile).
+AUTO_DECODE_WINDOWS = 4
+MIN_TOKENS_FOR_WINDOWS = 128
 # Logical axes of the KV cache the sampler keeps (keys transposed): read by the memory plan too.
 KEY_CACHE_AXES = (None, "batch", "kv_heads", "head_dim", "cache_seq")
 VALUE_CACHE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")
@@ -59,6 +65,12 @@ class SamplingConfig:
     eos_ids: tokens that end a response (empty: every row runs max_new_tokens).
     pad_id: the token written in the padding of `tokens` (masked everywhere, any id in the vocabulary).
     prompt_buckets: the padded prompt lengths that get a program; a prompt longer than the last is an error.
+    decode_windows: into how many windows the decode loop splits the response (None: AUTO_DECODE_WINDOWS when
+        max_new_tokens >= MIN_TOKENS_FOR_WINDOWS, else 1). The cache's response slots are then as many
+        blocks, each its own buffer, and while the loop fills block j its attention reads the prompt and
+        blocks 0..j only, not the whole cache: with 4 windows a step reads on average the prompt and ~5/8 of
+        the response slots instead of all of them (most of a step's memory traffic for long responses at
+        scale). Each window is its own loop in the one decode program.
     """
 
     n: int = 1
@@ -70,6 +82,7 @@ class SamplingConfig:
     pad_id: int = 0
     prompt_buckets: tuple[int, ...] = default_prompt_buckets(1024)
     cache_dtype: str = "float32"
+    decode_windows: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
@@ -85,6 +98,23 @@ class SamplingConfig:
         _check(list(buckets) == sorted(set(buckets)), "prompt_buckets", f"must be strictly increasing, got {buckets}")
         _check(self.cache_dtype in CACHE_DTYPES, "cache_dtype",
                f"must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        _check(self.decode_windows is None or self.decode_windows >= 1, "decode_windows",
+               f"must be >= 1 or None (automatic), got {self.decode_windows}")
+
+    @property
+    def windows(self) -> int:
+        """decode_windows, or its automatic value."""
+        if self.decode_windows is not None:
+            return self.decode_windows
+        return AUTO_DECODE_WINDOWS if self.max_new_tokens >= MIN_TOKENS_FOR_WINDOWS else 1
+
+    def response_blocks(self) -> tuple[int, ...]:
+        """Slots of each block of the cache's response part: max_new_tokens - 1 slots (the last token is
+        never fed back) split into `windows` blocks of ceil(slots / windows), the last one shorter; fewer
+        blocks when there are fewer slots; () when there is no slot."""
+        slots = self.max_new_tokens - 1
+        width = max(-(-slots // self.windows), 1)
+        return tuple(min(width, slots - start) for start in range(0, slots, width))
 
 
 def _check(ok: bool, field: str, message: str) -> None:
@@ -246,14 +276,20 @@ class Sampler:
         cache = model.init_cache(batch, prompt_len, jnp.dtype(cfg.cache_dtype))
         last_logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, 0)
 
-        slots = prompt_len + cfg.max_new_tokens - 1  # the last response token is never fed back
-        def grow(x, axes):  # each prompt's cache given to its n samples, with room for the response
-            widths = [(0, slots - prompt_len) if name == "cache_seq" else (0, 0) for name in axes]
-            return constrain(jnp.pad(jnp.repeat(x, cfg.n, axis=1), widths), axes)
-        valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, slots - prompt_len)))
-        cache = KVCache(k=grow(cache.k, KEY_CACHE_AXES), v=grow(cache.v, VALUE_CACHE_AXES), valid=valid)
-        if not model.config.scan_layers:
-            cache = per_layer_cache(cache)  # each layer's cache its own buffer: no slicing in the decode loop
+        response_slots = cfg.max_new_tokens - 1  # the last response token is never fed back
+        valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, response_slots)))
+        if cfg.windows == 1:
+            def grow(x, axes):  # each prompt's cache given to its n samples, with room for the response
+                widths = [(0, response_slots) if name == "cache_seq" else (0, 0) for name in axes]
+                return constrain(jnp.pad(jnp.repeat(x, cfg.n, axis=1), widths), axes)
+            cache = KVCache(k=grow(cache.k, KEY_CACHE_AXES), v=grow(cache.v, VALUE_CACHE_AXES), valid=valid)
+            if not model.config.scan_layers:
+                cache = per_layer_cache(cache)  # each layer's cache its own buffer: no slicing in the decode loop
+        else:
+            cache = KVCache(k=_blocked(cache.k, KEY_CACHE_AXES, cfg), v=_blocked(cache.v, VALUE_CACHE_AXES, cfg),
+                            valid=valid)
+            if not model.config.scan_layers:
+                cache = cache._replace(k=_per_layer_blocks(cache.k), v=_per_layer_blocks(cache.v))
 
         logits = jnp.repeat(last_logits, cfg.n, axis=0)
         tokens, logprobs = choose_next_token(
@@ -314,7 +350,24 @@ class Sampler:
                 logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprobs[:, None], column),
             )
 
-        s = jax.lax.while_loop(unfinished, advance, state)
+        if cfg.windows == 1:
+            s = jax.lax.while_loop(unfinished, advance, state)
+        else:
+            # Window j feeds the tokens written to response block j (slots prompt_len + start .. + width - 1)
+            # and attends to the prompt and blocks 0..j only. A window whose rows are all done runs no step.
+            s, start = state, 0
+            for j, width in enumerate(cfg.response_blocks()):
+                attended = prompt_len + start + width
+                full = s.cache
+                view = KVCache(k=_first_blocks(full.k, j + 2), v=_first_blocks(full.v, j + 2),
+                               valid=full.valid[:, :attended])
+                last_step = start + width  # steps 1.. feed slot prompt_len + step - 1
+                s = jax.lax.while_loop(lambda s, last_step=last_step: unfinished(s) & (s.step <= last_step),
+                                       advance, s._replace(cache=view))
+                s = s._replace(cache=KVCache(
+                    k=_with_first_blocks(full.k, s.cache.k), v=_with_first_blocks(full.v, s.cache.v),
+                    valid=full.valid.at[:, :attended].set(s.cache.valid)))
+                start += width
 
         prompt_ids = jnp.repeat(prompt_ids, cfg.n, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, cfg.n, axis=0)
@@ -334,3 +387,35 @@ class Sampler:
     def _uniform(key: jax.Array, step, rows: int) -> jax.Array:
         """One uniform in [0, 1) per row for response token `step`.  -> [rows]"""
         return jax.random.uniform(jax.random.fold_in(key, step), (rows,))
+
+
+def _blocked(prompt_cache: jax.Array, axes: tuple, cfg: SamplingConfig) -> CacheBlocks:
+    """The prefilled cache [layers, prompts, ...] given to its n samples, as the prompt block then empty
+    response blocks of cfg.response_blocks() slots each."""
+    prompt = constrain(jnp.repeat(prompt_cache, cfg.n, axis=1), axes)
+    slot_axis = axes.index("cache_seq")
+    blocks = [prompt]
+    for width in cfg.response_blocks():
+        shape = prompt.shape[:slot_axis] + (width,) + prompt.shape[slot_axis + 1:]
+        blocks.append(constrain(jnp.zeros(shape, prompt.dtype), axes))
+    return CacheBlocks(blocks)
+
+
+def _per_layer_blocks(blocks: CacheBlocks) -> tuple[CacheBlocks, ...]:
+    """Stacked blocks [layers, ...] -> per layer, that layer's blocks (for models whose layers are not scanned)."""
+    layers = blocks.blocks[0].shape[0]
+    return tuple(CacheBlocks(block[layer] for block in blocks.blocks) for layer in range(layers))
+
+
+def _first_blocks(cache, count: int):
+    """The first `count` blocks of a blocked cache (CacheBlocks, or a tuple of them per layer)."""
+    if isinstance(cache, CacheBlocks):
+        return CacheBlocks(cache.blocks[:count])
+    return tuple(CacheBlocks(layer.blocks[:count]) for layer in cache)
+
+
+def _with_first_blocks(cache, first):
+    """`cache` with its first blocks replaced by those of `first` (what _first_blocks took, updated)."""
+    if isinstance(cache, CacheBlocks):
+        return CacheBlocks((*first.blocks, *cache.blocks[len(first.blocks):]))
+    return tuple(_with_first_blocks(layer, new) for layer, new in zip(cache, first))

@@ -176,7 +176,7 @@ class Trainer:
                 n=n, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, eos_ids=self.text.stop_ids,
                 pad_id=self.text.pad_id, prompt_buckets=cfg.prompt_buckets,
-                cache_dtype=cfg.rollout.cache_dtype or cfg.runtime.dtype,
+                cache_dtype=cfg.rollout.cache_dtype or cfg.runtime.dtype, decode_windows=cfg.rollout.decode_windows,
             ), hosts=self.hosts)
 
         self.critic_graphdef = self.critic_params = None

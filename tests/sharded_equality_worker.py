@@ -7,7 +7,7 @@ with params placed by `mesh.shard_params`, batches by `mesh.shard_batch`, under 
   forward     CausalLM logits of left-padded rows (scanned layers, full remat)
   reward      RewardScorer.score_ids on rows of different lengths (right padding, unscanned layers)
   grpo_step   one train_step with PolicyObjective(GRPOConfig), 2 micro-batches, logits in chunks
-  greedy      Sampler at temperature 0 (when rlmt_jax/sampling.py is there)
+  greedy      Sampler at temperature 0, two decode windows (when rlmt_jax/sampling.py is there)
 and a checkpoint is loaded onto the (1, 8, 1) mesh with load_pretrained(place=make_placer(mesh)).
 """
 
@@ -160,7 +160,9 @@ def _greedy(policy, place) -> list | None:
     import jax
     import numpy as np
 
-    config = SamplingConfig(n=2, max_new_tokens=6, temperature=0.0, eos_ids=(5,), pad_id=0, prompt_buckets=(8,))
+    # two decode windows: the cache blocks are placed on the mesh like the single cache
+    config = SamplingConfig(n=2, max_new_tokens=6, temperature=0.0, eos_ids=(5,), pad_id=0, prompt_buckets=(8,),
+                            decode_windows=2)
     sampler, state = Sampler.for_model(policy, config)
     rollout = sampler(place(state), [[3, 17, 9, 44], [8, 100, 2]], jax.random.key(0))
     return [np.asarray(rollout.tokens).tolist(), np.asarray(rollout.response_lengths).tolist()]

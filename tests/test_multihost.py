@@ -209,8 +209,9 @@ def runs(tmp_path_factory, tiny_cache):
            "algorithm.dpo.batch_size=4", "algorithm.dpo.epochs=1", "run.total_steps=1"]
     sft_run = [*FAST, *DATA_ACROSS_PROCESSES, f"run.output_dir={root / 'sft'}", f"data.train_path={sft}",
                "algorithm.name=sft", "data.epochs=1", "algorithm.sft.batch_size=4", "run.total_steps=1"]
+    # PPO also samples with two decode windows
     ppo = [*FAST, *FSDP_ACROSS_PROCESSES, "algorithm.name=ppo", "rollout.n=1", "algorithm.kl_coef=0.0",
-           "run.total_steps=2"]
+           "rollout.decode_windows=2", "run.total_steps=2"]
     # three clusters at once: much of a worker's time is single-threaded compiling or waiting for its peer
     two = start(2, [[*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=2"],
                     [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3"]])

@@ -71,10 +71,12 @@ def hf_greedy(reference, prompts, new_tokens):
     return np.pad(out, ((0, 0), (0, new_tokens - out.shape[1])), constant_values=PAD_ID)
 
 
-@pytest.mark.parametrize("name, scan_layers", [("llama", False), ("qwen", False), ("qwen", True)])
-def test_greedy_equals_transformers_generate_on_a_left_padded_batch(request, name, scan_layers):
+@pytest.mark.parametrize("name, scan_layers, decode_windows", [
+    ("llama", False, None), ("qwen", False, None), ("qwen", True, None), ("llama", False, 3), ("qwen", True, 4)])
+def test_greedy_equals_transformers_generate_on_a_left_padded_batch(request, name, scan_layers, decode_windows):
     path, reference = request.getfixturevalue(name)
-    sampler, params = sampler_for(path, scan_layers, temperature=0.0, max_new_tokens=16, eos_ids=EOS)
+    sampler, params = sampler_for(path, scan_layers, temperature=0.0, max_new_tokens=16, eos_ids=EOS,
+                                  decode_windows=decode_windows)
     rollout = sampler(params, PROMPTS, jax.random.key(0))
     ours = np.asarray(rollout.tokens[:, rollout.prompt_len:])
     theirs = hf_greedy(reference, PROMPTS, 16)
@@ -102,11 +104,15 @@ def test_sampled_tokens_do_not_depend_on_the_bucket_length(llama):
     np.testing.assert_allclose(a.logprobs[:, 16:], b.logprobs[:, 48:], atol=1e-5)
 
 
-@pytest.mark.parametrize("name, temperature, top_p, top_k", [("llama", 0.7, 1.0, None), ("qwen", 1.3, 0.8, 20)])
-def test_logprobs_equal_a_teacher_forced_forward_at_the_same_temperature(request, name, temperature, top_p, top_k):
+@pytest.mark.parametrize("name, temperature, top_p, top_k, decode_windows", [
+    ("llama", 0.7, 1.0, None, None), ("qwen", 1.3, 0.8, 20, None), ("llama", 1.0, 1.0, None, 3)])
+def test_logprobs_equal_a_teacher_forced_forward_at_the_same_temperature(
+    request, name, temperature, top_p, top_k, decode_windows
+):
     path, _ = request.getfixturevalue(name)
     sampler, params = sampler_for(
-        path, n=2, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16, eos_ids=EOS
+        path, n=2, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16, eos_ids=EOS,
+        decode_windows=decode_windows,
     )
     rollout = sampler(params, PROMPTS, jax.random.key(1))
     model = models.load_pretrained(path)
@@ -190,6 +196,47 @@ def test_compiled_programs_stay_the_same_for_prompt_lengths_inside_one_bucket(ll
     assert sampler.compiled_programs() == 4
     sampler(params, [[7] * 30, [8] * 20], key)
     assert sampler.compiled_programs() == 4
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_windows_sample_what_one_window_samples(llama, scan_layers):
+    settings = dict(n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, eos_ids=EOS)
+    whole, params = sampler_for(llama[0], scan_layers, **settings)
+    windowed, _ = sampler_for(llama[0], scan_layers, decode_windows=3, **settings)  # blocks of 4, 4, 3 slots
+    assert windowed.config.response_blocks() == (4, 4, 3)
+    a = whole(params, PROMPTS, jax.random.key(7))
+    b = windowed(params, PROMPTS, jax.random.key(7))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+    np.testing.assert_array_equal(a.response_lengths, b.response_lengths)
+    np.testing.assert_array_equal(a.stop_reason, b.stop_reason)
+    assert windowed.compiled_programs() == 2
+
+
+def test_a_row_stopped_in_the_first_decode_window_stays_stopped_in_the_later_ones(llama):
+    path = llama[0]
+    free, params = sampler_for(path, temperature=0.0, max_new_tokens=10)
+    first = np.asarray(free(params, [PROMPTS[0]], jax.random.key(0)).tokens[0, 16:])
+    # the row's second token as EOS: it stops in the first window of 3 steps; later windows write only padding
+    stopped, _ = sampler_for(path, temperature=0.0, max_new_tokens=10, eos_ids=(int(first[1]),), decode_windows=3)
+    rollout = stopped(params, [PROMPTS[0]], jax.random.key(0))
+    stop_at = int(np.flatnonzero(first == first[1])[0])
+    assert int(rollout.response_lengths[0]) == stop_at + 1 and int(rollout.stop_reason[0]) == STOP_EOS
+    assert np.asarray(rollout.tokens[0, 16 + stop_at + 1:]).tolist() == [PAD_ID] * (10 - stop_at - 1)
+
+
+def test_response_blocks_split_the_fed_back_slots_into_the_windows():
+    assert SamplingConfig(max_new_tokens=10, decode_windows=1).response_blocks() == (9,)
+    assert SamplingConfig(max_new_tokens=10, decode_windows=3).response_blocks() == (3, 3, 3)
+    assert SamplingConfig(max_new_tokens=11, decode_windows=3).response_blocks() == (4, 4, 2)
+    assert SamplingConfig(max_new_tokens=3, decode_windows=4).response_blocks() == (1, 1)  # fewer slots than windows
+    assert SamplingConfig(max_new_tokens=1, decode_windows=4).response_blocks() == ()
+    # automatic: one window for short responses, 4 from MIN_TOKENS_FOR_WINDOWS new tokens on
+    assert SamplingConfig(max_new_tokens=127).response_blocks() == (126,)
+    assert SamplingConfig(max_new_tokens=128).response_blocks() == (32, 32, 32, 31)
+    assert SamplingConfig(max_new_tokens=4096).windows == 4
+    with pytest.raises(UserError, match="decode_windows"):
+        SamplingConfig(decode_windows=0)
 
 
 def test_bfloat16_cache_gives_logprobs_close_to_the_float32_forward(qwen):
