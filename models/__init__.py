@@ -13,8 +13,8 @@ from models.transformer import (
 )
 
 __all__ = [
-    "CacheBlocks", "CausalLM", "ConfigError", "Decoder", "KVCache", "ModelConfig", "RewardModel", "RopeScaling", "ValueModel",
-    "build_model", "value_model_from",
+    "CacheBlocks", "CausalLM", "ConfigError", "Decoder", "KVCache", "ModelConfig", "RewardModel", "RopeScaling",
+    "ValueModel", "build_model", "value_model_from",
 ]
 
 from models.hf_io import CheckpointError, SafetensorsReader, load_pretrained, save_pretrained  # noqa: E402

@@ -25,8 +25,8 @@ class KVCache(NamedTuple):
     right; a query at slot i attends to valid slots <= i.
 
     A model whose layers are not scanned also takes k and v as tuples of per-layer arrays (the same layouts
-    without the layers axis, `per_layer_cache`): in a decode loop on CPU this saves copying each layer's slice out of
-    the stacked array every step. Either array may also be a `CacheBlocks` of consecutive slots (each block its
+    without the layers axis): in a decode loop on CPU this saves copying each layer's slice out of the stacked
+    array every step. Either array may also be a `CacheBlocks` of consecutive slots (each block its
     own buffer, cache_len their total): new tokens are written into its last block, and attention reads the
     blocks given only (how the sampler's decode windows read the filled part of the cache)."""
 
@@ -129,17 +129,11 @@ class Decoder(nnx.Module):
         x = self.final_norm(x)
         return x, cache
 
-
     def rotary_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin of rotary embedding at `positions` [batch, seq] -> each [batch, seq, head_dim]."""
         cfg = self.config
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return rope_tables(positions, inv_freq, jnp.dtype(cfg.dtype))
-
-
-def per_layer_cache(cache: KVCache) -> KVCache:
-    """The same cache with k and v as tuples of per-layer arrays (for models whose layers are not scanned)."""
-    return cache._replace(k=tuple(cache.k), v=tuple(cache.v))
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:

@@ -94,7 +94,7 @@ class RolloutConfig:
     top_k: int | None = None  # None: off
     prompt_buckets: tuple[int, ...] = ()  # padded prompt lengths; data.max_prompt_tokens is always one
     cache_dtype: DType | None = None  # None: runtime.dtype
-    # Windows of the decode loop: in window j attention reads the prompt and response blocks 0..j of the cache
+    # Windows of the decode loop: in window j attention reads the prompt and the response slots of windows 0..j
     # only. null: 4 from max_new_tokens >= 128 on, else 1 (rlmt_jax.sampling.SamplingConfig.decode_windows).
     decode_windows: int | None = None
 

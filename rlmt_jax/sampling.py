@@ -29,7 +29,7 @@ from flax import nnx
 
 from models.layers import CacheBlocks
 from models.sharding import constrain
-from models.transformer import KVCache, per_layer_cache
+from models.transformer import KVCache
 from rlmt_jax.errors import UserError
 from rlmt_jax.next_token import choose_next_token
 
@@ -66,8 +66,8 @@ class SamplingConfig:
     pad_id: the token written in the padding of `tokens` (masked everywhere, any id in the vocabulary).
     prompt_buckets: the padded prompt lengths that get a program; a prompt longer than the last is an error.
     decode_windows: into how many windows the decode loop splits the response (None: AUTO_DECODE_WINDOWS when
-        max_new_tokens >= MIN_TOKENS_FOR_WINDOWS, else 1). The cache's response slots are then as many
-        blocks, each its own buffer, and while the loop fills block j its attention reads the prompt and
+        max_new_tokens >= MIN_TOKENS_FOR_WINDOWS, else 1). The cache is then as many blocks, each its own
+        buffer (the first also holds the prompt), and while the loop fills block j its attention reads
         blocks 0..j only, not the whole cache: with 4 windows a step reads on average the prompt and ~5/8 of
         the response slots instead of all of them (most of a step's memory traffic for long responses at
         scale). Each window is its own loop in the one decode program.
@@ -109,9 +109,9 @@ class SamplingConfig:
         return AUTO_DECODE_WINDOWS if self.max_new_tokens >= MIN_TOKENS_FOR_WINDOWS else 1
 
     def response_blocks(self) -> tuple[int, ...]:
-        """Slots of each block of the cache's response part: max_new_tokens - 1 slots (the last token is
-        never fed back) split into `windows` blocks of ceil(slots / windows), the last one shorter; fewer
-        blocks when there are fewer slots; () when there is no slot."""
+        """Response slots each decode window fills (cache block j holds window j's, block 0 the prompt's
+        too): max_new_tokens - 1 slots (the last token is never fed back) split into `windows` parts of
+        ceil(slots / windows), the last one shorter; fewer when there are fewer slots; () when there is none."""
         slots = self.max_new_tokens - 1
         width = max(-(-slots // self.windows), 1)
         return tuple(min(width, slots - start) for start in range(0, slots, width))
@@ -278,18 +278,10 @@ class Sampler:
 
         response_slots = cfg.max_new_tokens - 1  # the last response token is never fed back
         valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, response_slots)))
-        if cfg.windows == 1:
-            def grow(x, axes):  # each prompt's cache given to its n samples, with room for the response
-                widths = [(0, response_slots) if name == "cache_seq" else (0, 0) for name in axes]
-                return constrain(jnp.pad(jnp.repeat(x, cfg.n, axis=1), widths), axes)
-            cache = KVCache(k=grow(cache.k, KEY_CACHE_AXES), v=grow(cache.v, VALUE_CACHE_AXES), valid=valid)
-            if not model.config.scan_layers:
-                cache = per_layer_cache(cache)  # each layer's cache its own buffer: no slicing in the decode loop
-        else:
-            cache = KVCache(k=_blocked(cache.k, KEY_CACHE_AXES, cfg), v=_blocked(cache.v, VALUE_CACHE_AXES, cfg),
-                            valid=valid)
-            if not model.config.scan_layers:
-                cache = cache._replace(k=_per_layer_blocks(cache.k), v=_per_layer_blocks(cache.v))
+        cache = KVCache(k=_blocked(cache.k, KEY_CACHE_AXES, cfg), v=_blocked(cache.v, VALUE_CACHE_AXES, cfg),
+                        valid=valid)
+        if not model.config.scan_layers:  # each layer's blocks their own buffers: no slicing in the decode loop
+            cache = cache._replace(k=_per_layer_blocks(cache.k), v=_per_layer_blocks(cache.v))
 
         logits = jnp.repeat(last_logits, cfg.n, axis=0)
         tokens, logprobs = choose_next_token(
@@ -350,24 +342,21 @@ class Sampler:
                 logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprobs[:, None], column),
             )
 
-        if cfg.windows == 1:
-            s = jax.lax.while_loop(unfinished, advance, state)
-        else:
-            # Window j feeds the tokens written to response block j (slots prompt_len + start .. + width - 1)
-            # and attends to the prompt and blocks 0..j only. A window whose rows are all done runs no step.
-            s, start = state, 0
-            for j, width in enumerate(cfg.response_blocks()):
-                attended = prompt_len + start + width
-                full = s.cache
-                view = KVCache(k=_first_blocks(full.k, j + 2), v=_first_blocks(full.v, j + 2),
-                               valid=full.valid[:, :attended])
-                last_step = start + width  # steps 1.. feed slot prompt_len + step - 1
-                s = jax.lax.while_loop(lambda s, last_step=last_step: unfinished(s) & (s.step <= last_step),
-                                       advance, s._replace(cache=view))
-                s = s._replace(cache=KVCache(
-                    k=_with_first_blocks(full.k, s.cache.k), v=_with_first_blocks(full.v, s.cache.v),
-                    valid=full.valid.at[:, :attended].set(s.cache.valid)))
-                start += width
+        # Window j feeds the tokens written to cache block j (response slots start .. start + width - 1) and
+        # attends to blocks 0..j only. A window whose rows are all done runs no step.
+        s, start = state, 0
+        for j, width in enumerate(cfg.response_blocks()):
+            attended = prompt_len + start + width
+            full = s.cache
+            view = KVCache(k=_first_blocks(full.k, j + 1), v=_first_blocks(full.v, j + 1),
+                           valid=full.valid[:, :attended])
+            last_step = start + width  # steps 1.. feed slot prompt_len + step - 1
+            s = jax.lax.while_loop(lambda s, last_step=last_step: unfinished(s) & (s.step <= last_step),
+                                   advance, s._replace(cache=view))
+            s = s._replace(cache=KVCache(
+                k=_with_first_blocks(full.k, s.cache.k), v=_with_first_blocks(full.v, s.cache.v),
+                valid=full.valid.at[:, :attended].set(s.cache.valid)))
+            start += width
 
         prompt_ids = jnp.repeat(prompt_ids, cfg.n, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, cfg.n, axis=0)
@@ -390,15 +379,16 @@ class Sampler:
 
 
 def _blocked(prompt_cache: jax.Array, axes: tuple, cfg: SamplingConfig) -> CacheBlocks:
-    """The prefilled cache [layers, prompts, ...] given to its n samples, as the prompt block then empty
-    response blocks of cfg.response_blocks() slots each."""
-    prompt = constrain(jnp.repeat(prompt_cache, cfg.n, axis=1), axes)
+    """The prefilled cache [layers, prompts, ...] given to its n samples, as one block per decode window:
+    the prompt's slots and the first window's, then each later window's (cfg.response_blocks()), empty."""
     slot_axis = axes.index("cache_seq")
-    blocks = [prompt]
-    for width in cfg.response_blocks():
-        shape = prompt.shape[:slot_axis] + (width,) + prompt.shape[slot_axis + 1:]
-        blocks.append(constrain(jnp.zeros(shape, prompt.dtype), axes))
-    return CacheBlocks(blocks)
+    widths = cfg.response_blocks() or (0,)
+    first = jnp.repeat(prompt_cache, cfg.n, axis=1)
+    pad = [(0, widths[0]) if axis == slot_axis else (0, 0) for axis in range(first.ndim)]
+    blocks = [jnp.pad(first, pad)]
+    for width in widths[1:]:
+        blocks.append(jnp.zeros(first.shape[:slot_axis] + (width,) + first.shape[slot_axis + 1:], first.dtype))
+    return CacheBlocks(constrain(block, axes) for block in blocks)
 
 
 def _per_layer_blocks(blocks: CacheBlocks) -> tuple[CacheBlocks, ...]:
