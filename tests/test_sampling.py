@@ -202,7 +202,7 @@ def test_compiled_programs_stay_the_same_for_prompt_lengths_inside_one_bucket(ll
 def test_decode_windows_sample_what_one_window_samples(llama, scan_layers):
     settings = dict(n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, eos_ids=EOS)
     whole, params = sampler_for(llama[0], scan_layers, **settings)
-    windowed, _ = sampler_for(llama[0], scan_layers, decode_windows=3, **settings)  # blocks of 4, 4, 3 slots
+    windowed, _ = sampler_for(llama[0], scan_layers, decode_windows=3, **settings)  # windows of 4, 4, 3 slots
     assert windowed.config.response_blocks() == (4, 4, 3)
     a = whole(params, PROMPTS, jax.random.key(7))
     b = windowed(params, PROMPTS, jax.random.key(7))
