@@ -331,12 +331,36 @@ def save_pretrained(
                 json.dump(generation, f, indent=2)
         for extra in extra_files:
             shutil.copy2(extra, os.path.join(tmp, os.path.basename(extra)))
+        _with_umask_permissions(tmp)
         _move_into_place(tmp, path)
         tmp = None
         return path
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_umask() -> int:
+    """The process's file-mode creation mask (0o022 usually), read without changing it where Linux says it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _with_umask_permissions(folder: str) -> None:
+    """Gives `folder` and the files in it the modes new ones get from the umask (0755 / 0644 under umask 022):
+    tempfile.mkdtemp makes the folder 0700, and safetensors writes its files 0600."""
+    mask = process_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def _move_into_place(tmp: str, path: str) -> None:

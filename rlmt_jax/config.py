@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Literal
 import yaml
 
 from rlmt_jax.errors import UserError
+from rlmt_jax.files import atomic_write
 from rlmt_jax.typed_config import Schema
 
 BUILTIN_PREFIX = "builtin:"
@@ -500,14 +500,8 @@ def save_resolved(cfg: RunConfig, run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / RESOLVED_CONFIG_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(to_yaml(cfg))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target) as f:
+        f.write(to_yaml(cfg))
     return target
 
 

@@ -1,29 +1,21 @@
-"""JSON-lines files written atomically (a temporary file renamed into place) and read back."""
+"""JSON-lines files written atomically (a new file renamed into place) and read back."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 
 from rlmt_jax.errors import UserError
+from rlmt_jax.files import atomic_write
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Writes one JSON object per line to `path`; a crash leaves the old file (or none), never half of one."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes one JSON object per line to `path`; a crash leaves the old file (or none), never half of one.
+    The file gets the process umask's permissions (rlmt_jax.files.atomic_write)."""
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

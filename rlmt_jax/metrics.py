@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections import deque
@@ -31,12 +30,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from rlmt_jax.files import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
 RECORD_KEYS = ("step", "time", "nonfinite")  # what a metrics.jsonl line holds besides the metrics
-ETA_WINDOW = 20  # recent step intervals averaged for the ETA
+ETA_WINDOW = 20  # recent step intervals the ETA takes the median of
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,14 +98,8 @@ def truncate_jsonl(path: Path, next_step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.writelines(kept)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_write(path) as out:
+            out.writelines(kept)
     return dropped
 
 
@@ -333,11 +328,13 @@ class MetricsLogger:
 
     @property
     def seconds_per_step(self) -> float | None:
-        """Mean of the recent step intervals; the first one (compilation) counts only while it is alone."""
+        """The median of the recent step intervals, without the first one of this start (it compiles the
+        programs: 17 s of the tiny default's 0.5 s steps); None until there is another. The median passes over a
+        later step that compiles (a new prompt bucket) or saves a checkpoint."""
         intervals = list(self._intervals)
-        if self._intervals_seen > 1 and self._intervals_seen == len(intervals):
+        if self._intervals_seen == len(intervals):  # the first interval is still in the window
             intervals = intervals[1:]
-        return sum(intervals) / len(intervals) if intervals else None
+        return float(np.median(intervals)) if intervals else None
 
     def samples(self, step: int, rows: Iterable[Mapping[str, Any]]) -> None:
         """Appends rollouts (prompt, plan, answer, reward, ...) to samples.jsonl, each with its step."""

@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from models import ModelConfig, build_model, save_pretrained
+from models.hf_io import process_umask
 from rlmt_jax.config import BUILTIN_PREFIX, BUILTIN_DATA
 from rlmt_jax.errors import UserError
 
@@ -103,6 +104,7 @@ def tiny_assets_dir() -> Path:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{VERSION}.tmp-", dir=root.parent))
+    tmp.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would keep a shared cache from the others
     try:
         with jax.default_device(_build_device()):
             _build(tmp)
