@@ -222,6 +222,23 @@ def test_progress_in_a_log_file_is_one_plain_line_per_step(tmp_path):
     assert lines[1].split(" | ")[-1].startswith("ETA ") and "ETA" not in lines[2]
 
 
+def test_eta_leaves_out_the_compiling_first_step_and_passes_over_a_slow_later_one(tmp_path, monkeypatch):
+    # step 1 compiles (100 s), steps then take 1 s, step 5 compiles a new prompt bucket (40 s)
+    clock = iter([0.0, 100.0, 101.0, 102.0, 103.0, 143.0, 144.0])
+    monkeypatch.setattr("rlmt_jax.metrics.time.monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    logger = MetricsLogger(tmp_path, next_step=1, total_steps=100, tensorboard=False, is_writer=True,
+                           stream=stream)
+    rates = []
+    for step in range(1, 7):
+        logger.log(step, {"loss": 1.0})
+        rates.append(logger.seconds_per_step)
+    logger.close()
+    assert rates == [None, 1.0, 1.0, 1.0, 1.0, 1.0]
+    etas = [line.split(" | ")[-1] for line in stream.getvalue().splitlines()]
+    assert etas == ["loss 1", "ETA 1:38", "ETA 1:37", "ETA 1:36", "ETA 1:35", "ETA 1:34"]
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self):
         return True
@@ -237,7 +254,7 @@ def test_progress_on_a_terminal_redraws_one_line_and_keeps_notes_apart(tmp_path)
     text = stream.getvalue()
     assert text.count("\r") == 2 and text.endswith("\n")
     first, note, second = text.split("\n")[:3]
-    assert first.startswith("\rstep 1/2  50% [##########----------] | reward 0.5 |")
+    assert first.rstrip() == "\rstep 1/2  50% [##########----------] | reward 0.5"  # no ETA from step 1 alone
     assert note == "saved checkpoint 1"
     assert second.startswith("\rstep 2/2 100% [####################] | reward 0.75")
 
