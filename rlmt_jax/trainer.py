@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -510,4 +511,16 @@ def export_policy(policy, tokenizer, out_dir: str, **save_options) -> str:
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    return Trainer(cfg).run()
+    """Runs `cfg`. A start that fails before its first step removes the run dir if it made it (config.yaml,
+    empty metrics, TensorBoard and checkpoint folders), so no half-made run is left to resume or mistake."""
+    run_dir = cfg.run.output_dir
+    made_run_dir = not os.path.exists(run_dir)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        return trainer.run()
+    except BaseException:
+        if made_run_dir and (trainer is None or trainer.step == 0) and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.warning("removed %s: this start made it and stopped before its first step", run_dir)
+        raise

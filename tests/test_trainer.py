@@ -165,6 +165,39 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, tiny_cache, overri
     assert not os.path.exists(cfg.run.output_dir)
 
 
+def test_a_start_that_fails_before_its_first_step_leaves_no_run_dir(tmp_path, tiny_cache, monkeypatch):
+    def first_step_fails(self, prompts):  # where a virtualenv without jinja2 stopped
+        raise ImportError("apply_chat_template requires jinja2 to be installed")
+
+    monkeypatch.setattr(Trainer, "_rl_step", first_step_fails)
+    cfg = run_config(tmp_path)
+    with pytest.raises(ImportError, match="jinja2"):
+        train(cfg)
+    assert not os.path.exists(cfg.run.output_dir)
+    # a run dir that was there before is the user's: kept, with what the failed start wrote
+    os.makedirs(cfg.run.output_dir)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ImportError, match="jinja2"):
+        train(cfg)
+    assert {"notes.txt", "config.yaml"} <= set(os.listdir(cfg.run.output_dir))
+
+
+def test_a_run_that_fails_after_its_first_step_keeps_its_run_dir(tmp_path, tiny_cache, monkeypatch):
+    steps = []
+
+    def second_step_fails(self, prompts):
+        steps.append(len(prompts))
+        if len(steps) == 2:
+            raise RuntimeError("out of memory")
+        return {"loss": 0.5}, []
+
+    monkeypatch.setattr(Trainer, "_rl_step", second_step_fails)
+    cfg = run_config(tmp_path, "checkpoint.save_every=5")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(cfg)
+    assert [row["step"] for row in read_metrics(cfg.run.output_dir)] == [1]
+
+
 def test_empty_prompt_file_names_the_file(tmp_path, tiny_cache):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
