@@ -10,7 +10,12 @@ shipped recipes state every number anyway so that a config file reads as the ful
 
 Paths of the form `builtin:NAME` name things the package ships or makes itself (the tiny default):
 `builtin:tiny-policy` and `builtin:tiny-reward` are built by the trainer from a fixed seed,
-`builtin:tiny-prompts` is the prompt set in rlmt_jax/resources.
+`builtin:tiny-prompts` is the prompt set in rlmt_jax/resources, `builtin:tiny-sft` 40 of its prompts with
+a written plan and answer each (the SFT conversations of the tiny default).
+
+A config file may hold `algorithm_defaults`: per algorithm name, sections that apply when a run picks that
+algorithm (`algorithm.name=sft` on the tiny default also picks the tiny SFT data); the user's key=value
+overrides still win.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from rlmt_jax.typed_config import Schema
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-policy", "tiny-reward")
-BUILTIN_DATA = {"tiny-prompts": "tiny_prompts.jsonl"}
+BUILTIN_DATA = {"tiny-prompts": "tiny_prompts.jsonl", "tiny-sft": "tiny_sft.jsonl"}
 DEFAULT_CONFIG = "tiny.yaml"
 RESOLVED_CONFIG_NAME = "config.yaml"
+ALGORITHM_DEFAULTS = "algorithm_defaults"  # a config file's per-algorithm sections
 
 DType = Literal["float32", "bfloat16"]
 
@@ -468,9 +474,42 @@ def _parse_yaml(text: str, source: str) -> dict:
     return values
 
 
+def _merge(base: dict, update: dict) -> None:
+    """Nested dicts: `update`'s values set into `base`, section by section."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _with_algorithm_defaults(values: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """`values` with the file's `algorithm_defaults` section for the run's algorithm (after the overrides)
+    merged in, and that section removed. Every section is checked, picked or not (a misspelt algorithm or key)."""
+    by_algorithm = values.pop(ALGORITHM_DEFAULTS, None)
+    if by_algorithm is None:
+        return values
+    if not isinstance(by_algorithm, dict) or not all(isinstance(v, dict) for v in by_algorithm.values()):
+        raise UserError(f"config key '{ALGORITHM_DEFAULTS}' must map algorithm names to config sections")
+    for name, section in by_algorithm.items():
+        checked = copy.deepcopy(values)
+        _merge(checked, {**section, "algorithm": {**section.get("algorithm", {}), "name": name}})
+        try:
+            SCHEMA.build(checked)
+        except UserError as err:
+            raise UserError(f"{ALGORITHM_DEFAULTS}.{name}: {err}") from None
+    chosen = copy.deepcopy(values)
+    for override in overrides:
+        SCHEMA.apply_override(chosen, override)
+    name = (chosen.get("algorithm") or {}).get("name", AlgorithmConfig.name)
+    _merge(values, by_algorithm.get(name, {}))
+    return values
+
+
 def from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Builds and validates a config from nested dicts plus `key=value` overrides."""
-    values = copy.deepcopy(values)
+    """Builds and validates a config from nested dicts (with an optional `algorithm_defaults` section) plus
+    `key=value` overrides."""
+    values = _with_algorithm_defaults(copy.deepcopy(values), overrides)
     for override in overrides:
         SCHEMA.apply_override(values, override)
     return validate(SCHEMA.build(values))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -40,9 +41,26 @@ def run(args) -> int:
     history = summary["history"]
     if history:
         print(summarize(history))
-    if summary["export"]:
-        print(f"exported the policy to {summary['export']}")
+    print(where_the_run_is(cfg, summary["export"]))
     return 0
+
+
+def where_the_run_is(cfg, export: str | None) -> str:
+    """The final lines: where the metrics, TensorBoard events, checkpoints and export are, and how to look."""
+    from rlmt_jax.metrics import METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR
+
+    run_dir = cfg.run.output_dir
+    lines = [f"run dir {run_dir}:",
+             f"  metrics      {os.path.join(run_dir, METRICS_FILE)}  (plot: rlmt-jax plot {run_dir})",
+             f"  samples      {os.path.join(run_dir, SAMPLES_FILE)}"]
+    if cfg.logging.tensorboard:
+        lines.append(f"  TensorBoard  tensorboard --logdir {os.path.join(run_dir, TENSORBOARD_DIR)}")
+    if cfg.logging.wandb_project:
+        lines.append(f"  W&B          project {cfg.logging.wandb_project}")
+    lines.append(f"  checkpoints  {cfg.checkpoint_dir}  (the same command again resumes from the newest)")
+    if export:
+        lines.append(f"exported the policy to {export} (a Hugging Face directory)")
+    return "\n".join(lines)
 
 
 def summarize(history: list[dict], window: int = 10) -> str:
