@@ -126,3 +126,52 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, capsys, monkey
     assert main(["plot", str(tmp_path / "run")]) == 2
     assert "plotting needs matplotlib, which is not installed: pip install 'rlmt-jax[plot]'" in (
         capsys.readouterr().err)
+
+
+def test_every_panel_names_its_y_axis(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from rlmt_jax.commands.plot import Run, all_series, draw_panel, panels_to_draw
+
+    write_metrics(tmp_path / "run", grpo_records(5))
+    steps, series = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    runs = [Run("run", steps, series)]
+    panels, _ = panels_to_draw(all_series(runs), ["loss"])
+    labels = {}
+    for panel in panels:
+        ax = Figure().add_subplot()
+        draw_panel(ax, runs, panel, window=1)
+        labels[panel.name] = ax.get_ylabel()
+    assert labels == {"reward": "reward", "kl": "KL per token", "entropy": "entropy (nats per token)",
+                      "lengths": "tokens", "format_valid_rate": "fraction of outputs", "loss": "loss"}
+
+
+def test_plot_of_several_runs_overlays_them_on_the_same_axes_with_a_legend(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    write_metrics(tmp_path / "runs" / "a", grpo_records(10))
+    # run b is shorter and never logged the lengths
+    write_metrics(tmp_path / "runs" / "b", [{k: v for k, v in r.items() if "tokens" not in k}
+                                            for r in grpo_records(6)])
+    axes, add_subplot = [], Figure.add_subplot
+
+    def keep_axes(fig, *args):
+        axes.append(add_subplot(fig, *args))
+        return axes[-1]
+
+    monkeypatch.setattr(Figure, "add_subplot", keep_axes)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", "runs/a", "runs/b", "--smooth", "1"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out[0] == "plots/reward.png" and out[-1] == "plots/summary.png"
+    reward, lengths = axes[0], axes[3]  # panels drawn alone: reward, kl, entropy, lengths, format_valid_rate
+    assert [text.get_text() for text in reward.get_legend().get_texts()] == ["runs/a", "runs/b"]
+    a, b = reward.get_lines()
+    assert (a.get_xdata().tolist(), b.get_xdata().tolist()) == (list(range(1, 11)), list(range(1, 7)))
+    np.testing.assert_allclose(b.get_ydata(), [r["reward_mean"] for r in grpo_records(6)])
+    assert (a.get_color(), b.get_color()) == ("C0", "C1")
+    assert [text.get_text() for text in lengths.get_legend().get_texts()] == [
+        "runs/a response_tokens_mean", "runs/a plan_tokens_mean", "runs/a answer_tokens_mean"]
+    assert png_pixels(tmp_path / "plots" / "reward.png").shape == (396, 660, 3)

@@ -1,10 +1,11 @@
-"""`rlmt-jax plot`: PNG curves of a run's metrics.jsonl.
+"""`rlmt-jax plot RUN_DIR [RUN_DIR ...]`: PNG curves of runs' metrics.jsonl.
 
 Draws the reward (mean, with a band of one standard deviation), KL, entropy, the response / plan / answer
 lengths and the format-valid rate, plus any `--keys`, each against the step: the raw values faint, a
-trailing moving average over them bold. Writes one PNG per panel and `summary.png` with all panels in a
-grid. Default metrics the run did not log are skipped with a note; null (non-finite) values are gaps.
-Needs matplotlib: `pip install 'rlmt-jax[plot]'`.
+trailing moving average over them bold. Several runs are overlaid on the same axes, one colour each, named
+in a legend. Writes one PNG per panel and `summary.png` with all panels in a grid. Default metrics no run
+logged are skipped with a note; null (non-finite) values are gaps. Needs matplotlib:
+`pip install 'rlmt-jax[plot]'`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,26 @@ class Panel:
     title: str
     keys: tuple[str, ...]
     band: str | None = None
+    ylabel: str | None = None  # None: the metric's name
 
 
 DEFAULT_PANELS = (
-    Panel("reward", "reward mean", ("reward_mean",), band="reward_std"),
-    Panel("kl", "KL to the reference", ("kl",)),
-    Panel("entropy", "entropy", ("entropy",)),
-    Panel("lengths", "mean length (tokens)", ("response_tokens_mean", "plan_tokens_mean", "answer_tokens_mean")),
-    Panel("format_valid_rate", "format-valid rate", ("format_valid_rate",)),
+    Panel("reward", "reward mean", ("reward_mean",), band="reward_std", ylabel="reward"),
+    Panel("kl", "KL to the reference", ("kl",), ylabel="KL per token"),
+    Panel("entropy", "entropy", ("entropy",), ylabel="entropy (nats per token)"),
+    Panel("lengths", "mean length (tokens)", ("response_tokens_mean", "plan_tokens_mean", "answer_tokens_mean"),
+          ylabel="tokens"),
+    Panel("format_valid_rate", "format-valid rate", ("format_valid_rate",), ylabel="fraction of outputs"),
 )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's metrics: its label in legends (the path as given), steps [n] and {key: values [n]}."""
+
+    label: str
+    steps: np.ndarray
+    series: dict[str, np.ndarray]
 
 
 def register(subparsers) -> None:
@@ -47,8 +59,10 @@ def register(subparsers) -> None:
         help="PNG curves of a run's metrics (reward, KL, entropy, lengths, format-valid rate)",
         description=__doc__.split("\n\n")[1],
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory holding metrics.jsonl")
-    parser.add_argument("--out", metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories holding metrics.jsonl; several are overlaid on the same axes")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where the PNGs go (default RUN_DIR/plots for one run, ./plots for several)")
     parser.add_argument("--keys", nargs="+", default=[], metavar="KEY",
                         help="more metrics to plot, one panel each (e.g. loss grad_norm lr)")
     parser.add_argument("--smooth", type=int, default=None, metavar="N",
@@ -118,7 +132,8 @@ def default_window(num_points: int) -> int:
 
 
 def panels_to_draw(series: dict[str, np.ndarray], extra_keys: list[str]) -> tuple[list[Panel], list[str]]:
-    """(panels with data, notes about skipped defaults). A --keys metric that is not in the run is an error."""
+    """(panels with data, notes about skipped defaults). A --keys metric that is not in the run is an error.
+    Several runs: `series` holds each key's values of all runs one after another."""
     present = {key for key, values in series.items() if np.isfinite(values).any()}
     missing = [key for key in extra_keys if key not in series]
     if missing:
@@ -132,7 +147,8 @@ def panels_to_draw(series: dict[str, np.ndarray], extra_keys: list[str]) -> tupl
             notes.append(f"note: no values of {', '.join(absent)} in {METRICS_FILE}; "
                          + ("panel skipped" if not keys else "left out of the panel"))
         if keys:
-            panels.append(Panel(panel.name, panel.title, keys, panel.band if panel.band in present else None))
+            panels.append(Panel(panel.name, panel.title, keys, panel.band if panel.band in present else None,
+                                panel.ylabel))
     drawn = {key for panel in panels for key in panel.keys}
     for key in dict.fromkeys(extra_keys):
         if key not in drawn:
@@ -142,6 +158,13 @@ def panels_to_draw(series: dict[str, np.ndarray], extra_keys: list[str]) -> tupl
         raise UserError(f"none of the default metrics has values in {METRICS_FILE}; pick some with --keys "
                         f"(its metrics are: {', '.join(sorted(series)) or 'none'})")
     return panels, notes
+
+
+def all_series(runs: list[Run]) -> dict[str, np.ndarray]:
+    """Every key of any run, with the values of all runs one after another (NaN where a run lacks it)."""
+    keys = sorted({key for run in runs for key in run.series})
+    return {key: np.concatenate([run.series.get(key, np.full(len(run.steps), np.nan)) for run in runs])
+            for key in keys}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,57 +181,78 @@ def _figure_class():
     return Figure
 
 
-def draw_panel(ax, steps: np.ndarray, series: dict[str, np.ndarray], panel: Panel, window: int) -> None:
-    for index, key in enumerate(panel.keys):
-        color = f"C{index}"
-        values = series[key]
-        label = key if len(panel.keys) > 1 else None
-        if panel.band is not None:
-            spread = series[panel.band]
-            ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.12, linewidth=0)
-        if window > 1:
-            ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8)
-            ax.plot(steps, moving_average(values, window), color=color, linewidth=1.8, label=label)
-        else:
-            ax.plot(steps, values, color=color, linewidth=1.5, label=label)
-        if np.isfinite(values).sum() == 1:  # a single point draws no line
-            ax.plot(steps, values, "o", color=color)
+def draw_panel(ax, runs: list[Run], panel: Panel, window: int) -> None:
+    """One run: a colour per metric. Several runs: a colour per run (and a line style per metric), each run
+    named in the legend; a run without a metric of the panel is left out of it."""
+    styles = ("-", "--", ":", "-.")
+    labelled = False
+    for run_index, run in enumerate(runs):
+        for key_index, key in enumerate(panel.keys):
+            if key not in run.series:
+                continue
+            steps, values = run.steps, run.series[key]
+            color = f"C{run_index if len(runs) > 1 else key_index}"
+            style = styles[key_index % len(styles)] if len(runs) > 1 else "-"
+            names = ([run.label] if len(runs) > 1 else []) + ([key] if len(panel.keys) > 1 else [])
+            label = " ".join(names) or None
+            labelled = labelled or label is not None
+            if panel.band is not None and panel.band in run.series:
+                spread = run.series[panel.band]
+                ax.fill_between(steps, values - spread, values + spread, color=color, alpha=0.12, linewidth=0)
+            if window > 1:
+                ax.plot(steps, values, color=color, linestyle=style, alpha=0.3, linewidth=0.8)
+                ax.plot(steps, moving_average(values, window), color=color, linestyle=style, linewidth=1.8,
+                        label=label)
+            else:
+                ax.plot(steps, values, color=color, linestyle=style, linewidth=1.5, label=label)
+            if np.isfinite(values).sum() == 1:  # a single point draws no line
+                ax.plot(steps, values, "o", color=color)
     ax.set_title(panel.title + (f" ± {panel.band.removeprefix('reward_')}" if panel.band else ""), fontsize=10)
     ax.set_xlabel("step")
+    ax.set_ylabel(panel.ylabel or panel.keys[0])
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
-    if len(panel.keys) > 1:
+    if labelled:
         ax.legend(fontsize=8)
 
 
-def run(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
+def read_run(run_dir: str) -> Run:
+    if not Path(run_dir).is_dir():
         raise UserError(f"run directory {run_dir}: no such directory")
+    steps, series = read_metrics(Path(run_dir) / METRICS_FILE)
+    return Run(run_dir, steps, series)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.smooth is not None and args.smooth < 1:
         raise UserError(f"--smooth must be >= 1 (1: no smoothing), got {args.smooth}")
-    steps, series = read_metrics(run_dir / METRICS_FILE)
-    panels, notes = panels_to_draw(series, args.keys)
+    runs = [read_run(run_dir) for run_dir in args.run_dirs]
+    panels, notes = panels_to_draw(all_series(runs), args.keys)
     Figure = _figure_class()
     for note in notes:
         print(note, file=sys.stderr)
-    window = args.smooth or default_window(len(steps))
-    out_dir = Path(args.out) if args.out else run_dir / "plots"
+    longest = max(len(r.steps) for r in runs)
+    window = args.smooth or default_window(longest)
+    out_dir = Path(args.out) if args.out else Path(args.run_dirs[0]) / "plots" if len(runs) == 1 else Path("plots")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     written = []
     for panel in panels:
         fig = Figure(figsize=(6, 3.6), layout="constrained")
-        draw_panel(fig.add_subplot(), steps, series, panel, window)
+        draw_panel(fig.add_subplot(), runs, panel, window)
         written.append(out_dir / f"{panel.name}.png")
         fig.savefig(written[-1], dpi=110)
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     fig = Figure(figsize=(5 * columns, 3.2 * rows), layout="constrained")
     for index, panel in enumerate(panels):
-        draw_panel(fig.add_subplot(rows, columns, index + 1), steps, series, panel, window)
+        draw_panel(fig.add_subplot(rows, columns, index + 1), runs, panel, window)
     smoothing = f", moving average over {window}" if window > 1 else ""
-    fig.suptitle(f"{run_dir.resolve().name}: {len(steps)} step{'s' if len(steps) > 1 else ''} logged{smoothing}")
+    if len(runs) == 1:
+        title = f"{Path(runs[0].label).resolve().name}: {longest} step{'s' if longest > 1 else ''} logged"
+    else:
+        title = f"{len(runs)} runs: {', '.join(r.label for r in runs)}"
+    fig.suptitle(title + smoothing)
     written.append(out_dir / "summary.png")
     fig.savefig(written[-1], dpi=90)
     for path in written:
