@@ -40,7 +40,7 @@ def test_ci_runs_the_readme_quick_start_commands():
     assert "pip install -e . && rlmt-jax train\n" in readme
     assert "pip install -e '.[test]' && python -m pytest -q\n" in readme
     # the first in a fresh virtualenv with nothing but the package, in an empty folder
-    assert '"$python" -m venv "$smoke/venv"' in ci
+    assert 'python -m venv "$smoke/venv"' in ci
     assert '"$smoke/venv/bin/python" -m pip install -q -e "$repo"' in ci
     assert '"$smoke/venv/bin/rlmt-jax" train run.total_steps=2' in ci
     # the second exactly as the README has it
