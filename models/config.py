@@ -19,6 +19,9 @@ SUPPORTED_ARCHITECTURES = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+# How full-sequence attention runs (models/attention.py): auto picks splash on TPU, cuDNN flash on GPU
+# (bfloat16/float16), xla (the blocked path written for XLA:CPU, with its own gradient) elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -37,7 +40,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture plus runtime choices (compute dtype, param dtype, remat, scanned layers). Hashable."""
+    """Architecture plus runtime choices (compute dtype, param dtype, remat, scanned layers, attention
+    implementation). Hashable."""
 
     architecture: str = "LlamaForCausalLM"
     vocab_size: int = 128
@@ -62,6 +66,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -80,6 +85,8 @@ class ModelConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat: {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention: {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_key_value_heads: {self.num_key_value_heads} does not divide "

@@ -163,6 +163,7 @@ def load_pretrained(
     task: str | None = None,
     remat: str = "none",
     scan_layers: bool = False,
+    attention: str = "auto",
     place: PlaceFn | None = None,
     seed: int = 0,
 ):
@@ -176,7 +177,7 @@ def load_pretrained(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a model directory")
     cfg = ModelConfig.from_pretrained(
-        path, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers
+        path, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers, attention=attention
     )
     place = place or default_place
     target = np.dtype(jnp.dtype(param_dtype))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.attention import CausalTokens, kernel_attention, resolve_attention
 from models.config import ModelConfig, RopeScaling
 from models.sharding import constrain, param
 
@@ -93,6 +94,7 @@ class Attention(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.dtype = jnp.dtype(cfg.dtype)
+        self.implementation = resolve_attention(cfg.attention, cfg.dtype)
         self.q_proj = param(_normal(rngs, (d, h, hd), pdt), ("embed", "heads", "head_dim"))
         self.k_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))
         self.v_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))
@@ -139,12 +141,15 @@ class Attention(nnx.Module):
         index: jax.Array | None = None,
         layer: int | jax.Array | None = None,
     ):
-        """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (True = may attend).
+        """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (True = may attend), or for a kernel
+        implementation (models/attention.py) the `CausalTokens` of a causal mask over seq.
 
         Without a cache kv_len = seq. With one, cache = (k, v) in the KVCache layouts, either this layer's
         (layer None) or every layer's (a leading layers axis; `layer` picks one), each an array or the
         `CacheBlocks` of consecutive slots: the new keys and values are written at slots index..index+seq-1
-        of the layer (inside the last block), then its kv_len slots (all blocks) are attended to.
+        of the layer (inside the last block), then its kv_len slots (all blocks) are attended to; with a
+        `CausalTokens` mask the cache holds nothing before these tokens (a prefill from slot 0), so they attend
+        to each other only, through the kernel.
         Returns (out [batch, seq, embed], the updated cache or None).
         """
         if cache is None:
@@ -156,9 +161,11 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        if cache is None:
+        if isinstance(mask, CausalTokens):
+            out = kernel_attention(q, k, v, mask.valid, self.implementation)
+        elif cache is None:
             out = causal_self_attention(q, k, v, mask)
-        else:
+        if cache is not None:
             key_blocks, value_blocks = (c.blocks if isinstance(c, CacheBlocks) else (c,) for c in cache)
             # the new tokens go into the last block given, whose first slot is the slots of the others
             start = sum(block.shape[-1] for block in key_blocks[:-1])
@@ -172,7 +179,8 @@ class Attention(nnx.Module):
                 block = block if layer is None else jax.lax.dynamic_index_in_dim(block, layer, keepdims=False)
                 return block.astype(self.dtype)
 
-            out = cached_attention(q, [read(b) for b in key_blocks], [read(b) for b in value_blocks], mask)
+            if not isinstance(mask, CausalTokens):
+                out = cached_attention(q, [read(b) for b in key_blocks], [read(b) for b in value_blocks], mask)
             cache = tuple(CacheBlocks(new) if isinstance(old, CacheBlocks) else new[0]
                           for old, new in zip(cache, (key_blocks, value_blocks)))
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))

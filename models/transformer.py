@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention import CausalTokens, resolve_attention
 from models.config import ModelConfig
 from models.layers import DecoderBlock, RMSNorm, _normal, rope_inverse_frequencies, rope_tables
 from models.sharding import constrain, param
@@ -71,7 +72,8 @@ class Decoder(nnx.Module):
         index: jax.Array | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """input_ids, positions: [batch, seq]; mask: [batch, seq, kv_len] -> (hidden [batch, seq, embed], cache).
+        """input_ids, positions: [batch, seq]; mask: [batch, seq, kv_len] (or the `CausalTokens` of a causal mask,
+        for an attention kernel) -> (hidden [batch, seq, embed], cache).
 
         With a cache the new tokens' keys and values are written at slots index..index+seq-1 (kv_len = cache_len).
         rope: the (cos, sin) tables of `positions` if already computed (see `rotary_tables`).
@@ -143,6 +145,14 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
+def attention_mask_for(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array | CausalTokens:
+    """The causal mask over `attention_mask` [batch, seq] in the form cfg's attention implementation takes:
+    dense [batch, seq, seq] for xla, `CausalTokens` for a kernel (models/attention.py)."""
+    if resolve_attention(cfg.attention, cfg.dtype) == "xla":
+        return causal_mask(attention_mask)
+    return CausalTokens(attention_mask.astype(bool))
+
+
 def cache_mask(valid: jax.Array, index: jax.Array, seq: int) -> jax.Array:
     """mask[b, t, s] = valid[b, s] and s <= index + t.  valid: [batch, cache_len] -> [batch, seq, cache_len]."""
     slots = jnp.arange(valid.shape[1], dtype=jnp.int32)
@@ -168,7 +178,7 @@ class _WithDecoder(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, dtype=bool)
         if positions is None:
             positions = default_positions(input_ids)
-        hidden, _ = self.model(input_ids, positions, causal_mask(attention_mask))
+        hidden, _ = self.model(input_ids, positions, attention_mask_for(self.config, attention_mask))
         return hidden
 
 
@@ -240,11 +250,19 @@ class CausalLM(_WithDecoder):
         rope: (cos, sin) [batch, seq, head_dim] of `positions`, from `rotary_tables`. A decode loop computes
         them for all its steps before the loop: computed inside, XLA:CPU fuses cos/sin into every layer's
         rotation of q and k and so recomputes them per head and per layer, every step.
+
+        A prefill from slot 0 (index the Python int 0, several tokens) goes through the attention kernel when
+        the config picks one: the cache holds nothing before these tokens. Decode steps read the cache (xla).
         """
+        kernel_prefill = (isinstance(index, int) and index == 0 and input_ids.shape[1] > 1
+                          and resolve_attention(self.config.attention, self.config.dtype) != "xla")
         index = jnp.asarray(index, jnp.int32)
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
         cache = cache._replace(valid=valid)
-        mask = cache_mask(valid, index, input_ids.shape[1])
+        if kernel_prefill:
+            mask = CausalTokens(attention_mask.astype(bool))
+        else:
+            mask = cache_mask(valid, index, input_ids.shape[1])
         return self.model(input_ids, positions, mask, cache, index, rope)
 
     def rotary_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -191,6 +191,9 @@ class RuntimeConfig:
     param_dtype: DType = "float32"
     remat: Literal["none", "full", "dots"] = "full"
     scan_layers: bool = True
+    # full-sequence attention (training, log-probs, prefill, reward scoring), models/attention.py: auto = splash
+    # on TPU, cuDNN flash on GPU (bfloat16), xla (the blocked path written for CPU) elsewhere
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from rlmt_jax.errors import UserError
 __all__ = [
     "MESH_AXES", "RULES", "AxisRule", "MeshConfig", "activation_constraint", "activation_sharding", "batch_sharding",
     "batch_split", "device_grid", "initialize_distributed", "is_main_process", "logical_to_spec", "make_mesh",
-    "make_placer", "param_shardings", "place_unplaced_params", "replicate_unplaced", "resolve_mesh_shape",
+    "make_placer", "param_shardings", "per_device_map", "place_unplaced_params", "replicate_unplaced", "resolve_mesh_shape",
     "shard_batch", "shard_params",
 ]
 
@@ -324,12 +324,31 @@ def activation_constraint(mesh: Mesh, rules: Mapping[str, AxisRule] = RULES) -> 
     return constrain
 
 
+def per_device_map(mesh: Mesh, rules: Mapping[str, AxisRule] = RULES) -> Callable[..., Callable]:
+    """wrap(fn, in_axes, out_axes) -> fn as a shard_map over `mesh`, each argument split by the rules'
+    activation specs of its logical axes (for models.sharding.per_device: attention kernels, which XLA cannot
+    partition itself). The output's spec comes from its global shape (fn evaluated abstractly)."""
+
+    def wrap(fn: Callable, in_axes: Sequence[Sequence], out_axes: Sequence) -> Callable:
+        def run(*args):
+            in_specs = tuple(logical_to_spec(axes, arg.shape, mesh, "activation", rules)
+                             for axes, arg in zip(in_axes, args))
+            out_shape = jax.eval_shape(fn, *args).shape
+            out_spec = logical_to_spec(out_axes, out_shape, mesh, "activation", rules)
+            return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+        return run
+
+    return wrap
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Mapping[str, AxisRule] = RULES) -> Iterator[None]:
-    """Within this block the models constrain their activations to `mesh` by the rules."""
+    """Within this block the models constrain their activations to `mesh` by the rules (and run their
+    attention kernels per device, by the same rules)."""
     from models import sharding as model_sharding  # models/ depends on nothing here; import at use
 
-    with model_sharding.use_activation_sharding(activation_constraint(mesh, rules)):
+    with model_sharding.use_activation_sharding(activation_constraint(mesh, rules), per_device_map(mesh, rules)):
         yield
 
 

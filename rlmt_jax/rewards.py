@@ -43,6 +43,7 @@ class RewardSettings:
     min_bucket: int = 128
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention: str = "auto"  # ModelConfig.attention
     score_index: int = 0
 
     def __post_init__(self):
@@ -179,7 +180,8 @@ class RewardScorer:
         if not tokenizer.chat_template:
             raise UserError(f"reward model {path}: its tokenizer has no chat template to render the conversation with")
         try:
-            model = load_pretrained(path, dtype=settings.dtype, param_dtype=settings.param_dtype, place=place)
+            model = load_pretrained(path, dtype=settings.dtype, param_dtype=settings.param_dtype,
+                                    attention=settings.attention, place=place)
         except (OSError, ValueError) as err:
             raise UserError(f"reward model {path}: {err}") from err
         if not hasattr(model, "score"):

@@ -128,7 +128,7 @@ class Trainer:
         try:
             return models.load_pretrained(
                 path, dtype=runtime.dtype, param_dtype=runtime.param_dtype, task=task, remat=runtime.remat,
-                scan_layers=runtime.scan_layers, place=mesh_lib.make_placer(self.mesh),
+                scan_layers=runtime.scan_layers, attention=runtime.attention, place=mesh_lib.make_placer(self.mesh),
             )
         except (OSError, ValueError) as err:
             raise UserError(f"model {path}: {err}") from err
@@ -167,7 +167,7 @@ class Trainer:
             settings = RewardSettings(
                 max_length=cfg.reward.max_length, batch_size=cfg.reward.batch_size,
                 truncation_side=cfg.reward.truncation_side, dtype=cfg.runtime.dtype,
-                param_dtype=cfg.runtime.param_dtype,
+                param_dtype=cfg.runtime.param_dtype, attention=cfg.runtime.attention,
             )
             lockstep = self.cfg.reward.batch_size % mesh_lib.batch_split(self.mesh) == 0
             self.scorer = RewardScorer.from_pretrained(rm_path, settings, place=mesh_lib.make_placer(self.mesh),
