@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
 from models import ModelConfig, build_model
+from models.attention import resolve_attention
 from models.config import ConfigError
 from rlmt_jax import mesh as mesh_lib
 from rlmt_jax.config import RunConfig, builtin_name
@@ -55,6 +56,9 @@ DEVICE_KINDS = (*DEVICE_HBM_GIB, "cpu")
 
 LOGITS_CHUNK = 1024  # positions per logits chunk in the update step (objectives.PolicyObjective default)
 REMAT_POLICIES = ("none", "dots", "full")
+ATTENTION_IMPLEMENTATIONS = ("xla", "splash", "cudnn")  # models/attention.py
+DEVICE_PLATFORMS = {"v5p": "tpu", "v5e": "tpu", "v4": "tpu", "h100": "gpu", "h200": "gpu", "cpu": "cpu"}
+SPLASH_LANES = 128  # splash pads sequences to a multiple of this
 
 
 # ---------------------------------------------------------------------------------------------- devices
@@ -244,7 +248,27 @@ class LocalDims:
 
 
 # ---------------------------------------------------------------------------------------------- formulas
-def layer_activation_bytes(d: LocalDims, seq: int, act: int) -> dict[str, int]:
+def attention_bytes(d: LocalDims, seq: int, act: int, attention: str = "xla") -> int:
+    """Bytes one layer's attention keeps for its backward (beyond q, k, v and its output), on one device, by
+    implementation (models/attention.py). Symbols as in layer_activation_bytes:
+      xla:     B*H*T^2*(4 + b)           the probabilities in float32 and their compute-dtype copy
+      splash:  B*H*T'*4 + B*T'*(H+2K)*Dh*b   logsumexp per row and head (float32), and q, k, v as the kernel
+                                        takes them (heads-major, padded to T' = T rounded up to 128)
+      cudnn:   B*H*T*4 + B*T*(H+2K)*Dh*b    logsumexp per row and head (float32), and q, k, v rotated so each
+                                        row's real tokens come first
+    The kernels keep no [T, T] scores: they rebuild them block by block in the backward.
+    """
+    B, T, H, K, Dh, b = d.rows, seq, d.heads, d.kv_heads, d.head_dim, act
+    if attention == "xla":
+        return B * H * T * T * (4 + b)
+    if attention == "splash":
+        T = -(-T // SPLASH_LANES) * SPLASH_LANES
+    elif attention != "cudnn":
+        raise ValueError(f"attention {attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    return B * H * T * 4 + B * T * (H + 2 * K) * Dh * b
+
+
+def layer_activation_bytes(d: LocalDims, seq: int, act: int, attention: str = "xla") -> dict[str, int]:
     """Bytes one decoder layer keeps for the backward pass, per remat policy, on one device.
 
     b = bytes of the compute dtype (`act`), B = rows, T = seq, D = embed, H / K = query / kv heads,
@@ -252,7 +276,7 @@ def layer_activation_bytes(d: LocalDims, seq: int, act: int) -> dict[str, int]:
       none: B*T*D*(4b + 8)          block input, attention-norm output, residual, MLP-norm output (b each)
                                     and the two norms' float32 inputs
             + B*T*(H + 2K)*Dh*b     q, k, v
-            + B*H*T^2*(4 + b)       attention probabilities in float32 and their compute-dtype copy
+            + attention_bytes       xla: B*H*T^2*(4 + b), the probabilities; kernels: no [T, T] term
             + B*T*H*Dh*b            attention output
             + B*T*F*4b              gate, up, silu(gate), their product
       dots: B*T*(3D + (H + 2K)*Dh + 2F)*b   block input and the outputs of the matmuls without batch
@@ -260,23 +284,24 @@ def layer_activation_bytes(d: LocalDims, seq: int, act: int) -> dict[str, int]:
       full: B*T*D*b                 block input only; everything else is rebuilt
     """
     B, T, D, H, K, Dh, F, b = d.rows, seq, d.embed, d.heads, d.kv_heads, d.head_dim, d.mlp, act
-    none = (B * T * D * (4 * b + 8) + B * T * (H + 2 * K) * Dh * b + B * H * T * T * (4 + b)
+    none = (B * T * D * (4 * b + 8) + B * T * (H + 2 * K) * Dh * b + attention_bytes(d, seq, act, attention)
             + B * T * H * Dh * b + B * T * F * 4 * b)
     dots = B * T * (3 * D + (H + 2 * K) * Dh + 2 * F) * b
     full = B * T * D * b
     return {"none": none, "dots": dots, "full": full}
 
 
-def activation_bytes(d: LocalDims, seq: int, act: int, remat: str) -> int:
+def activation_bytes(d: LocalDims, seq: int, act: int, remat: str, attention: str = "xla") -> int:
     """Activations of one micro-batch through the decoder on one device:
 
         L * kept(remat) + [remat != none] * kept(none)   (one layer rebuilt at a time in the backward)
         + B*T*D*(2b + 4)                                  embedding output, final norm (float32 input)
-        + B*T^2                                           the boolean attention mask
+        + B*T^2 (xla) or B*T (kernels)                    the boolean attention mask, or its row of real tokens
     """
-    per_layer = layer_activation_bytes(d, seq, act)
+    per_layer = layer_activation_bytes(d, seq, act, attention)
     rebuilt = per_layer["none"] if remat != "none" else 0
-    return d.layers * per_layer[remat] + rebuilt + d.rows * seq * d.embed * (2 * act + 4) + d.rows * seq * seq
+    mask = d.rows * seq * (seq if attention == "xla" else 1)
+    return d.layers * per_layer[remat] + rebuilt + d.rows * seq * d.embed * (2 * act + 4) + mask
 
 
 def logits_chunk_bytes(d: LocalDims, chunk: int, act: int) -> int:
@@ -329,6 +354,9 @@ class MemoryPlan:
     activations_by_remat: dict[str, int]  # the update's micro-batch activations under each remat policy
     shapes: dict[str, int]  # the lengths and batch sizes the estimates used
     notes: tuple[str, ...] = ()  # batches that do not split over the mesh, and what to set instead
+    attention: str = "xla"  # the implementation runtime.attention resolves to on this device
+    attention_by_implementation: dict[str, int] = dataclasses.field(default_factory=dict)  # one layer's
+    # attention_bytes of an update micro-batch under each implementation
 
     def phase_bytes(self) -> dict[str, int]:
         totals: dict[str, int] = {}
@@ -374,6 +402,8 @@ class MemoryPlan:
             "phases": self.phase_bytes(),
             "remat": self.remat,
             "activations_by_remat": self.activations_by_remat,
+            "attention": self.attention,
+            "attention_by_implementation": self.attention_by_implementation,
             "shapes": self.shapes,
             "peak_phase": self.peak_phase,
             "peak_bytes": self.peak_bytes,
@@ -436,6 +466,7 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
     models = run_models(cfg)
     policy = models["policy"]
     act = itemsize(cfg.runtime.dtype)
+    attention = resolve_attention(cfg.runtime.attention, cfg.runtime.dtype, DEVICE_PLATFORMS[device.kind])
     items: list[Item] = []
 
     # resident: weights and optimizer state (exact)
@@ -479,13 +510,14 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
                           f"{', '.join(DECODE_COPIED_PARAMS)} in {policy.config.dtype}, split like the params"))
         prefill = LocalDims.of(policy.config, prompts, mesh)
         items.append(Item("prefill activations", "rollout",
-                          layer_activation_bytes(prefill, prompt_len, act)["none"],
+                          layer_activation_bytes(prefill, prompt_len, act, attention)["none"],
                           f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device"))
         # reward: one layer of the reward model's forward on one scoring batch at its longest bucket
         reward_rows, reward_len = _reward_length(cfg, prompt_len + new)
         rm = models["reward model"]
         rm_dims = LocalDims.of(rm.config, reward_rows, mesh)
-        items.append(Item("reward forward", "reward", layer_activation_bytes(rm_dims, reward_len, act)["none"],
+        items.append(Item("reward forward", "reward",
+                          layer_activation_bytes(rm_dims, reward_len, act, attention)["none"],
                           f"one layer on {reward_rows} rows ({rm_dims.rows} per device) x {reward_len} tokens "
                           "(the bucket that holds prompt + response)"))
         shape_info.update(rollout_rows=prompts * n, cache_slots=slots, reward_rows=reward_rows,
@@ -499,10 +531,11 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
                           f"float32 sum over the {micro_batches} micro-batches"))
     dims = LocalDims.of(policy.config, rows, mesh)
     remat = cfg.runtime.remat
-    by_remat = {policy_name: activation_bytes(dims, seq, act, policy_name) for policy_name in REMAT_POLICIES}
+    by_remat = {policy_name: activation_bytes(dims, seq, act, policy_name, attention)
+                for policy_name in REMAT_POLICIES}
     items.append(Item(f"activations (remat={remat})", "update", by_remat[remat],
                       f"{rows} sequences ({dims.rows} per device) x {seq} tokens, {policy.config.num_hidden_layers} "
-                      "layers"))
+                      f"layers, {attention} attention"))
     chunk = min(LOGITS_CHUNK, seq)
     items.append(Item("logits chunk", "update", logits_chunk_bytes(dims, chunk, act),
                       f"{dims.rows} rows x {chunk} positions x {dims.vocab} vocab per device"))
@@ -515,15 +548,17 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
                           "float32" + (" + their accumulator" if micro_batches > 1 else "")))
         critic_dims = LocalDims.of(critic.config, rows, mesh)
         items.append(Item(f"critic activations (remat={remat})", "critic update",
-                          activation_bytes(critic_dims, seq, act, remat), f"as the policy's, {rows} sequences"))
+                          activation_bytes(critic_dims, seq, act, remat, attention),
+                          f"as the policy's, {rows} sequences"))
 
     summaries = tuple(
         ModelSummary(m.role, m.config.architecture, m.source, m.num_params, m.config.param_dtype,
                      global_bytes(m.params))
         for m in models.values()
     )
+    by_attention = {name: attention_bytes(dims, seq, act, name) for name in ATTENTION_IMPLEMENTATIONS}
     return MemoryPlan(config_source, device, dict(mesh.shape), summaries, tuple(items), remat, by_remat, shape_info,
-                      batch_split_notes(cfg, shape_info, mesh))
+                      batch_split_notes(cfg, shape_info, mesh), attention, by_attention)
 
 
 def batch_split_notes(cfg: RunConfig, shapes: dict[str, int], mesh: AbstractMesh) -> tuple[str, ...]:
@@ -546,7 +581,7 @@ def batch_split_notes(cfg: RunConfig, shapes: dict[str, int], mesh: AbstractMesh
 
 __all__ = [
     "DEVICE_HBM_GIB", "DEVICE_KINDS", "DeviceSpec", "Item", "LocalDims", "MemoryPlan", "ModelShapes",
-    "abstract_model", "activation_bytes", "global_bytes", "kv_cache_bytes", "layer_activation_bytes",
+    "abstract_model", "activation_bytes", "attention_bytes", "global_bytes", "kv_cache_bytes", "layer_activation_bytes",
     "local_shape", "logits_chunk_bytes", "memory_plan", "model_architecture", "per_device_bytes", "plan_mesh",
     "run_models", "update_shape",
 ]

@@ -10,7 +10,7 @@ from models import ModelConfig
 from rlmt_jax.cli import main
 from rlmt_jax.config import resolve
 from rlmt_jax.errors import UserError
-from rlmt_jax.memory_plan import GIB, DeviceSpec, LocalDims, layer_activation_bytes, memory_plan
+from rlmt_jax.memory_plan import GIB, DeviceSpec, LocalDims, attention_bytes, layer_activation_bytes, memory_plan
 
 # Llama-3.1-8B by hand: embed and lm_head 128256 x 4096; per layer q and o 4096 x 4096, k and v 4096 x 1024,
 # gate, up, down 4096 x 14336, two norms of 4096; 32 layers; a final norm.
@@ -99,12 +99,16 @@ def test_h100_peak_is_the_rollout_and_the_kv_cache_is_the_largest_item(grpo_h100
 
 
 def test_reward_batch_of_8_on_32_devices_is_not_split_and_the_plan_says_so(grpo_v5p):
-    # 8 rows cannot split 32 ways: every device runs all 8 at the 8192 bucket (1024 + 4096 tokens fit no less)
-    unsplit = memory_plan(resolve("grpo_llama31_8b_instruct", ["reward.batch_size=8"]), DeviceSpec.parse("v5p-64"))
+    # 8 rows cannot split 32 ways: every device runs all 8 at the 8192 bucket (1024 + 4096 tokens fit no less);
+    # with today's xla attention its [T, T] probabilities do not fit, with splash (auto on TPU) they are gone
+    unsplit, kernel = (memory_plan(resolve("grpo_llama31_8b_instruct", ["reward.batch_size=8", *attention]),
+                                   DeviceSpec.parse("v5p-64")) for attention in (["runtime.attention=xla"], []))
     assert unsplit.shapes["reward_rows"] == 8 and unsplit.shapes["reward_seq"] == 8192
     assert unsplit.largest.name == "reward forward"
     assert not unsplit.fits
     assert any(note.startswith("reward.batch_size: 8 reward-model rows") for note in unsplit.notes)
+    assert kernel.attention == "splash" and kernel.fits and kernel.notes == unsplit.notes
+    assert kernel.item("reward forward").bytes < unsplit.item("reward forward").bytes / 8  # 13.0 vs 108.2 GiB
     # the shipped config scores 32 rows per call: one per chip
     assert grpo_v5p.shapes["reward_rows"] == 32
     assert grpo_v5p.fits and not grpo_v5p.notes
@@ -115,6 +119,31 @@ def test_activation_formula_on_a_hand_computed_layer():
     # none: 1*2*4*(4*2+8) + 1*2*(2+2)*2*2 + 1*2*2*2*(4+2) + 1*2*2*2*2 + 1*2*8*4*2 = 128 + 32 + 48 + 16 + 128
     # dots: 1*2*(3*4 + (2+2)*2 + 2*8)*2 = 144;  full: 1*2*4*2 = 16
     assert layer_activation_bytes(dims, seq=2, act=2) == {"none": 352, "dots": 144, "full": 16}
+
+
+def test_attention_memory_per_implementation_on_a_hand_computed_layer():
+    # B=2 rows, T=200 tokens, H=4 heads, K=2 kv heads, Dh=8, bfloat16 (b=2)
+    dims = LocalDims(rows=2, embed=32, heads=4, kv_heads=2, head_dim=8, mlp=64, vocab=16, layers=3)
+    xla = 2 * 4 * 200 * 200 * (4 + 2)  # probabilities in float32 and bfloat16: 1,920,000
+    cudnn = 2 * 4 * 200 * 4 + 2 * 200 * (4 + 2 * 2) * 8 * 2  # logsumexp + rotated q, k, v: 6,400 + 51,200
+    splash = 2 * 4 * 256 * 4 + 2 * 256 * (4 + 2 * 2) * 8 * 2  # the same at 256 (200 padded to 128s): 73,728
+    assert (xla, cudnn, splash) == (1_920_000, 57_600, 73_728)
+    assert [attention_bytes(dims, 200, 2, name) for name in ("xla", "cudnn", "splash")] == [xla, cudnn, splash]
+    none = {name: layer_activation_bytes(dims, 200, 2, name)["none"] for name in ("xla", "cudnn", "splash")}
+    assert none["xla"] - none["cudnn"] == xla - cudnn and none["xla"] - none["splash"] == xla - splash
+
+
+def test_the_plan_names_the_attention_auto_picks_per_device_and_counts_it(grpo_v5p, grpo_h100):
+    assert (grpo_v5p.attention, grpo_h100.attention) == ("splash", "cudnn")
+    # one micro-batch row per device (v5p: 32 sequences / 32) of 5120 tokens, 32 heads, 8 kv heads of 128
+    assert grpo_v5p.attention_by_implementation == {
+        "xla": 32 * 5120 * 5120 * 6, "splash": 32 * 5120 * 4 + 5120 * 48 * 128 * 2,
+        "cudnn": 32 * 5120 * 4 + 5120 * 48 * 128 * 2}
+    xla = memory_plan(resolve("grpo_llama31_8b_instruct", ["runtime.attention=xla"]), DeviceSpec.parse("v5p-64"))
+    assert xla.attention == "xla"
+    assert grpo_v5p.activations_by_remat["none"] < xla.activations_by_remat["none"]
+    assert grpo_v5p.activations_by_remat["full"] == xla.activations_by_remat["full"] - (
+        32 * 5120 * 5120 * 6 - grpo_v5p.attention_by_implementation["splash"]) - (5120 * 5120 - 5120)
 
 
 def test_remat_full_keeps_less_than_dots_less_than_none(grpo_v5p):
@@ -155,7 +184,8 @@ def test_cli_prints_the_table_for_v5p_64_and_8xh100(capsys):
     v5p = capsys.readouterr().out
     assert "devices: 32 x v5p, 95.00 GiB each; mesh data=1 x fsdp=32 x tensor=1" in v5p
     assert "policy params                      resident           0.94" in v5p
-    assert "largest item: reward forward" in v5p and ": fits" in v5p
+    assert "largest item: KV cache" in v5p and ": fits" in v5p
+    assert "attention: splash on v5p; one layer keeps, per micro-batch: xla 4.69 GiB | splash 0.06 GiB" in v5p
 
     assert main(["plan", "grpo_llama31_8b_instruct", "mesh.fsdp=8", "optimizer.micro_batch_size=8",
                  "reward.batch_size=8", "--device-kind", "h100", "--json"]) == 0

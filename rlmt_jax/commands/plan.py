@@ -85,6 +85,9 @@ def format_plan(plan, algorithm: str = "") -> str:
         "activations of one micro-batch by remat: "
         + " | ".join(f"{name} {gib(total)} GiB" for name, total in plan.activations_by_remat.items())
         + f" (configured: {plan.remat})",
+        f"attention: {plan.attention} on {plan.device.kind}; one layer keeps, per micro-batch: "
+        + " | ".join(f"{name} {gib(total)} GiB" for name, total in plan.attention_by_implementation.items())
+        + " (xla: the [T, T] probabilities; the kernels: logsumexp per row and head and their q, k, v)",
         f"peak: {gib(plan.peak_bytes)} GiB of {gib(plan.device.hbm_bytes)} GiB (resident + {plan.peak_phase}): "
         + ("fits" if plan.fits else "does NOT fit"),
         f"largest item: {plan.largest.name} ({gib(plan.largest.bytes)} GiB, {plan.largest.phase})",
@@ -94,9 +97,10 @@ def format_plan(plan, algorithm: str = "") -> str:
         "",
         "Params and optimizer state are exact (real shapes, real shardings). Activations per layer, per device "
         "(b = compute-dtype bytes, B rows, T tokens, D embed, H/K heads, Dh head_dim, F mlp):",
-        "  no remat: B*T*D*(4b+8) + B*T*(2H+2K)*Dh*b + B*H*T^2*(4+b) + B*T*F*4b; dots: B*T*(3D+(H+2K)*Dh+2F)*b; "
+        "  no remat: B*T*D*(4b+8) + B*T*(2H+2K)*Dh*b + attention + B*T*F*4b; dots: B*T*(3D+(H+2K)*Dh+2F)*b; "
         "full: B*T*D*b",
-        "  total = layers x kept + one layer rebuilt (with remat) + embedding/final norm B*T*D*(2b+4) + mask B*T^2;"
-        " logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes. XLA temporaries are not counted.",
+        "  attention: xla B*H*T^2*(4+b); splash and cudnn B*H*T*4 + B*T*(H+2K)*Dh*b (splash: T rounded up to 128)",
+        "  total = layers x kept + one layer rebuilt (with remat) + embedding/final norm B*T*D*(2b+4) + mask B*T^2 "
+        "(kernels: B*T); logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes. XLA temporaries are not counted.",
     ]
     return "\n".join(lines)
