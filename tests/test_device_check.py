@@ -1,0 +1,29 @@
+"""benchmarks/device_check.py runs end to end at its --smoke size on CPU and prints one line per figure, so it is
+ready for the first session that has an accelerator (timings are never asserted)."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks import device_check
+
+LINE = re.compile(r"^device_check what=(\S+) value=(\S+) reference=(\S+) ratio=(\S+)")
+
+
+def test_smoke_run_prints_every_figure_with_its_reference_and_ratio(capsys):
+    assert device_check.main(["--smoke"]) == 0
+    figures = {m.group(1): tuple(float(x) for x in m.groups()[1:])
+               for m in map(LINE.match, capsys.readouterr().out.splitlines()) if m}
+    assert sorted(figures) == [
+        "sampler_tokens_per_s_b4", "sampler_tokens_per_s_b8", "transformers_generate_tokens_per_s_b4",
+        "transformers_generate_tokens_per_s_b8", "update_tokens_per_s"]
+    for what, (value, reference, ratio) in figures.items():
+        assert value > 0 and reference > 0, what
+        assert abs(ratio - value / reference) <= 1e-3 + 1e-3 * ratio, what
+    # transformers' line is measured against ours
+    assert figures["transformers_generate_tokens_per_s_b4"][1] == figures["sampler_tokens_per_s_b4"][0]
+
+
+def test_without_an_accelerator_it_refuses_unless_asked_for_the_smoke_size(capsys):
+    assert device_check.main([]) == 2
+    assert "JAX sees no accelerator" in capsys.readouterr().err
