@@ -207,8 +207,8 @@ def test_kernels_on_eight_devices_equal_the_xla_path_on_one(checkpoints):
 
 
 def _sharded_worker(path: str) -> dict:
-    """Logits, log-probs and gradients of the kernels on meshes (data, fsdp, tensor), against the xla path on
-    one device: cudnn on 2x2x2 (batch over data x fsdp, kv heads over tensor), splash on 1x2x4 (tensor 4 does
+    """Logits, log-probs and gradients of the kernels (under remat=full) on meshes (data, fsdp, tensor), against
+    the xla path on one device: cudnn on 2x2x2 (batch over data x fsdp, kv heads over tensor), splash on 1x2x4 (tensor 4 does
     not divide the 2 kv heads: each device keeps whole heads)."""
     from rlmt_jax import mesh as mesh_lib
 
@@ -217,7 +217,7 @@ def _sharded_worker(path: str) -> dict:
     observed: dict = {"device_count": jax.device_count(), "meshes": {}}
     for sizes, implementation in (((2, 2, 2), "cudnn"), ((1, 2, 4), "splash")):
         mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(*sizes))
-        model = load(path, implementation, place=mesh_lib.make_placer(mesh))
+        model = load(path, implementation, place=mesh_lib.make_placer(mesh), remat="full")  # the recipes' remat
         graphdef, params = nnx.split(model)
         with mesh_lib.activation_sharding(mesh):
             jaxpr = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(*map(jnp.asarray, batch)))(params))
