@@ -12,7 +12,9 @@ Implementations (ModelConfig.attention, the run config's `runtime.attention`):
 Both kernels see the mask as `CausalTokens`: query t attends to key s when s <= t and token s is real, which is
 the dense mask `causal_mask(attention_mask)` builds, without its [seq, seq] array. They run per device (batch
 and kv heads split by the rules table, models.sharding.per_device), each query head kept with its kv head.
-Decode steps stay on the xla path: JAX's paged/ragged decode kernels need a paged cache, not our layout.
+Decode steps stay on the xla path (grouped_attention over the cache): JAX's TPU decode kernels (paged_attention,
+ragged_paged_attention) read a paged cache, and its GPU one (pallas.ops.gpu.decode_attention.gqa) keys laid out
+[batch, seq, kv_heads, head_dim]; our cache keeps keys transposed per kv head in decode-window blocks.
 """
 
 from __future__ import annotations

@@ -172,6 +172,22 @@ def test_kernel_prefill_fills_the_cache_and_predicts_as_the_xla_prefill(checkpoi
         np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
 
 
+def test_sampler_prefills_through_the_kernel_and_samples_as_with_the_xla_path(checkpoints, kernel_calls):
+    """The sampler's prefill (slot 0) takes the kernel; greedy tokens and their log-probs equal the xla path's."""
+    from rlmt_jax.sampling import Sampler, SamplingConfig
+
+    prompts = [[5, 9, 17, 33, 2, 8], [40, 41], [7, 7, 7, 90]]  # left-padded to the bucket of 8 by the sampler
+    config = SamplingConfig(max_new_tokens=3, temperature=0.0, prompt_buckets=(8,), pad_id=159)
+    rollouts = {}
+    for impl in ("xla", "cudnn"):
+        sampler, params = Sampler.for_model(load(checkpoints["qwen25"], impl), config)
+        rollouts[impl] = sampler(params, prompts, jax.random.key(0))
+    assert kernel_calls["cudnn"] > 0
+    np.testing.assert_array_equal(np.asarray(rollouts["cudnn"].tokens), np.asarray(rollouts["xla"].tokens))
+    np.testing.assert_allclose(np.asarray(rollouts["cudnn"].logprobs), np.asarray(rollouts["xla"].logprobs),
+                               atol=TOLERANCE, rtol=0)
+
+
 def test_auto_picks_splash_on_tpu_cudnn_on_gpu_in_half_precision_and_xla_elsewhere():
     assert resolve_attention("auto", "bfloat16", "tpu") == "splash"
     assert resolve_attention("auto", "float32", "tpu") == "splash"
@@ -179,6 +195,13 @@ def test_auto_picks_splash_on_tpu_cudnn_on_gpu_in_half_precision_and_xla_elsewhe
     assert resolve_attention("auto", "float32", "gpu") == "xla"  # cuDNN has no float32 flash attention
     assert resolve_attention("auto", "bfloat16", "cpu") == "xla"
     assert resolve_attention("splash", "float32", "cpu") == "splash"  # a named one is taken as is
+
+
+def test_cudnn_on_a_gpu_in_float32_names_the_settings_to_change(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with pytest.raises(ConfigError, match="'cudnn' needs a bfloat16 or float16 compute dtype.*runtime.dtype"):
+        attention_lib.kernel_attention(q, q, q, jnp.ones((1, 4), bool), "cudnn")
 
 
 def test_an_unknown_attention_setting_names_the_key():
