@@ -178,7 +178,7 @@ def sampler_roofline(cfg, chip, rows: int, prompt: int, new: int) -> float | Non
     return rows * new / (prefill_s + decode_bytes / chip.hbm_bytes_per_s)
 
 
-def check_sampler(model_config, chip, platform, args) -> dict[int, float]:
+def check_sampler(model_config, chip, args) -> dict[int, float]:
     """Our sampler's tokens/s at each batch size; returns them for the transformers comparison."""
     import jax
     import numpy as np
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     print(f"device_check: {len(jax.devices())} x {jax.devices()[0].device_kind} ({platform}), peak figures: "
           f"{chip.name}; model {params / 1e6:.1f}M params, compute in {args.dtype}", flush=True)
     check_update_step(model_config, chip, args)
-    ours = check_sampler(model_config, chip, platform, args)
+    ours = check_sampler(model_config, chip, args)
     if args.skip_transformers:
         print("device_check what=transformers_generate skipped: --skip-transformers", flush=True)
     else:

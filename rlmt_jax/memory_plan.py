@@ -581,7 +581,7 @@ def batch_split_notes(cfg: RunConfig, shapes: dict[str, int], mesh: AbstractMesh
 
 __all__ = [
     "DEVICE_HBM_GIB", "DEVICE_KINDS", "DeviceSpec", "Item", "LocalDims", "MemoryPlan", "ModelShapes",
-    "abstract_model", "activation_bytes", "attention_bytes", "global_bytes", "kv_cache_bytes", "layer_activation_bytes",
-    "local_shape", "logits_chunk_bytes", "memory_plan", "model_architecture", "per_device_bytes", "plan_mesh",
+    "abstract_model", "activation_bytes", "attention_bytes", "global_bytes", "kv_cache_bytes",
+    "layer_activation_bytes", "local_shape", "logits_chunk_bytes", "memory_plan", "model_architecture", "per_device_bytes", "plan_mesh",
     "run_models", "update_shape",
 ]

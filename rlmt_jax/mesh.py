@@ -33,8 +33,8 @@ from rlmt_jax.errors import UserError
 __all__ = [
     "MESH_AXES", "RULES", "AxisRule", "MeshConfig", "activation_constraint", "activation_sharding", "batch_sharding",
     "batch_split", "device_grid", "initialize_distributed", "is_main_process", "logical_to_spec", "make_mesh",
-    "make_placer", "param_shardings", "per_device_map", "place_unplaced_params", "replicate_unplaced", "resolve_mesh_shape",
-    "shard_batch", "shard_params",
+    "make_placer", "param_shardings", "per_device_map", "place_unplaced_params", "replicate_unplaced",
+    "resolve_mesh_shape", "shard_batch", "shard_params",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")

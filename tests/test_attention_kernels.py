@@ -231,8 +231,8 @@ def test_kernels_on_eight_devices_equal_the_xla_path_on_one(checkpoints):
 
 def _sharded_worker(path: str) -> dict:
     """Logits, log-probs and gradients of the kernels (under remat=full) on meshes (data, fsdp, tensor), against
-    the xla path on one device: cudnn on 2x2x2 (batch over data x fsdp, kv heads over tensor), splash on 1x2x4 (tensor 4 does
-    not divide the 2 kv heads: each device keeps whole heads)."""
+    the xla path on one device: cudnn on 2x2x2 (batch over data x fsdp, kv heads over tensor), splash on 1x2x4
+    (tensor 4 does not divide the 2 kv heads: each device keeps whole heads)."""
     from rlmt_jax import mesh as mesh_lib
 
     batch = padded_batch()
