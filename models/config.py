@@ -18,6 +18,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForSequenceClassification": ("qwen2", "seq_cls"),
 }
 DTYPES = ("float32", "bfloat16", "float16")
+# Keys of config.json without a default: the shapes of the model.
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 REMAT_POLICIES = ("none", "full", "dots")
 # How full-sequence attention runs (models/attention.py): auto picks splash on TPU, cuDNN flash on GPU
 # (bfloat16/float16), xla (the blocked path written for XLA:CPU, with its own gradient) elsewhere.
@@ -158,6 +160,10 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
         num_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 1))
+        missing = [key for key in REQUIRED_KEYS if hf.get(key) is None]
+        if missing:
+            raise ConfigError(f"{missing[0]}: missing, and {arch} needs it" + (
+                f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
         hidden = int(hf["hidden_size"])
         heads = int(hf["num_attention_heads"])
         return cls(
@@ -188,8 +194,17 @@ class ModelConfig:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path}: no config.json in the model directory")
-        with open(config_path) as f:
-            return cls.from_hf_config(json.load(f), **runtime)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise ConfigError(f"{config_path}: not valid JSON ({err})") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
+        try:
+            return cls.from_hf_config(hf, **runtime)
+        except ConfigError as err:
+            raise ConfigError(f"{config_path}: {err}") from None
 
     # ---------------------------------------------------------------- HF config.json out
     def to_hf_config(self, transformers_major: int | None = None, dtype_name: str | None = None) -> dict[str, Any]:

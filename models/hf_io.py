@@ -12,13 +12,13 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from models.config import ModelConfig
@@ -111,6 +111,7 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        self._open: dict[str, object] = {}
         index_path = os.path.join(self.path, INDEX_FILE)
         single_path = os.path.join(self.path, SINGLE_FILE)
         if os.path.isfile(index_path):
@@ -120,8 +121,7 @@ class SafetensorsReader:
                 raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
             self.file_of = {name: os.path.join(self.path, file) for name, file in weight_map.items()}
         elif os.path.isfile(single_path):
-            with safe_open(single_path, framework="numpy") as f:
-                self.file_of = {name: single_path for name in f.keys()}
+            self.file_of = {name: single_path for name in self._open_file(single_path).keys()}
         else:
             bins = [n for n in os.listdir(self.path) if n.endswith(".bin") or n.endswith(".pt")]
             hint = " (pickle .bin weights are never loaded: convert them to safetensors)" if bins else ""
@@ -129,21 +129,29 @@ class SafetensorsReader:
         for file in set(self.file_of.values()):
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file}: listed in {INDEX_FILE} but missing")
-        self._open: dict[str, object] = {}
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
-    def _handle(self, file: str):
+    def _open_file(self, file: str):
+        """An open handle; a truncated or garbage file is a CheckpointError naming it."""
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="numpy").__enter__()
+            try:
+                self._open[file] = safe_open(file, framework="numpy").__enter__()
+            except SafetensorError as err:
+                raise CheckpointError(f"{file}: not a readable safetensors file (truncated or damaged: {err})"
+                                      ) from None
         return self._open[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.file_of[name]).get_slice(name).get_shape())
+        return tuple(self._open_file(self.file_of[name]).get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(self.file_of[name]).get_tensor(name)
+        file = self.file_of[name]
+        try:
+            return self._open_file(file).get_tensor(name)
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: tensor {name} cannot be read (truncated or damaged: {err})") from None
 
     def close(self):
         for handle in self._open.values():
@@ -155,10 +163,18 @@ def default_place(name: str, array: np.ndarray, axes: tuple) -> jax.Array:
     return jnp.asarray(array)
 
 
+def dtype_name(dtype: Any) -> str:
+    """'bfloat16' for "bfloat16", jnp.bfloat16, np.float32 and the like (ModelConfig holds names)."""
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"dtype: {dtype!r} is not a dtype") from None
+
+
 def load_pretrained(
     path: str | os.PathLike,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
+    dtype: Any = "float32",
+    param_dtype: Any = "float32",
     *,
     task: str | None = None,
     remat: str = "none",
@@ -172,8 +188,10 @@ def load_pretrained(
     task=None: CausalLM for *ForCausalLM, RewardModel for *ForSequenceClassification; task='value': a
     ValueModel whose decoder is the checkpoint's and whose value head is fresh (seeded by `seed`).
     `place(name, array, logical_axes)` puts each tensor on device as it is read (default: default device).
+    dtype (compute) and param_dtype: names ("bfloat16") or dtypes (jnp.bfloat16, np.float32).
     """
     path = os.fspath(path)
+    dtype, param_dtype = dtype_name(dtype), dtype_name(param_dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a model directory")
     cfg = ModelConfig.from_pretrained(
@@ -261,7 +279,7 @@ def save_pretrained(
     path: str | os.PathLike,
     max_shard_size: int | str = "5GB",
     *,
-    dtype: str | None = None,
+    dtype: Any = None,
     extra_files: Iterable[str | os.PathLike] = (),
     writer: bool | None = None,
 ) -> str:

@@ -126,7 +126,8 @@ def prepare_policy_tokenizer(tokenizer, settings: TemplateSettings):
 
 
 def messages_from_row(row: Mapping[str, Any], where: str) -> list[dict[str, str]]:
-    """The prompt conversation of a data row: its `messages` list, or its `prompt` text as one user turn.
+    """The prompt conversation of a data row: its `messages` list, or its `prompt` (else `instruction`) text as
+    one user turn.
 
     `where` names the row in errors, e.g. "prompts.jsonl row 7".
     """
@@ -144,11 +145,12 @@ def messages_from_row(row: Mapping[str, Any], where: str) -> list[dict[str, str]
                 raise UserError(f"{where}: messages[{i}] must have a string `role` and a string `content`")
             checked.append({"role": message["role"], "content": message["content"]})
         return checked
-    if row.get("prompt") is not None:
-        if not isinstance(row["prompt"], str):
-            raise UserError(f"{where}: `prompt` must be text")
-        return [{"role": "user", "content": row["prompt"]}]
-    raise UserError(f"{where}: has neither `messages` nor `prompt`")
+    for key in ("prompt", "instruction"):  # `instruction`: AlpacaEval's field
+        if row.get(key) is not None:
+            if not isinstance(row[key], str):
+                raise UserError(f"{where}: `{key}` must be text")
+            return [{"role": "user", "content": row[key]}]
+    raise UserError(f"{where}: has neither `messages` nor `prompt` (nor AlpacaEval's `instruction`)")
 
 
 def render_prompt(tokenizer, messages: Sequence[Mapping[str, str]]) -> str:

@@ -4,15 +4,17 @@
 once and cached (in $RLMT_JAX_CACHE, default ~/.cache/rlmt_jax). Every process of a multi-host run can make
 them by itself, on its own CPU device, and several processes may make them at once on one disk: each builds
 into a temporary folder beside the cache and renames it into place; the first rename wins, the others keep
-the winner's folder, so a reader never sees a half-written one. Both share a small byte-level BPE tokenizer
-with the Llama-3.1-Instruct special tokens and chat template, and the think tags as single tokens (a random
-tiny model could never spell `</think>` out of several pieces, so learning the format would take too long).
+the winner's folder, so a reader never sees a half-written one. A cache found damaged (a file missing, cut
+short or overwritten) is set aside and built again. Both share a small byte-level BPE tokenizer with the
+Llama-3.1-Instruct special tokens and chat template, and the think tags as single tokens (a random tiny model
+could never spell `</think>` out of several pieces, so learning the format would take too long).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +28,7 @@ from models.hf_io import process_umask
 from rlmt_jax.config import BUILTIN_PREFIX, BUILTIN_DATA
 from rlmt_jax.errors import UserError
 
+log = logging.getLogger("rlmt_jax.tiny")
 VERSION = "v1"  # bump when the recipe below changes, so caches are rebuilt
 POLICY_SEED, REWARD_SEED = 0, 1
 # Reward scores of a random head are tiny; this scale gives them a spread near 1 so preferences are visible.
@@ -84,8 +87,24 @@ def _build(root: Path) -> None:
     save_pretrained(reward, root / "reward", extra_files=tokenizer_files, writer=True)
 
 
-def _is_complete(root: Path) -> bool:
-    return all((root / part).exists() for part in ("tokenizer", "policy/config.json", "reward/config.json"))
+def damage(root: Path) -> str | None:
+    """What is wrong with a cached build (a missing, truncated or garbage file), or None when it is whole."""
+    from models import ModelConfig, SafetensorsReader
+
+    for part in ("tokenizer", "policy", "reward"):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            try:
+                json.loads((root / part / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                return f"{root / part / name}: {err}"
+        if part == "tokenizer":
+            continue
+        try:
+            ModelConfig.from_pretrained(root / part)
+            SafetensorsReader(root / part).close()  # reads the headers: a short or garbage file fails
+        except (OSError, ValueError) as err:
+            return str(err)
+    return None
 
 
 def _build_device() -> jax.Device:
@@ -100,8 +119,12 @@ def _build_device() -> jax.Device:
 def tiny_assets_dir() -> Path:
     """The cached folder with `tokenizer/`, `policy/` and `reward/`, made on first use by this process."""
     root = cache_root() / f"tiny-{VERSION}"
-    if _is_complete(root):
-        return root
+    if root.exists():
+        problem = damage(root)
+        if problem is None:
+            return root
+        log.warning("the built-in tiny models' cache %s is damaged (%s): building it again", root, problem)
+        _set_aside(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{VERSION}.tmp-", dir=root.parent))
     tmp.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 would keep a shared cache from the others
@@ -116,9 +139,19 @@ def tiny_assets_dir() -> Path:
             # another process renamed its build into place first: keep theirs (the same bytes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not _is_complete(root):  # only a folder made by hand (or by an older rlmt-jax) gets here
-        raise UserError(f"the built-in tiny models' cache {root} is incomplete; delete it and run again")
+    if (problem := damage(root)) is not None:  # another process's damaged build won the rename
+        raise UserError(f"the built-in tiny models' cache {root} is damaged ({problem}); delete it and run again")
     return root
+
+
+def _set_aside(root: Path) -> None:
+    """Moves a damaged cache folder out of the way and deletes it (another process may have done so first)."""
+    aside = Path(tempfile.mkdtemp(prefix=f".tiny-{VERSION}.damaged-", dir=root.parent))
+    try:
+        os.rename(root, aside / "old")
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def resolve_model_path(path: str | None) -> str | None:

@@ -2,9 +2,10 @@
 
     summary = train(resolve("configs/grpo_llama31_8b_instruct.yaml", ["rollout.temperature=0.8"]))
 
-A run lives in `run.output_dir`: the resolved config, metrics.jsonl, samples.jsonl, TensorBoard events,
-checkpoints/ (orbax) and export/ (a Hugging Face directory). Started again on a run dir with checkpoints it
-resumes from the newest good one, with the same data order and rng, so it reproduces the uninterrupted run.
+A run lives in `run.output_dir`: the resolved config, policy/ (the policy's config and prepared tokenizer),
+metrics.jsonl, samples.jsonl, TensorBoard events, checkpoints/ (orbax) and export/ (a Hugging Face directory).
+Started again on a run dir with checkpoints it resumes from the newest good one, with the same data order and
+rng, so it reproduces the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from rlmt_jax.objectives import DPOObjective, PolicyObjective, SFTObjective, Val
 from rlmt_jax.optim import AdamWConfig
 from rlmt_jax.rewards import RewardScorer, RewardSettings
 from rlmt_jax.rollouts import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
+from rlmt_jax.run_dir import save_policy_files
 from rlmt_jax.sampling import Sampler, SamplingConfig
 from rlmt_jax.sequences import dpo_batch, sft_batch, sft_tokens
 from rlmt_jax.tiny import resolve_model_path
@@ -95,6 +97,7 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)  # every process: DPO pairs are kept per process
         if jax.process_index() == 0:
             save_resolved(cfg, self.run_dir)
+            save_policy_files(self.run_dir, self.policy_path, self.text.tokenizer)  # the run dir stands alone
         self.store = ckpt.CheckpointStore(
             cfg.checkpoint_dir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
             best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,

@@ -6,18 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import save_file
 from transformers import AutoTokenizer
 
 from models import build_model, save_pretrained
 from rlmt_jax import tiny
-from rlmt_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180
@@ -53,16 +55,29 @@ def test_the_tiny_models_are_the_files_save_pretrained_writes(reference, tmp_pat
         "tokenizer/chat_template.jinja", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
 
 
+FAKE_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+               "num_hidden_layers": 1, "num_attention_heads": 1}
+
+
 def fake_build(label: str, seen: list[bool]):
-    """A quick stand-in for tiny._build that records whether the cache folder existed while it ran."""
+    """A quick stand-in for tiny._build that records whether the cache folder existed while it ran; its files
+    are readable (labelled in tokenizer_config.json) but hold no real model."""
 
     def build(folder: Path) -> None:
         seen.append((tiny.cache_root() / f"tiny-{tiny.VERSION}").exists())
         for part in ("tokenizer", "policy", "reward"):
             (folder / part).mkdir()
-            (folder / part / "config.json").write_text(label)
+            (folder / part / "tokenizer.json").write_text("{}")
+            (folder / part / "tokenizer_config.json").write_text(json.dumps({"label": label}))
+            if part != "tokenizer":
+                (folder / part / "config.json").write_text(json.dumps(FAKE_CONFIG))
+                save_file({"x": np.zeros(2, np.float32)}, folder / part / "model.safetensors")
 
     return build
+
+
+def label(root: Path, part: str) -> str:
+    return json.loads((root / part / "tokenizer_config.json").read_text())["label"]
 
 
 def test_a_build_appears_in_the_cache_only_when_complete(tmp_path, monkeypatch):
@@ -71,7 +86,7 @@ def test_a_build_appears_in_the_cache_only_when_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "_build", fake_build("mine", seen))
     root = tiny.tiny_assets_dir()
     assert seen == [False]  # written elsewhere (a temporary folder beside it), then renamed
-    assert (root / "policy" / "config.json").read_text() == "mine"
+    assert label(root, "policy") == "mine"
     assert os.listdir(tmp_path) == [f"tiny-{tiny.VERSION}"]  # the temporary folder is gone
     assert tiny.tiny_assets_dir() == root and seen == [False]  # made once
 
@@ -91,16 +106,32 @@ def test_a_builder_that_loses_the_race_keeps_the_winners_folder(tmp_path, monkey
     monkeypatch.setattr(tiny, "_build", build_while_another_process_finishes_first)
     root = tiny.tiny_assets_dir()
     assert seen == [False, True]
-    assert [(root / p / "config.json").read_text() for p in ("tokenizer", "policy", "reward")] == ["theirs"] * 3
+    assert [label(root, p) for p in ("tokenizer", "policy", "reward")] == ["theirs"] * 3
     assert os.listdir(tmp_path) == [f"tiny-{tiny.VERSION}"]
 
 
-def test_an_incomplete_cache_folder_is_named(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["incomplete", "truncated", "garbage", "config without a key"])
+def test_a_damaged_cache_folder_is_built_again(tmp_path, monkeypatch, damage):
     monkeypatch.setenv("RLMT_JAX_CACHE", str(tmp_path))
-    (tmp_path / f"tiny-{tiny.VERSION}" / "tokenizer").mkdir(parents=True)  # no policy/ nor reward/
-    monkeypatch.setattr(tiny, "_build", fake_build("mine", []))
-    with pytest.raises(UserError, match=f"cache {tmp_path / f'tiny-{tiny.VERSION}'} is incomplete; delete it"):
-        tiny.tiny_assets_dir()
+    old = tmp_path / f"tiny-{tiny.VERSION}"
+    old.mkdir()
+    fake_build("old", [])(old)
+    weights = old / "reward" / "model.safetensors"
+    if damage == "incomplete":
+        shutil.rmtree(old / "policy")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-3])
+    elif damage == "garbage":
+        weights.write_bytes(b"not safetensors at all" * 4)
+    else:
+        (old / "policy" / "config.json").write_text(json.dumps({**FAKE_CONFIG, "hidden_size": None}))
+    assert tiny.damage(old) is not None
+    seen = []
+    monkeypatch.setattr(tiny, "_build", fake_build("new", seen))
+    root = tiny.tiny_assets_dir()
+    assert seen == [False] and root == old  # set aside before the build, which took its place
+    assert [label(root, p) for p in ("tokenizer", "policy", "reward")] == ["new"] * 3
+    assert tiny.damage(root) is None
     assert os.listdir(tmp_path) == [f"tiny-{tiny.VERSION}"]
 
 

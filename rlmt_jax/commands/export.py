@@ -22,50 +22,23 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def find_run_dir(path: Path) -> Path:
-    """The run dir that holds `path` (a run dir, its checkpoints dir, or a step dir): the one with config.yaml."""
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    from rlmt_jax.errors import UserError
-
-    raise UserError(f"{path}: not inside a run dir (no config.yaml in it or its two parents)")
-
-
 def run(args) -> int:
-    from flax import nnx
     from transformers import AutoTokenizer
 
-    from models import ModelConfig, build_model
-    from rlmt_jax.checkpoint import params_only
-    from rlmt_jax.config import load_resolved
     from rlmt_jax.errors import UserError
     from rlmt_jax.rollouts import PolicyText, template_settings
-    from rlmt_jax.tiny import resolve_model_path
+    from rlmt_jax.run_dir import checkpoint_policy, checkpoints_of, open_run, policy_files
     from rlmt_jax.trainer import export_policy
 
     path = Path(args.path)
     if not path.is_dir():
         raise UserError(f"{path}: no such run or checkpoint directory")
-    run_dir = find_run_dir(path)
-    cfg = load_resolved(run_dir)
-    source = path if path != run_dir else Path(cfg.checkpoint_dir)
-    params = params_only(source, args.step)
-
-    policy_path = resolve_model_path(cfg.model.policy)
-    model_cfg = ModelConfig.from_pretrained(
-        policy_path, dtype=cfg.runtime.dtype, param_dtype=cfg.runtime.param_dtype,
-        scan_layers=cfg.runtime.scan_layers)
-    abstract = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    try:
-        nnx.replace_by_pure_dict(state, params)
-    except (KeyError, ValueError) as err:
-        raise UserError(f"the checkpoint in {source} does not match the policy {policy_path}: {err}") from err
-    policy = nnx.merge(graphdef, state)
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.tokenizer_path))
-    text = PolicyText.create(tokenizer, template_settings(cfg), model_cfg.eos_token_id)
+    run_dir, cfg = open_run(path)
+    source = path if path != run_dir else checkpoints_of(run_dir, cfg)
+    policy = checkpoint_policy(run_dir, cfg, source, args.step)
+    _, tokenizer_dir = policy_files(run_dir, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = PolicyText.create(tokenizer, template_settings(cfg), policy.config.eos_token_id)
     out = export_policy(policy, text.tokenizer, os.fspath(args.out), dtype=args.dtype,
                         max_shard_size=args.max_shard_size)
     print(f"exported {source} to {out}")

@@ -1,57 +1,189 @@
-"""`rlmt-jax generate`: answers for evaluation prompts with the jitted sampler, in AlpacaEval's format.
+"""`rlmt-jax generate`: answers for evaluation prompts with the jitted sampler, ready for AlpacaEval 2.
 
-Reads JSONL rows with `messages`, `prompt` or `instruction` (AlpacaEval's field); renders each with the model's
-chat template (or the zero template), samples, splits the plan from the answer, and writes one row per prompt
-with `instruction`, `output` (the answer, plan removed), `generator`, and `raw_output` / `plan` (the full text).
-The output file appears only when complete.
+--model is a run dir (its newest checkpoint, or --step; its export/ when it has no checkpoint), a run's
+export/, or any Hugging Face directory. Prompts come as JSON lines or a JSON list (AlpacaEval's eval set) with
+`messages`, `prompt` or `instruction`. Each is rendered with the policy's chat template (or the zero template),
+sampled on the device mesh, and its plan split from the answer, with the run's template settings (mode,
+strict) unless flags say otherwise. Every input field is kept; each row gets `instruction`, `output` (the
+answer, plan removed), `generator` (the run's name), `raw_output`, `plan` and `format_valid`. An output path
+ending in .json gets a JSON list of records (what AlpacaEval reads), any other JSON lines.
+
+Rows are appended to OUTPUT.partial as they are done, so a rerun with the same output and settings goes on
+after the last done row. The output file appears only when complete; the partial file is then removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from rlmt_jax.errors import UserError
-from rlmt_jax.jsonl import read_jsonl_objects
-from rlmt_jax.templates import ANSWER_MODES, TemplateSettings, messages_from_row
+from rlmt_jax.jsonl import read_records
+from rlmt_jax.templates import ANSWER_MODES, messages_from_row
+
+PARTIAL_SUFFIX = ".partial"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="generate answers for evaluation prompts (AlpacaEval JSONL)",
+        "generate", help="generate answers for evaluation prompts (AlpacaEval .json or JSONL)",
         description=__doc__.split("\n\n")[1],
     )
-    parser.add_argument("--model", required=True, help="Hugging Face model directory (e.g. a run's export/)")
-    parser.add_argument("--input", required=True, help="JSONL with `messages`, `prompt` or `instruction`")
-    parser.add_argument("--output", required=True, help="JSONL to write")
-    parser.add_argument("--mode", choices=ANSWER_MODES, default="think", help="how the answer is split")
-    parser.add_argument("--strict", action="store_true", help="a missing delimiter gives the answer [NULL]")
+    parser.add_argument("--model", required=True,
+                        help="a run dir, a run's export/, or a Hugging Face model directory")
+    parser.add_argument("--step", type=int, default=None, help="with a run dir: the checkpoint step (default newest)")
+    parser.add_argument("--input", required=True, help="JSONL or JSON list with `messages`, `prompt` or `instruction`")
+    parser.add_argument("--output", required=True, help="file to write: .json (a list of records) or JSONL")
+    parser.add_argument("--mode", choices=ANSWER_MODES, default=None,
+                        help="how the answer is split (default: the run's template.mode, else think)")
+    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                        help="a missing delimiter gives the answer [NULL] (default: the run's template.strict, "
+                             "else on)")
     parser.add_argument("--zero-family", choices=("llama", "qwen"), default=None,
-                        help="render with the paper's zero template for base models of this family")
+                        help="render with the paper's zero template for base models of this family "
+                             "(default: the run's template.zero_family)")
     parser.add_argument("--max-new-tokens", type=int, default=4096)
-    parser.add_argument("--max-prompt-tokens", type=int, default=1024)
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="prompt limit, longer prompts lose tokens from the left (default: the run's "
+                             "data.max_prompt_tokens, else 1024)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--generator", default=None, help="the `generator` name (default: the model dir name)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute and weight dtype (auto: bfloat16 on accelerators, float32 on CPU)")
+    parser.add_argument("--generator", default=None,
+                        help="the `generator` name (default: the run dir's name, else the model dir's name)")
     parser.set_defaults(func=run)
 
 
-def read_prompts(path: Path) -> list[tuple[int, list[dict]]]:
-    """(line number, prompt messages) for each non-blank line."""
+def read_prompts(path: Path) -> list[tuple[dict, list[dict]]]:
+    """(input row, prompt messages) for each row of a JSONL file or JSON list."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    rows = []
-    for number, row in read_jsonl_objects(path):
-        if row.get("messages") is None and row.get("prompt") is None and isinstance(row.get("instruction"), str):
-            row = {"prompt": row["instruction"]}
-        rows.append((number, messages_from_row(row, f"{path} row {number}")))
+    rows = [(row, messages_from_row(row, f"{path} row {number}")) for number, row in read_records(path)]
     if not rows:
         raise UserError(f"{path}: is empty, there are no prompts")
     return rows
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass
+class Policy:
+    """The model to sample from and what names and renders it."""
+
+    model: Any
+    tokenizer_dir: str
+    run_cfg: Any  # the run's RunConfig, or None for a Hugging Face dir outside a run
+    generator: str
+    weights: str  # where the weights came from (a checkpoint step dir or a model dir)
+
+
+def _hf_policy(path: Path, dtype: str, place) -> Any:
+    import models
+
+    try:
+        model = models.load_pretrained(path, dtype=dtype, param_dtype=dtype, place=place)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {path}: {err}") from err
+    if not isinstance(model, models.CausalLM):
+        raise UserError(f"--model {path}: is not a *ForCausalLM checkpoint")
+    return model
+
+
+def load_policy(path: Path, step: int | None, dtype: str, mesh) -> Policy:
+    """A run dir (or one of its checkpoint dirs): its checkpoint; a Hugging Face dir: its weights, and the run's
+    settings when it is a run's export/."""
+    from rlmt_jax import checkpoint as ckpt
+    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.config import load_resolved
+    from rlmt_jax.run_dir import EXPORT_DIR, checkpoint_policy, checkpoints_of, find_run_dir, policy_files
+
+    if not path.is_dir():
+        raise UserError(f"--model {path}: no such directory")
+    place = mesh_lib.make_placer(mesh)
+    run_dir = None if (path / "config.json").is_file() else find_run_dir(path)
+    if run_dir is None:  # a Hugging Face dir, maybe a run's export/
+        parent = path.resolve().parent
+        run_cfg = load_resolved(parent) if (parent / "config.yaml").is_file() else None
+        name = parent.name if run_cfg is not None else path.resolve().name
+        return Policy(_hf_policy(path, dtype, place), str(path), run_cfg, name, str(path))
+    cfg = load_resolved(run_dir)
+    source = path if path != run_dir else checkpoints_of(run_dir, cfg)
+    store = ckpt.CheckpointStore(source.parent if source.name.isdigit() else source, read_only=True)
+    newest = store.latest_step()
+    store.close()
+    if newest is None and path == run_dir and (run_dir / EXPORT_DIR / "config.json").is_file():
+        export = run_dir / EXPORT_DIR
+        return Policy(_hf_policy(export, dtype, place), str(export), cfg, run_dir.resolve().name, str(export))
+    model = checkpoint_policy(run_dir, cfg, source, step, dtype=dtype, param_dtype=dtype, mesh=mesh)
+    _, tokenizer_dir = policy_files(run_dir, cfg)
+    used = step if step is not None else (int(path.name) if path.name.isdigit() else newest)
+    return Policy(model, tokenizer_dir, cfg, run_dir.resolve().name, f"{source} step {used}")
+
+
+def template_from(args, run_cfg):
+    """The run's template settings (or the recipe's defaults: think, strict), with the flags given on top."""
+    from rlmt_jax.templates import ZERO_EOS_BY_FAMILY, TemplateSettings
+
+    mode = args.mode or (run_cfg.template.mode if run_cfg else "think")
+    strict = args.strict if args.strict is not None else (run_cfg.template.strict if run_cfg else True)
+    family = args.zero_family or (run_cfg.template.zero_family if run_cfg else None)
+    limit = args.max_prompt_tokens or (run_cfg.data.max_prompt_tokens if run_cfg else 1024)
+    return TemplateSettings(
+        mode=mode, strict=strict and mode != "none", max_prompt_tokens=limit, thinking=mode != "none",
+        prompt_template="zero" if mode == "zero" or (family is not None and mode == "none") else "chat",
+        zero_eos_token=ZERO_EOS_BY_FAMILY[family] if family else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- resuming
+
+
+def read_partial(partial: Path, settings: dict, rows: list[tuple[dict, list[dict]]], output: Path) -> list[dict]:
+    """The rows a previous run with the same settings finished (a torn last line is dropped); [] if none."""
+    if not partial.is_file():
+        return []
+    lines = partial.read_bytes().split(b"\n")
+    try:
+        header = json.loads(lines[0])["generate"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{partial}: is not a partial file of `rlmt-jax generate`; move it away") from None
+    for key in sorted(set(header) | set(settings)):
+        if header.get(key) != settings.get(key):
+            raise UserError(f"{partial}: the unfinished answers for {output} were made with {key}="
+                            f"{header.get(key)!r}, this run has {settings.get(key)!r}: use the same settings, "
+                            "or delete the partial file to start again")
+    done = []
+    for raw in lines[1:-1]:  # the text after the last newline is a torn line (or empty)
+        try:
+            done.append(json.loads(raw))
+        except ValueError:
+            break
+    for index, row in enumerate(done):
+        expected = rows[index][1][-1]["content"] if index < len(rows) else None
+        if row.get("instruction") != expected:
+            raise UserError(f"{partial}: row {index + 1} answers another prompt than the input's row "
+                            f"{index + 1}: the input changed; delete the partial file to start again")
+    return done
+
+
+def _write_partial(partial: Path, settings: dict, done: list[dict]) -> None:
+    """The partial file from scratch: the settings line and the finished rows (dropping a torn line)."""
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"generate": settings}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in done)
+
+
+# ------------------------------------------------------------------------------------------- the command
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,43 +191,72 @@ def run(args: argparse.Namespace) -> int:
     from flax import nnx
     from transformers import AutoTokenizer
 
-    import models
-    from rlmt_jax.jsonl import write_jsonl_atomic
+    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax import multihost
+    from rlmt_jax.config import MeshConfig
+    from rlmt_jax.jsonl import write_records_atomic
     from rlmt_jax.rollouts import PolicyText
     from rlmt_jax.sampling import Sampler, SamplingConfig, default_prompt_buckets
-    from rlmt_jax.templates import ZERO_EOS_BY_FAMILY, split_output
+    from rlmt_jax.templates import split_output
 
     rows = read_prompts(Path(args.input))
+    output = Path(args.output)
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    mesh = mesh_lib.make_mesh(MeshConfig())
+    with mesh_lib.activation_sharding(mesh):
+        policy = load_policy(Path(args.model), args.step, dtype, mesh)
     try:
-        model = models.load_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(policy.tokenizer_dir)
     except (OSError, ValueError) as err:
-        raise UserError(f"--model {args.model}: {err}") from err
-    if not isinstance(model, models.CausalLM):
-        raise UserError(f"--model {args.model}: is not a *ForCausalLM checkpoint")
-    settings = TemplateSettings(
-        mode=args.mode, strict=args.strict, max_prompt_tokens=args.max_prompt_tokens,
-        prompt_template="zero" if args.zero_family else "chat", thinking=args.mode != "none",
-        zero_eos_token=ZERO_EOS_BY_FAMILY[args.zero_family] if args.zero_family else None,
-    )
-    text = PolicyText.create(tokenizer, settings, model.config.eos_token_id)
-    graphdef, params = nnx.split(model)
+        raise UserError(f"--model {args.model}: cannot load the tokenizer in {policy.tokenizer_dir} ({err})") from err
+    template = template_from(args, policy.run_cfg)
+    generator = args.generator or policy.generator
+    settings = {
+        "model": str(Path(policy.weights).resolve()), "input": str(Path(args.input).resolve()),
+        "generator": generator, "mode": template.mode, "strict": template.strict,
+        "prompt_template": "zero" if template.uses_zero_template else "chat",
+        "max_prompt_tokens": template.max_prompt_tokens, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "dtype": dtype,
+    }
+    done = read_partial(partial, settings, rows, output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _write_partial(partial, settings, done)
+
+    text = PolicyText.create(tokenizer, template, policy.model.config.eos_token_id)
+    graphdef, params = nnx.split(policy.model)
     sampler = Sampler(graphdef, SamplingConfig(
         n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        eos_ids=text.stop_ids, pad_id=text.pad_id, prompt_buckets=default_prompt_buckets(args.max_prompt_tokens),
-    ))
-    generator = args.generator or os.path.basename(os.path.normpath(args.model))
-    key = jax.random.key(args.seed)
-    out = []
-    for start in range(0, len(rows), args.batch_size):
-        chunk = [messages for _, messages in rows[start:start + args.batch_size]]
-        prompt_ids, _ = text.encode(chunk)
-        key, sample_key = jax.random.split(key)
-        rollout = sampler(params, prompt_ids, sample_key)
-        for messages, raw in zip(chunk, text.decode_responses(rollout)):
-            split = split_output(raw, settings, text.eos_texts)
-            out.append({"instruction": messages[-1]["content"], "output": split.answer, "generator": generator,
-                        "raw_output": raw, "plan": split.plan, "format_valid": split.valid})
-    write_jsonl_atomic(args.output, out)
-    print(f"wrote {len(out)} answers to {args.output}")
+        eos_ids=text.stop_ids, pad_id=text.pad_id, prompt_buckets=default_prompt_buckets(template.max_prompt_tokens),
+        cache_dtype=dtype,
+    ), hosts=multihost.HostRows(mesh))
+    base_key = jax.random.key(args.seed)
+    total, start_time, cut = len(rows), time.perf_counter(), 0
+    if done:
+        print(f"generate: {len(done)}/{total} prompts already done in {partial}, going on", file=sys.stderr)
+    with mesh_lib.activation_sharding(mesh), open(partial, "a", encoding="utf-8") as sink:
+        for start in range(len(done), total, args.batch_size):
+            chunk = rows[start:start + args.batch_size]
+            prompt_ids, truncated = text.encode([messages for _, messages in chunk])
+            cut += truncated
+            # each batch's key depends on where it starts only, so a resumed run samples what a whole one would
+            rollout = sampler(params, prompt_ids, jax.random.fold_in(base_key, start))
+            for (row, messages), raw in zip(chunk, text.decode_responses(rollout)):
+                split = split_output(raw, template, text.eos_texts)
+                sink.write(json.dumps({**row, "instruction": messages[-1]["content"], "output": split.answer,
+                                       "generator": generator, "raw_output": raw, "plan": split.plan,
+                                       "format_valid": split.valid}, ensure_ascii=False) + "\n")
+            sink.flush()
+            finished = min(start + args.batch_size, total)
+            elapsed = time.perf_counter() - start_time
+            rate = (finished - len(done)) / max(elapsed, 1e-9)
+            print(f"generate: {finished}/{total} prompts ({100 * finished // total}%), {elapsed:.0f} s, "
+                  f"~{(total - finished) / max(rate, 1e-9):.0f} s left", file=sys.stderr, flush=True)
+    if cut:
+        print(f"generate: {cut} prompts were longer than {template.max_prompt_tokens} tokens and lost tokens "
+              "from the left (--max-prompt-tokens)", file=sys.stderr)
+    lines = partial.read_text(encoding="utf-8").splitlines()[1:]
+    write_records_atomic(output, [json.loads(line) for line in lines])
+    partial.unlink()
+    print(f"wrote {len(lines)} answers to {output} (generator {generator!r}, weights {policy.weights})")
     return 0

@@ -1,9 +1,11 @@
 """`rlmt-jax score`: score policy outputs with a reward model, as the training loop does.
 
-Reads JSONL rows with `messages` (the prompt conversation) or `prompt` (text), and `output` (the policy's
-raw text, plan included); splits the answer from each output, scores it with the reward model's own
-tokenizer and chat template, and writes each row back with `answer` (what the RM saw), `format_valid`
-and `reward`. Rows are numbered by their line in the file. The output file appears only when complete.
+Reads JSON lines or a JSON list (such as `rlmt-jax generate`'s .json or .jsonl output) with the prompt as
+`messages`, `prompt` or `instruction`, and the policy's raw text (plan included) as `raw_output` (what generate
+writes) or else `output`; splits the answer from each output, scores it with the reward model's own tokenizer
+and chat template, and writes each row back with `answer` (what the RM saw), `format_valid` and `reward`
+(a JSON list when the output path ends in .json, JSON lines otherwise). The output file appears only when
+complete.
 """
 
 from __future__ import annotations
@@ -13,19 +15,21 @@ import json
 from pathlib import Path
 
 from rlmt_jax.errors import UserError
-from rlmt_jax.jsonl import read_jsonl_objects, write_jsonl_atomic
+from rlmt_jax.jsonl import read_records, write_records_atomic
 from rlmt_jax.templates import ANSWER_MODES, KNOWN_EOS_TEXTS, TemplateSettings, eos_texts_of, messages_from_row
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "score",
-        help="score policy outputs (JSONL) with a reward model",
+        help="score policy outputs (JSONL or JSON list, e.g. generate's) with a reward model",
         description=__doc__.split("\n\n")[1],
     )
     parser.add_argument("--reward-model", required=True, help="Hugging Face reward-model directory")
-    parser.add_argument("--input", required=True, help="JSONL with `messages` or `prompt`, and `output`")
-    parser.add_argument("--output", required=True, help="JSONL to write, each row with `answer` and `reward`")
+    parser.add_argument("--input", required=True,
+                        help="JSONL or JSON list with `messages`, `prompt` or `instruction`, and `raw_output` or `output`")
+    parser.add_argument("--output", required=True,
+                        help="file to write (.json: a list of records, else JSONL), each row with `answer` and `reward`")
     parser.add_argument(
         "--mode", choices=ANSWER_MODES, default="think", help="how the answer is split (default think)"
     )
@@ -49,16 +53,22 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def raw_text(row: dict) -> str | None:
+    """The policy's whole output: `raw_output` (generate's rows, whose `output` is the answer alone) or `output`."""
+    return row.get("raw_output", row.get("output"))
+
+
 def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of every non-blank line; each row has a prompt and a string `output`."""
+    """(row number, row) of every row; each row has a prompt and a string `raw_output` or `output`."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     rows = []
-    for number, row in read_jsonl_objects(path):
-        if "output" not in row:
+    for number, row in read_records(path):
+        column = "raw_output" if "raw_output" in row else "output"
+        if column not in row:
             raise UserError(f"{path} row {number}: has no `output`")
-        if not isinstance(row["output"], str):
-            raise UserError(f"{path} row {number}: `output` must be text")
+        if not isinstance(row[column], str):
+            raise UserError(f"{path} row {number}: `{column}` must be text")
         messages_from_row(row, f"{path} row {number}")
         rows.append((number, row))
     if not rows:
@@ -93,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
     scorer = RewardScorer.from_pretrained(args.reward_model, settings)
     prompts = [messages_from_row(row, f"{input_path} row {n}") for n, row in rows]
     batch = scorer.score_outputs(
-        prompts, [row["output"] for _, row in rows], template, eos_texts, length_tokenizer=policy_tokenizer
+        prompts, [raw_text(row) for _, row in rows], template, eos_texts, length_tokenizer=policy_tokenizer
     )
     scored = [
         {**row, "answer": answer, "format_valid": bool(valid), "reward": float(reward)}
         for (_, row), answer, valid, reward in zip(rows, batch.answers, batch.valid, batch.rewards)
     ]
-    write_jsonl_atomic(output_path, scored)
+    write_records_atomic(output_path, scored)
     print(json.dumps({"rows": len(scored), **batch.metrics, "output": str(output_path)}))
     return 0
