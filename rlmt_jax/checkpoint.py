@@ -280,6 +280,11 @@ class CheckpointStore:
             if self.directory.is_dir() or not read_only
             else None
         )
+        # orbax removes old temporary folders in a thread of its own; a run that stops right after (bad data
+        # found while setting up) would end the interpreter under it, and the thread print a 40-line trace
+        wait_for_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_for_cleanup is not None:
+            wait_for_cleanup()
 
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, **settings: Any) -> CheckpointStore:

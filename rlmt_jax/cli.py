@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from rlmt_jax.commands import COMMANDS
+from rlmt_jax.config import check_distinct_overrides
 from rlmt_jax.errors import UserError
 from rlmt_jax.host_memory import relaunch_with_reused_memory
 
@@ -28,13 +29,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dashed_override_hint(argv: list[str], unknown: list[str]) -> str | None:
+    """For `--rollout.temperature=0.8` or `--rollout.temperature 0.8` given to a command that takes overrides:
+    the message that says how to write it; None when the unknown arguments are not dashed dotted keys."""
+    for token in unknown:
+        key, sep, value = token.lstrip("-").partition("=")
+        if not token.startswith("--") or "." not in key:
+            continue
+        if not sep:
+            at = argv.index(token)
+            following = argv[at + 1] if at + 1 < len(argv) else ""
+            value = following if following and not following.startswith("-") else "VALUE"
+        return f"overrides are key=value without dashes: did you mean {key}={value}?"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = dashed_override_hint(argv, unknown) if hasattr(args, "overrides") else None
+        if hint is None:
+            parser.parse_args(argv)  # argparse's own message and exit status 2
+        print(f"rlmt-jax {args.command}: error: {hint}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "overrides"):
+            given = [args.config] if args.config and "=" in args.config else []
+            check_distinct_overrides([*given, *args.overrides])
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"rlmt-jax {args.command}: error: {err}", file=sys.stderr)

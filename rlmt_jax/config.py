@@ -83,7 +83,10 @@ class DataConfig:
     train_path: str | None = None
     format: Literal["auto", "jsonl", "parquet", "datasets"] = "auto"
     prompt_column: str | None = None  # None: `messages`, else `prompt`
-    max_prompt_tokens: int = 1024  # longer prompts are left-truncated
+    max_prompt_tokens: int = 1024  # the prompt limit, in policy tokens of the rendered prompt
+    # a longer prompt: cut from the left (its first tokens, BOS and chat header among them, are lost), dropped
+    # from the data, or an error naming its row; the trainer logs how many there are once at the start
+    overlong: Literal["truncate_left", "drop", "error"] = "truncate_left"
     shuffle_seed: int = 0
     epochs: int = 1
 
@@ -507,6 +510,17 @@ def _with_algorithm_defaults(values: dict, overrides: list[str] | tuple[str, ...
     name = (chosen.get("algorithm") or {}).get("name", AlgorithmConfig.name)
     _merge(values, by_algorithm.get(name, {}))
     return values
+
+
+def check_distinct_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """A key given twice on a command line is a UserError naming it (which one was meant cannot be told).
+    Programs that build override lists (base + changes, the last one winning) call `resolve` directly."""
+    seen: dict[str, str] = {}
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in seen:
+            raise UserError(f"config key '{key}' is set twice ({seen[key]} and {override}): keep one")
+        seen[key] = override
 
 
 def from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ import grain
 
 from rlmt_jax.config import BUILTIN_DATA, BUILTIN_PREFIX, RunConfig
 from rlmt_jax.errors import UserError
-from rlmt_jax.jsonl import read_jsonl_objects
+from rlmt_jax.jsonl import decode_line, read_jsonl_objects
 
+log = logging.getLogger("rlmt_jax.data")
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -89,14 +91,19 @@ def _quiet_datasets():
 
 def _jsonl_line_numbers(path: Path) -> list[int]:
     """1-based line numbers of the non-blank lines: row i of the data set is on line numbers[i]."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         return [n for n, line in enumerate(f, start=1) if line.strip()]
 
 
 def _has_a_line(path: Path) -> bool:
-    """Whether the file has a non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        return any(line.strip() for line in f)
+    """Whether the file has a non-blank line; a UserError names the first line that is not UTF-8 text (Arrow
+    would read it and fail later, on the value, without saying where)."""
+    found = False
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            decode_line(line, f"data file '{path}'", number)
+            found = found or bool(line.strip())
+    return found
 
 
 def _parse_jsonl(path: Path) -> list[dict]:
@@ -368,6 +375,38 @@ class BatchIterator:
 
 # ---------------------------------------------------------------------------------------------------------
 # From a run config.
+
+
+def prompt_lengths(tokenizer, prompts: Sequence[Conversation]) -> list[int]:
+    """Tokens of each prompt rendered with the policy's chat template (as the sampler gets it, uncut)."""
+    from rlmt_jax.templates import render_prompt
+
+    texts = [render_prompt(tokenizer, messages) for messages in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def fit_prompt_limit(prompts: Sequence[Conversation], lengths: Sequence[int], limit: int, overlong: str,
+                     source: str) -> list[Conversation]:
+    """The prompts to train on, by data.overlong for those longer than `limit` tokens: all of them, cut from
+    the left when sampled (truncate_left), those that fit (drop), or a UserError naming the first row (error).
+    Says once how many prompts are over the limit."""
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if not over:
+        return list(prompts)
+    what = f"{len(over)} of {len(prompts)} prompts of {source} are longer than data.max_prompt_tokens={limit}"
+    if overlong == "error":
+        first = over[0]
+        raise UserError(f"{what} (the first: row {first + 1}, {lengths[first]} tokens) and data.overlong=error: "
+                        "raise the limit, or set data.overlong to truncate_left or drop")
+    if overlong == "drop":
+        if len(over) == len(prompts):
+            raise UserError(f"{what}: data.overlong=drop leaves no prompt")
+        log.warning("%s: dropped (data.overlong=drop)", what)
+        skipped = set(over)
+        return [p for i, p in enumerate(prompts) if i not in skipped]
+    log.warning("%s: they lose their first tokens, the BOS and chat header among them "
+                "(data.overlong=truncate_left; drop or error are the alternatives)", what)
+    return list(prompts)
 
 
 def load_train_records(cfg: RunConfig) -> list[Conversation]:

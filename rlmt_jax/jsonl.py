@@ -34,7 +34,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _decoded(raw: bytes, name: str, number: int) -> str:
+def decode_line(raw: bytes, name: str, number: int) -> str:
+    """A line of a file as text; a UserError names the file, line and first byte that is not UTF-8."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -49,7 +50,7 @@ def read_jsonl_objects(path: str | os.PathLike, label: str = "") -> list[tuple[i
     rows = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            line = _decoded(raw, name, number)
+            line = decode_line(raw, name, number)
             if not line.strip():
                 continue
             try:
@@ -71,7 +72,7 @@ def read_records(path: str | os.PathLike, label: str = "") -> list[tuple[int, di
     if not data.lstrip().startswith(b"["):
         return read_jsonl_objects(path, label)
     for number, raw in enumerate(data.splitlines(), start=1):
-        _decoded(raw, name, number)
+        decode_line(raw, name, number)
     try:
         rows = json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as err:

@@ -35,7 +35,7 @@ from rlmt_jax.algorithms.dpo import build_preference_pairs
 from rlmt_jax.algorithms.grpo import GRPOConfig, group_advantages
 from rlmt_jax.algorithms.ppo import PPOConfig, ppo_advantages
 from rlmt_jax.config import SCHEMA, RunConfig, save_resolved, to_yaml
-from rlmt_jax.data import BatchIterator, load_train_records, train_batches
+from rlmt_jax.data import BatchIterator, fit_prompt_limit, load_train_records, prompt_lengths, train_batches
 from rlmt_jax.errors import UserError
 from rlmt_jax.jsonl import read_jsonl, write_jsonl_atomic
 from rlmt_jax.metrics import MetricsLogger
@@ -154,6 +154,9 @@ class Trainer:
         except (OSError, ValueError) as err:
             raise UserError(f"model.tokenizer {tokenizer_path}: cannot load a tokenizer ({err})") from err
         self.text = PolicyText.create(tokenizer, template_settings(cfg), self.model_config.eos_token_id)
+        if self.algorithm != "sft":  # prompts over data.max_prompt_tokens: cut, dropped or an error (data.overlong)
+            self.records = fit_prompt_limit(self.records, prompt_lengths(self.text.tokenizer, self.records),
+                                            cfg.data.max_prompt_tokens, cfg.data.overlong, cfg.data.train_path)
 
         self.ref_params = None
         needs_reference = self.algorithm == "dpo" or (self.algorithm in ("grpo", "ppo") and cfg.algorithm.kl_coef)

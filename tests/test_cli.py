@@ -1,4 +1,5 @@
-"""The `rlmt-jax` command line as a user runs it: train (the default), export, generate, convert, errors."""
+"""The `rlmt-jax` command line as a user runs it: train (the default), export, convert, errors (generate: in
+tests/test_generate_cli.py)."""
 
 import json
 import os
@@ -78,22 +79,6 @@ def test_export_command_writes_the_checkpoint_that_transformers_loads(short_run,
     assert tokenizer.chat_template and "<|start_header_id|>" in tokenizer.chat_template
     # one step dir, and the same result
     assert main(["export", str(run_dir / "checkpoints" / "2"), "--out", str(tmp_path / "step2")]) == 0
-
-
-def test_generate_writes_alpaca_eval_rows_with_the_plan_removed(short_run, tmp_path):
-    run_dir, _ = short_run
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"instruction": "Write a haiku about the sea."}) + "\n"
-                       + json.dumps({"messages": [{"role": "user", "content": "Why is the sky blue?"}]}) + "\n")
-    out = tmp_path / "answers.jsonl"
-    assert main(["generate", "--model", str(run_dir / "export"), "--input", str(prompts), "--output", str(out),
-                 "--max-new-tokens", "6", "--generator", "tiny"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["instruction"] for r in rows] == ["Write a haiku about the sea.", "Why is the sky blue?"]
-    for row in rows:
-        assert row["generator"] == "tiny" and {"output", "raw_output", "plan"} <= set(row)
-        if "</think>" not in row["raw_output"]:
-            assert row["output"] == row["raw_output"]  # not strict: the whole text
 
 
 def test_convert_casts_and_validates_a_checkpoint(tmp_path):

@@ -219,7 +219,11 @@ def run(args: argparse.Namespace) -> int:
         "max_prompt_tokens": template.max_prompt_tokens, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "dtype": dtype,
     }
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    batch = min(args.batch_size, len(rows))
     done = read_partial(partial, settings, rows, output)
+    done = done[:len(done) // batch * batch]  # whole batches: a batch's key depends on where it starts
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_partial(partial, settings, done)
 
@@ -235,10 +239,11 @@ def run(args: argparse.Namespace) -> int:
     if done:
         print(f"generate: {len(done)}/{total} prompts already done in {partial}, going on", file=sys.stderr)
     with mesh_lib.activation_sharding(mesh), open(partial, "a", encoding="utf-8") as sink:
-        for start in range(len(done), total, args.batch_size):
-            chunk = rows[start:start + args.batch_size]
+        for start in range(len(done), total, batch):
+            chunk = rows[start:start + batch]
             prompt_ids, truncated = text.encode([messages for _, messages in chunk])
             cut += truncated
+            prompt_ids += [prompt_ids[-1]] * (batch - len(chunk))  # a short last batch: no new program
             # each batch's key depends on where it starts only, so a resumed run samples what a whole one would
             rollout = sampler(params, prompt_ids, jax.random.fold_in(base_key, start))
             for (row, messages), raw in zip(chunk, text.decode_responses(rollout)):
@@ -247,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
                                        "generator": generator, "raw_output": raw, "plan": split.plan,
                                        "format_valid": split.valid}, ensure_ascii=False) + "\n")
             sink.flush()
-            finished = min(start + args.batch_size, total)
+            finished = min(start + batch, total)
             elapsed = time.perf_counter() - start_time
             rate = (finished - len(done)) / max(elapsed, 1e-9)
             print(f"generate: {finished}/{total} prompts ({100 * finished // total}%), {elapsed:.0f} s, "
