@@ -396,3 +396,17 @@ def test_restore_onto_a_mesh_places_each_shard_on_its_device(tmp_path):
     # w [16, 32] over fsdp=4 x tensor=2 -> [4, 16] per device; b [32] over tensor=2 -> [16], replicated on fsdp
     assert "w [(4, 16)] 8" in result.stdout
     assert "b [(16,)] 8" in result.stdout
+
+
+def test_opening_a_store_leaves_no_orbax_thread_running(tmp_path):
+    # orbax cleans temporary folders in a thread as its manager opens; a run stopped by a data error right after
+    # ended the interpreter under that thread, which then printed a 42-line traceback below the one-line error
+    import threading
+
+    before = set(threading.enumerate())
+    store = CheckpointStore(tmp_path / "checkpoints", async_save=True)
+    try:
+        started = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+        assert [t for t in started if type(t).__name__ == "_SignalingThread"] == []
+    finally:
+        store.close()

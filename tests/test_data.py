@@ -314,3 +314,73 @@ def test_sft_batches_use_the_sft_batch_size_and_epochs(tmp_path):
     batches = train_batches(cfg, load_train_records(cfg), shard_index=0, shard_count=1)
     assert (batches.steps_per_epoch, batches.num_steps, batches.local_batch_size) == (2, 6, 4)
     assert next(batches).items[0] == HELLO + answer
+
+
+# --- errors a user meets first ---------------------------------------------------------------------------
+
+
+def test_a_line_that_is_not_utf8_is_named_by_its_line_number(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=rf"data file '{path}' line 3: is not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_prompts(path)
+
+
+def test_a_data_error_found_after_the_checkpoint_store_opens_ends_in_one_line(tmp_path, tiny_cache):
+    # Too few rows for one batch is found once the run dir and its checkpoint store exist: orbax's cleanup
+    # thread, still running as the interpreter ended, printed a 42-line traceback after the error.
+    import os
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "two.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    env = {**os.environ, "RLMT_JAX_CACHE": str(tiny_cache)}
+    result = subprocess.run([sys.executable, "-m", "rlmt_jax.cli", "train", f"data.train_path={path}",
+                             f"run.output_dir={tmp_path / 'run'}", "logging.tensorboard=false"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["rlmt-jax train: error: the data has 2 rows, fewer than one batch of 8"]
+
+
+# --- prompts over data.max_prompt_tokens ---------------------------------------------------------------
+
+
+PROMPTS = [[{"role": "user", "content": c}] for c in ("a", "bb", "ccc", "dddd")]
+
+
+def test_overlong_prompts_are_kept_dropped_or_an_error_and_counted_once(caplog):
+    from rlmt_jax.data import fit_prompt_limit
+
+    lengths = [5, 12, 8, 30]
+    with caplog.at_level("WARNING", logger="rlmt_jax.data"):
+        assert fit_prompt_limit(PROMPTS, lengths, 10, "truncate_left", "p.jsonl") == PROMPTS
+        assert fit_prompt_limit(PROMPTS, lengths, 10, "drop", "p.jsonl") == [PROMPTS[0], PROMPTS[2]]
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 of 4 prompts of p.jsonl are longer than data.max_prompt_tokens=10: they lose their first tokens, the "
+        "BOS and chat header among them (data.overlong=truncate_left; drop or error are the alternatives)",
+        "2 of 4 prompts of p.jsonl are longer than data.max_prompt_tokens=10: dropped (data.overlong=drop)"]
+    with pytest.raises(UserError, match=r"2 of 4 prompts .* \(the first: row 2, 12 tokens\) and data.overlong=error"):
+        fit_prompt_limit(PROMPTS, lengths, 10, "error", "p.jsonl")
+    with pytest.raises(UserError, match="data.overlong=drop leaves no prompt"):
+        fit_prompt_limit(PROMPTS, lengths, 4, "drop", "p.jsonl")
+    caplog.clear()
+    assert fit_prompt_limit(PROMPTS, lengths, 30, "error", "p.jsonl") == PROMPTS and not caplog.records
+
+
+def test_the_trainer_drops_the_prompts_whose_rendered_tokens_pass_the_limit(tmp_path, tiny_cache):
+    from rlmt_jax.config import resolve
+    from rlmt_jax.data import load_prompts
+    from rlmt_jax.templates import encode_prompt
+    from rlmt_jax.trainer import Trainer
+
+    overrides = ["data.max_prompt_tokens=70", f"run.output_dir={tmp_path / 'run'}", "rollout.prompt_buckets=[]",
+                 "logging.tensorboard=false"]
+    trainer = Trainer(resolve(None, [*overrides, "data.overlong=drop"]))
+    everything = load_prompts("builtin:tiny-prompts")
+    lengths = [len(encode_prompt(trainer.text.tokenizer, p, 10**6).ids) for p in everything]
+    assert 0 < sum(n > 70 for n in lengths) < len(everything)
+    assert trainer.records == [p for p, n in zip(everything, lengths) if n <= 70]
+    trainer.store.close()
+    with pytest.raises(UserError, match=r"prompts of builtin:tiny-prompts are longer than data.max_prompt_tokens=70 "
+                                        r"\(the first: row \d+, \d+ tokens\) and data.overlong=error"):
+        Trainer(resolve(None, [*overrides, "data.overlong=error"]))

@@ -200,3 +200,54 @@ def test_missing_directory_and_config_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         models.load_pretrained(tmp_path / "empty")
+
+
+def test_load_pretrained_takes_jax_and_numpy_dtypes_as_well_as_names(tmp_path):
+    path, _ = make_checkpoint(tmp_path / "m", "llama3")
+    model = models.load_pretrained(path, dtype=jnp.bfloat16, param_dtype=np.float32)
+    assert model.config.dtype == "bfloat16" and model.config.param_dtype == "float32"
+    assert model.model.embed[...].dtype == jnp.float32
+    by_name = models.load_pretrained(path, dtype="bfloat16", param_dtype=jnp.bfloat16)
+    assert by_name.model.embed[...].dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="dtype: 'nonsense' is not a dtype"):
+        models.load_pretrained(path, dtype="nonsense")
+
+
+def _one_line_cli_error(tmp_path, capsys, model_dir) -> str:
+    """`rlmt-jax generate --model model_dir`: exit status 2 and the one line it prints."""
+    from rlmt_jax.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": "hi"}) + "\n")
+    capsys.readouterr()  # transformers' progress bars from making the checkpoint
+    code = main(["generate", "--model", str(model_dir), "--input", str(prompts), "--output", str(tmp_path / "o.json")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert not (tmp_path / "o.json").exists()
+    return lines[0]
+
+
+def test_a_config_without_a_required_key_names_the_key_and_the_file(tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path / "m", "llama3")
+    config = os.path.join(path, "config.json")
+    with open(config) as f:
+        hf = json.load(f)
+    del hf["hidden_size"]
+    with open(config, "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(ConfigError, match=f"{config}: hidden_size: missing, and LlamaForCausalLM needs it"):
+        models.load_pretrained(path)
+    assert f"{config}: hidden_size: missing" in _one_line_cli_error(tmp_path, capsys, path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_truncated_or_garbage_safetensors_file_is_named(tmp_path, capsys, damage):
+    path, _ = make_checkpoint(tmp_path / "m", "llama3")
+    file = os.path.join(path, "model.safetensors")
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64)
+    with pytest.raises(models.CheckpointError, match=f"{file}: not a readable safetensors file"):
+        models.load_pretrained(path)
+    assert f"{file}: not a readable safetensors file" in _one_line_cli_error(tmp_path, capsys, path)

@@ -27,9 +27,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--reward-model", required=True, help="Hugging Face reward-model directory")
     parser.add_argument("--input", required=True,
-                        help="JSONL or JSON list with `messages`, `prompt` or `instruction`, and `raw_output` or `output`")
+                        help="JSONL or JSON list: `messages`, `prompt` or `instruction`; `raw_output` or `output`")
     parser.add_argument("--output", required=True,
-                        help="file to write (.json: a list of records, else JSONL), each row with `answer` and `reward`")
+                        help="file to write (.json: a list of records, else JSONL), rows with `answer` and `reward`")
     parser.add_argument(
         "--mode", choices=ANSWER_MODES, default="think", help="how the answer is split (default think)"
     )
