@@ -359,3 +359,36 @@ def test_save_resolved_writes_config_yaml_that_loads_back_equal(tmp_path):
 def test_load_resolved_on_a_dir_without_config_names_it(tmp_path):
     with pytest.raises(UserError, match=r"is not a run dir: it has no config.yaml"):
         load_resolved(tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "rollout.n=4", "rollout.n=16"],
+     "rlmt-jax train: error: config key 'rollout.n' is set twice (rollout.n=4 and rollout.n=16): keep one"),
+    (["train", "tiny", "optimizer.lr=1e-3", "run.seed=1", " optimizer.lr =2e-3"],
+     "rlmt-jax train: error: config key 'optimizer.lr' is set twice (optimizer.lr=1e-3 and  optimizer.lr =2e-3): "
+     "keep one"),
+    (["train", "--rollout.temperature=0.8"],
+     "rlmt-jax train: error: overrides are key=value without dashes: did you mean rollout.temperature=0.8?"),
+    (["plan", "tiny", "--optimizer.lr", "3e-7"],
+     "rlmt-jax plan: error: overrides are key=value without dashes: did you mean optimizer.lr=3e-7?"),
+])
+def test_a_key_set_twice_or_with_dashes_on_the_command_line_is_one_line_naming_it(argv, message, capsys):
+    from rlmt_jax.cli import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+def test_an_unknown_dashed_option_still_gets_argparses_message(capsys):
+    from rlmt_jax.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--verbose"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --verbose" in capsys.readouterr().err
+
+
+def test_data_overlong_is_truncate_left_drop_or_error():
+    assert minimal().data.overlong == "truncate_left"
+    assert minimal("data.overlong=drop").data.overlong == "drop"
+    with pytest.raises(UserError, match="config key 'data.overlong' must be one of 'truncate_left', 'drop', 'error'"):
+        minimal("data.overlong=cut")
