@@ -78,6 +78,25 @@ def test_a_copied_run_dir_exports_its_own_checkpoint_from_any_folder(run_copy, t
     assert "<|start_header_id|>" in (tmp_path / "exported" / "chat_template.jinja").read_text()
 
 
+def test_a_run_dir_made_before_policy_copies_exports_with_its_model_folder(run_copy, tmp_path, capsys):
+    old = tmp_path / "old-run"
+    shutil.copytree(run_copy, old)
+    shutil.rmtree(old / "policy")
+    config = (old / "config.yaml").read_text()
+    assert "{policy: model," in config
+    (old / "config.yaml").write_text(config.replace("{policy: model,", "{policy: gone,"))
+    assert main(["export", str(old), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"rlmt-jax export: error: run dir {old} has no policy/ (made before rlmt-jax kept one) and its model.policy "
+        "gone has no config.json: restore that folder to read the run"]
+    (old / "config.yaml").write_text(config.replace("{policy: model,", "{policy: 'builtin:tiny-policy',"))
+    assert main(["export", str(old), "--out", str(tmp_path / "x")]) == 0
+    ours = load_file(tmp_path / "x" / "model.safetensors")
+    at_the_end = load_file(run_copy / "export" / "model.safetensors")
+    for name in at_the_end:
+        np.testing.assert_array_equal(ours[name], at_the_end[name], err_msg=name)
+
+
 def test_generate_loads_the_runs_newest_checkpoint(run_copy):
     import jax
 

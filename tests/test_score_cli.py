@@ -65,6 +65,25 @@ def test_policy_tokenizer_decides_which_eos_text_is_removed(llama_rm_dir, qwen_t
     assert [r["answer"] for r in out] == ["Waves fold into foam", "[NULL]", "Blue light scatters.<|eot_id|>"]
 
 
+def test_score_reads_a_json_list_of_generate_records_and_scores_their_raw_output(llama_rm_dir, tmp_path):
+    # generate's rows: `instruction` is the prompt, `output` the answer alone, `raw_output` the whole text
+    rows = [{"instruction": "hi", "output": "[NULL]", "raw_output": ROWS[1]["output"], "generator": "run-a",
+             "dataset": "oasst"},
+            {"instruction": "Explain why the sky is blue.", "output": "Blue light scatters.",
+             "raw_output": ROWS[2]["output"], "generator": "run-a", "dataset": "vicuna"}]
+    (tmp_path / "in.json").write_text(json.dumps(rows, indent=1))
+    assert score(llama_rm_dir[0], tmp_path / "in.json", tmp_path / "out.json", "--strict") == 0
+    out = json.loads((tmp_path / "out.json").read_text())  # .json out: a list as well
+    assert [r["answer"] for r in out] == ["[NULL]", "Blue light scatters."]
+    assert [r["format_valid"] for r in out] == [False, True]
+    assert [(r["dataset"], r["generator"]) for r in out] == [("oasst", "run-a"), ("vicuna", "run-a")]
+    jsonl = tmp_path / "in.jsonl"
+    write_jsonl(jsonl, rows)
+    assert score(llama_rm_dir[0], jsonl, tmp_path / "again.jsonl", "--strict") == 0
+    again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in again] == [r["reward"] for r in out]
+
+
 def assert_failed_cleanly(capsys, tmp_path, code, message):
     assert code == 2
     assert message in capsys.readouterr().err
