@@ -84,7 +84,7 @@ class Policy:
     tokenizer_dir: str
     run_cfg: Any  # the run's RunConfig, or None for a Hugging Face dir outside a run
     generator: str
-    weights: str  # where the weights came from (a checkpoint step dir or a model dir)
+    weights: str  # where the weights came from: a model dir, or a checkpoints dir and step (absolute)
 
 
 def _hf_policy(path: Path, dtype: str, place) -> Any:
@@ -115,7 +115,7 @@ def load_policy(path: Path, step: int | None, dtype: str, mesh) -> Policy:
         parent = path.resolve().parent
         run_cfg = load_resolved(parent) if (parent / "config.yaml").is_file() else None
         name = parent.name if run_cfg is not None else path.resolve().name
-        return Policy(_hf_policy(path, dtype, place), str(path), run_cfg, name, str(path))
+        return Policy(_hf_policy(path, dtype, place), str(path), run_cfg, name, str(path.resolve()))
     cfg = load_resolved(run_dir)
     source = path if path != run_dir else checkpoints_of(run_dir, cfg)
     store = ckpt.CheckpointStore(source.parent if source.name.isdigit() else source, read_only=True)
@@ -123,11 +123,12 @@ def load_policy(path: Path, step: int | None, dtype: str, mesh) -> Policy:
     store.close()
     if newest is None and path == run_dir and (run_dir / EXPORT_DIR / "config.json").is_file():
         export = run_dir / EXPORT_DIR
-        return Policy(_hf_policy(export, dtype, place), str(export), cfg, run_dir.resolve().name, str(export))
+        return Policy(_hf_policy(export, dtype, place), str(export), cfg, run_dir.resolve().name,
+                      str(export.resolve()))
     model = checkpoint_policy(run_dir, cfg, source, step, dtype=dtype, param_dtype=dtype, mesh=mesh)
     _, tokenizer_dir = policy_files(run_dir, cfg)
     used = step if step is not None else (int(path.name) if path.name.isdigit() else newest)
-    return Policy(model, tokenizer_dir, cfg, run_dir.resolve().name, f"{source} step {used}")
+    return Policy(model, tokenizer_dir, cfg, run_dir.resolve().name, f"{source.resolve()} step {used}")
 
 
 def template_from(args, run_cfg):
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     template = template_from(args, policy.run_cfg)
     generator = args.generator or policy.generator
     settings = {
-        "model": str(Path(policy.weights).resolve()), "input": str(Path(args.input).resolve()),
+        "model": policy.weights, "input": str(Path(args.input).resolve()),
         "generator": generator, "mode": template.mode, "strict": template.strict,
         "prompt_template": "zero" if template.uses_zero_template else "chat",
         "max_prompt_tokens": template.max_prompt_tokens, "max_new_tokens": args.max_new_tokens,
