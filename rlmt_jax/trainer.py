@@ -2,10 +2,9 @@
 
     summary = train(resolve("configs/grpo_llama31_8b_instruct.yaml", ["rollout.temperature=0.8"]))
 
-A run lives in `run.output_dir`: the resolved config, policy/ (the policy's config and prepared tokenizer),
-metrics.jsonl, samples.jsonl, TensorBoard events, checkpoints/ (orbax) and export/ (a Hugging Face directory).
-Started again on a run dir with checkpoints it resumes from the newest good one, with the same data order and
-rng, so it reproduces the uninterrupted run.
+A run lives in `run.output_dir`: the resolved config, metrics.jsonl, samples.jsonl, TensorBoard events,
+checkpoints/ (orbax) and export/ (a Hugging Face directory). Started again on a run dir with checkpoints it
+resumes from the newest good one, with the same data order and rng, so it reproduces the uninterrupted run.
 """
 
 from __future__ import annotations
