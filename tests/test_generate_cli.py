@@ -173,16 +173,23 @@ def test_generate_resumes_after_the_rows_already_done(run_copy, prompts_file, ge
     assert not partial.exists()
 
 
-def test_score_reads_generates_json_output(generated, prompts_file, tmp_path):
+def test_score_reads_generates_json_output(run_copy, generated, prompts_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlmt_jax.templates import eos_texts_of
+
     reward = tiny.resolve_model_path("builtin:tiny-reward")
     out = tmp_path / "scored.json"
     assert main(["score", "--reward-model", reward, "--input", str(prompts_file.parent / "answers.json"),
-                 "--output", str(out), "--batch-size", "4", "--max-length", "128"]) == 0
+                 "--output", str(out), "--batch-size", "4", "--max-length", "128",
+                 "--policy-tokenizer", str(run_copy)]) == 0  # the run dir: the tokenizer it trained with
     scored = json.loads(out.read_text())
     assert [r["dataset"] for r in scored] == ["helpful_base", "oasst", "vicuna"]
     not_strict = TemplateSettings(mode="think", strict=False)
+    eos_texts = eos_texts_of(AutoTokenizer.from_pretrained(run_copy / "policy"))
+    assert eos_texts == ("<|eot_id|>",)
     for row, before in zip(scored, generated):
-        assert row["answer"] == split_output(before["raw_output"], not_strict, KNOWN_EOS_TEXTS).answer
+        assert row["answer"] == split_output(before["raw_output"], not_strict, eos_texts).answer
         assert row["format_valid"] == before["format_valid"] and isinstance(row["reward"], float)
 
 

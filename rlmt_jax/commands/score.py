@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument("--strict", action="store_true", help="a missing delimiter gives the answer [NULL]")
     parser.add_argument(
         "--policy-tokenizer",
-        help="the policy's tokenizer directory: its EOS text is removed, lengths are counted in its tokens",
+        help="the policy's tokenizer directory, or its run dir: its EOS text is removed, lengths are counted in "
+        "its tokens",
     )
     parser.add_argument(
         "--eos-text",
@@ -76,6 +77,16 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def policy_tokenizer_dir(path: str) -> str:
+    """A tokenizer directory, or a run dir: the tokenizer it trained with (RUN_DIR/policy)."""
+    from rlmt_jax.config import load_resolved
+    from rlmt_jax.run_dir import policy_files
+
+    if (Path(path) / "config.yaml").is_file():
+        return policy_files(Path(path), load_resolved(path))[1]
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     from rlmt_jax.rewards import RewardScorer, RewardSettings
 
@@ -90,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         try:
-            policy_tokenizer = AutoTokenizer.from_pretrained(args.policy_tokenizer)
+            policy_tokenizer = AutoTokenizer.from_pretrained(policy_tokenizer_dir(args.policy_tokenizer))
         except (OSError, ValueError) as err:
             raise UserError(f"--policy-tokenizer {args.policy_tokenizer}: cannot load it ({err})") from err
     if args.eos_text:
