@@ -14,7 +14,6 @@ resumes a run exactly, even on a different host count.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
