@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from models.hf_io import process_umask
 from rlmt_jax.config import RunConfig, load_resolved
 from rlmt_jax.errors import UserError
 
@@ -49,6 +50,7 @@ def save_policy_files(run_dir: str | os.PathLike, policy_path: str, tokenizer) -
     if (target / "config.json").is_file():
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{POLICY_DIR}.tmp-", dir=run_dir))
+    tmp.chmod(0o777 & ~process_umask())  # as any folder the user makes, not mkdtemp's 0700
     try:
         for name in POLICY_CONFIG_FILES:
             if os.path.isfile(os.path.join(policy_path, name)):

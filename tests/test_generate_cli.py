@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
+from models.hf_io import process_umask
 from rlmt_jax import tiny
 from rlmt_jax.checkpoint import params_only
 from rlmt_jax.cli import main
@@ -67,6 +68,7 @@ def test_a_copied_run_dir_exports_its_own_checkpoint_from_any_folder(run_copy, t
     monkeypatch.chdir(tmp_path)  # neither where it trained nor where it is
     assert sorted(os.listdir(run_copy / "policy")) == [
         "chat_template.jinja", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert (run_copy / "policy").stat().st_mode & 0o777 == 0o777 & ~process_umask()  # not mkdtemp's 0700
     assert main(["export", str(run_copy), "--out", "exported"]) == 0
     ours = load_file(tmp_path / "exported" / "model.safetensors")
     at_the_end = load_file(run_copy / "export" / "model.safetensors")  # written by the run from its last step
