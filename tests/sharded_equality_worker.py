@@ -7,7 +7,7 @@ with params placed by `mesh.shard_params`, batches by `mesh.shard_batch`, under 
   forward     CausalLM logits of left-padded rows (scanned layers, full remat)
   reward      RewardScorer.score_ids on rows of different lengths (right padding, unscanned layers)
   grpo_step   one train_step with PolicyObjective(GRPOConfig), 2 micro-batches, logits in chunks
-  greedy      Sampler at temperature 0, two decode windows (when rlmt_jax/sampling.py is there)
+  greedy      Sampler at temperature 0, two decode windows
 and a checkpoint is loaded onto the (1, 8, 1) mesh with load_pretrained(place=make_placer(mesh)).
 """
 
@@ -121,7 +121,7 @@ def main() -> dict:
             "params_max_abs_diff": max(_diff(sharded["params"][k], v) for k, v in reference["params"].items()),
             "metrics_max_abs_diff": {k: abs(sharded["metrics"][k] - v) for k, v in reference["metrics"].items()},
             "params_keep_rule_shardings": sharded["params_keep_rule_shardings"],
-            "greedy_equal": None if reference["greedy"] is None else sharded["greedy"] == reference["greedy"],
+            "greedy_equal": sharded["greedy"] == reference["greedy"],
         }
     observed["reference"] = {
         "logits_abs_mean": float(np.mean(np.abs(reference["logits"]))),
@@ -151,14 +151,12 @@ def _diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def _greedy(policy, place) -> list | None:
-    """Greedy samples (tokens, response lengths) of two prompts, 2 rows each; None before the sampler exists."""
-    try:
-        from rlmt_jax.sampling import Sampler, SamplingConfig
-    except ImportError:
-        return None
+def _greedy(policy, place) -> list:
+    """Greedy samples (tokens, response lengths) of two prompts, 2 rows each."""
     import jax
     import numpy as np
+
+    from rlmt_jax.sampling import Sampler, SamplingConfig
 
     # two decode windows: the cache blocks are placed on the mesh like the single cache
     config = SamplingConfig(n=2, max_new_tokens=6, temperature=0.0, eos_ids=(5,), pad_id=0, prompt_buckets=(8,),

@@ -69,5 +69,7 @@ def test_weight_decay_mask_skips_norms_and_biases():
     assert weight_decay_mask(tree) == {"q_proj": True, "q_bias": False, "input_norm": {"scale": False}, "embed": True}
 
 
-def test_config_is_hashable_for_jit():
-    assert hash(dataclasses.replace(DPO_ADAMW, total_steps=100)) is not None
+def test_equal_configs_are_one_static_jit_argument_and_different_ones_are_not():
+    a, b = dataclasses.replace(DPO_ADAMW, total_steps=100), dataclasses.replace(DPO_ADAMW, total_steps=100)
+    assert a == b and hash(a) == hash(b)  # the update step compiles once for them
+    assert a != dataclasses.replace(a, total_steps=101) and a != dataclasses.replace(a, decay="all")

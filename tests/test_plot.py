@@ -61,7 +61,6 @@ def test_read_metrics_sorts_steps_keeps_the_last_duplicate_and_reads_null_as_nan
 
 
 def test_plot_writes_one_png_per_panel_and_a_summary_grid(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     write_metrics(tmp_path / "run", grpo_records())
     assert main(["plot", str(tmp_path / "run"), "--keys", "loss", "kl"]) == 0
     names = ["reward", "kl", "entropy", "lengths", "format_valid_rate", "loss", "summary"]
@@ -76,7 +75,6 @@ def test_plot_writes_one_png_per_panel_and_a_summary_grid(tmp_path, capsys):
 
 
 def test_plot_skips_default_metrics_the_run_did_not_log_with_a_note(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     records = [{"step": s, "reward_mean": s / 10, "loss": 1.0 / s, "plan_tokens_mean": None} for s in range(1, 6)]
     write_metrics(tmp_path / "run", records)
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "png"), "--smooth", "2"]) == 0
@@ -89,7 +87,6 @@ def test_plot_skips_default_metrics_the_run_did_not_log_with_a_note(tmp_path, ca
 
 
 def test_plot_of_a_single_step_draws_a_point(tmp_path):
-    pytest.importorskip("matplotlib")
     write_metrics(tmp_path / "run", [{"step": 1, "reward_mean": 0.5, "reward_std": None}])
     assert main(["plot", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "plots" / "reward.png").stat().st_size > 0

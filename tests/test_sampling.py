@@ -135,7 +135,8 @@ def test_top_k_1_equals_greedy(qwen):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-def test_eos_stops_a_row_and_masks_what_follows(llama):
+@pytest.mark.parametrize("which", ["only", "second"])
+def test_eos_stops_a_row_and_masks_what_follows(llama, which):
     path = llama[0]
     free, params = sampler_for(path, temperature=0.0, max_new_tokens=10)
     responses = np.asarray(free(params, PROMPTS, jax.random.key(0)).tokens[:, 16:])
@@ -143,7 +144,10 @@ def test_eos_stops_a_row_and_masks_what_follows(llama):
     stop_token = int(responses[0, 3])
     first = [int(np.flatnonzero(r == stop_token)[0]) if stop_token in r else None for r in responses]
     assert first[0] <= 3
-    stopped, _ = sampler_for(path, temperature=0.0, max_new_tokens=10, eos_ids=(stop_token,))
+    # "second": the stop token is the second of two EOS ids (Llama-3.1-Instruct lists several); the first never occurs
+    never = next(t for t in range(4, 200) if t not in responses)
+    eos_ids = (stop_token,) if which == "only" else (never, stop_token)
+    stopped, _ = sampler_for(path, temperature=0.0, max_new_tokens=10, eos_ids=eos_ids)
     rollout = stopped(params, PROMPTS, jax.random.key(0))
     for row, at in enumerate(first):
         length = 10 if at is None else at + 1
@@ -247,7 +251,9 @@ def test_bfloat16_cache_gives_logprobs_close_to_the_float32_forward(qwen):
     logits = model(rollout.tokens, rollout.attention_mask, rollout.positions)
     forward = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), rollout.tokens[:, 1:, None], axis=-1)[..., 0]
     mask = np.asarray(rollout.response_mask)[:, 1:]
-    np.testing.assert_allclose(np.asarray(rollout.logprobs)[:, 1:][mask], np.asarray(forward)[mask], atol=0.05)
+    gap = np.abs(np.asarray(rollout.logprobs)[:, 1:][mask] - np.asarray(forward)[mask])
+    # measured 4e-4 .. 7e-4 over six keys (5e-4 with this one); a float32 cache would be ~1e-6 off
+    assert 1e-5 < gap.max() < 2e-3
 
 
 def test_buckets_padding_and_positions_helpers():
