@@ -387,7 +387,8 @@ def test_sft_learns_only_the_assistant_tokens_with_the_run_schedule(tmp_path, ti
     rec = Recorder(monkeypatch)
     trainer = run(tmp_path, "algorithm.name=sft", f"data.train_path={data}", "data.epochs=1",
                   "algorithm.sft.batch_size=4", "algorithm.sft.epochs=1", "run.total_steps=null", "optimizer.lr=1e-3",
-                  "optimizer.schedule=cosine", "optimizer.warmup_ratio=0.5", "optimizer.betas=[0.9,0.95]", "template.format_penalty=null")
+                  "optimizer.schedule=cosine", "optimizer.warmup_ratio=0.5", "optimizer.betas=[0.9,0.95]",
+                  "template.format_penalty=null")
     assert len(rec.updates) == 2
     tokenizer = trainer.text.tokenizer
     for update in rec.updates:
