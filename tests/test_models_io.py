@@ -135,7 +135,10 @@ def test_value_model_starts_from_the_policy_decoder(tmp_path):
     ids = jnp.asarray(np.random.default_rng(2).integers(4, 150, size=(2, 7)), jnp.int32)
     np.testing.assert_allclose(np.asarray(critic.hidden_states(ids)), np.asarray(policy.hidden_states(ids)),
                                atol=1e-6)
-    assert critic(ids).shape == (2, 7)
+    critic.value_bias[...] = jnp.array([0.25])
+    head = np.asarray(critic.value_head[...])[:, 0]
+    expected = np.asarray(policy.hidden_states(ids)) @ head + 0.25  # one value per token, from its own position
+    np.testing.assert_allclose(np.asarray(critic(ids)), expected, atol=1e-5)
 
 
 def test_critic_head_is_the_seeded_fresh_head_and_no_random_decoder_is_made():

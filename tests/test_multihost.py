@@ -63,12 +63,12 @@ def test_helpers_on_one_process_are_identities():
 def test_metrics_combine_as_if_computed_over_all_rows():
     rewards = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     a, b = rewards[:2], rewards[2:]  # process 0 has 2 rows, process 1 has 4
-    names = ["reward_mean", "reward_std", "response_tokens_max", "reward_truncated", "format_valid_rate"]
-    values = [[a.mean(), a.std(), 7, 1, 0.5], [b.mean(), b.std(), 5, 2, 0.25]]
+    names = ["reward_mean", "reward_std", "response_tokens_max", "reward_truncated", "format_valid_rate", "x_min"]
+    values = [[a.mean(), a.std(), 7, 1, 0.5, 4], [b.mean(), b.std(), 5, 2, 0.25, 9]]
     combined = combine_metrics(names, np.array([2, 4]), np.array(values), sums=("reward_truncated",))
     assert combined["reward_mean"] == pytest.approx(3.5)  # = rewards.mean()
     assert combined["reward_std"] == pytest.approx(1.707825127659933)  # = rewards.std()
-    assert combined["response_tokens_max"] == 7
+    assert combined["response_tokens_max"] == 7 and combined["x_min"] == 4
     assert combined["reward_truncated"] == 3
     assert combined["format_valid_rate"] == pytest.approx((2 * 0.5 + 4 * 0.25) / 6)
 

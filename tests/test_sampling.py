@@ -135,15 +135,15 @@ def test_top_k_1_equals_greedy(qwen):
     np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
-@pytest.mark.parametrize("which", ["only", "second"])
-def test_eos_stops_a_row_and_masks_what_follows(llama, which):
+@pytest.mark.parametrize("which, step", [("only", 3), ("second", 3), ("only", 0)])
+def test_eos_stops_a_row_and_masks_what_follows(llama, which, step):
     path = llama[0]
     free, params = sampler_for(path, temperature=0.0, max_new_tokens=10)
     responses = np.asarray(free(params, PROMPTS, jax.random.key(0)).tokens[:, 16:])
-    # Pick as EOS the token row 0 produces at step 3 (and that no row produces earlier than row 0 does there).
-    stop_token = int(responses[0, 3])
+    # Pick as EOS the token row 0 produces at `step` (0: the prefill's token; no row produces it earlier).
+    stop_token = int(responses[0, step])
     first = [int(np.flatnonzero(r == stop_token)[0]) if stop_token in r else None for r in responses]
-    assert first[0] <= 3
+    assert first[0] <= step
     # "second": the stop token is the second of two EOS ids (Llama-3.1-Instruct lists several); the first never occurs
     never = next(t for t in range(4, 200) if t not in responses)
     eos_ids = (stop_token,) if which == "only" else (never, stop_token)

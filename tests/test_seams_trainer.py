@@ -48,6 +48,9 @@ class Scoring:
     outputs: list
     rewards: np.ndarray
     valid: np.ndarray
+    plans: list
+    answers: list
+    scored_rewards: np.ndarray  # before reward_of replaced them
 
 
 class Recorder:
@@ -68,9 +71,11 @@ class Recorder:
 
         def score_outputs(scorer, prompts, outputs, *args, **kwargs):
             scored = real_score(scorer, prompts, outputs, *args, **kwargs)
+            scored_rewards = scored.rewards.copy()
             if reward_of is not None:
                 scored = dataclasses.replace(scored, rewards=np.array([reward_of(o) for o in outputs], np.float32))
-            self.scorings.append(Scoring(list(prompts), list(outputs), scored.rewards.copy(), scored.valid.copy()))
+            self.scorings.append(Scoring(list(prompts), list(outputs), scored.rewards.copy(), scored.valid.copy(),
+                                         list(scored.plans), list(scored.answers), scored_rewards))
             return scored
 
         monkeypatch.setattr(trainer_lib, "train_step", train_step)
@@ -111,15 +116,18 @@ def optimizer_settings(opt):
             opt.grad_clip, opt.decay)
 
 
-def actor_loss_by_hand(lp, old, ref, entropy, adv, mask, clip_low, clip_high, dual_clip, kl_coef, entropy_coef):
-    """token-mean aggregation, k2 KL: (loss, pg, kl, entropy)."""
+def actor_loss_by_hand(lp, old, ref, entropy, adv, mask, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+                       token_mean=True):
+    """k2 KL; token-mean aggregation, or seq-mean-token-sum (the sum over a row's tokens, mean over rows):
+    (loss, pg, kl, entropy)."""
     m = mask.astype(np.float64)
+    m = m / m.sum() if token_mean else m / (m.sum(axis=1) > 0).sum()
     ratio = np.exp(lp - old)
     losses = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - clip_low, 1 + clip_high))
     losses = np.where(adv < 0, np.minimum(losses, -adv * dual_clip), losses)
-    pg = np.sum(m * losses) / m.sum()
-    kl = np.sum(m * 0.5 * (ref - lp) ** 2) / m.sum()
-    ent = np.sum(m * entropy) / m.sum()
+    pg = np.sum(m * losses)
+    kl = np.sum(m * 0.5 * (ref - lp) ** 2)
+    ent = np.sum(m * entropy)
     return pg + kl_coef * kl - entropy_coef * ent, pg, kl, ent
 
 
@@ -131,7 +139,7 @@ def response_start(mask):
 
 # ----------------------------------------------------------------------------------------------- GRPO
 GRPO = ["algorithm.name=grpo", "rollout.n=2", "rollout.temperature=0.7", "run.total_steps=2",
-        "algorithm.update_epochs=2", "algorithm.aggregation=token_mean", "algorithm.kl_estimator=k2",
+        "algorithm.update_epochs=2", "algorithm.aggregation=seq_mean_token_sum", "algorithm.kl_estimator=k2",
         "algorithm.kl_coef=0.05", "algorithm.entropy_coef=0.01", "algorithm.clip_low=0.01", "algorithm.clip_high=0.05",
         "algorithm.dual_clip=3.0", "algorithm.grpo.eps=0.01", "optimizer.lr=1e-3", "optimizer.weight_decay=0.03",
         "optimizer.betas=[0.8,0.99]", "optimizer.eps=1e-7", "optimizer.grad_clip=0.5"]
@@ -163,10 +171,30 @@ def test_grpo_rewards_are_scored_for_their_own_rows_and_normalised_in_groups_of_
             assert scoring.prompts[i] == scoring.prompts[i - i % 2]
             assert scoring.prompts[i][-1]["content"] in tokenizer.decode(prompt.tolist())
         assert scoring.prompts[0] != scoring.prompts[2]
+        assert batch["tokens"].shape[1] == start + 12  # rollout.max_new_tokens
         rewards = np.array([text_reward(t) for t in scoring.outputs]).reshape(4, 2)
         centred = rewards - rewards.mean(axis=1, keepdims=True)
         expected = centred / (rewards.std(axis=1, ddof=1, keepdims=True) + 0.01)  # grpo.eps = 0.01
         np.testing.assert_allclose(batch["advantages"], expected.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_samples_and_metrics_are_those_of_the_scored_rows(grpo_run):
+    trainer, rec = grpo_run
+    samples = [json.loads(line) for line in open(os.path.join(trainer.run_dir, "samples.jsonl"))]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2]  # logging.samples_per_step: the tiny default's 2
+    for sample, (step, i) in zip(samples, [(0, 0), (0, 1), (1, 0), (1, 1)]):
+        scoring = rec.scorings[step]
+        assert sample["output"] == scoring.outputs[i] and sample["reward"] == pytest.approx(scoring.rewards[i])
+        assert sample["prompt"] == scoring.prompts[i][-1]["content"]
+        assert (sample["plan"], sample["answer"]) == (scoring.plans[i], scoring.answers[i])
+        assert sample["format_valid"] == bool(scoring.valid[i])
+    # template.format_penalty (the tiny default's -3) is the reward of every malformed output
+    invalid = [r for s in rec.scorings for r, v in zip(s.scored_rewards, s.valid) if not v]
+    assert invalid and set(invalid) == {-3.0}
+    metrics = [json.loads(line) for line in open(os.path.join(trainer.run_dir, "metrics.jsonl"))]
+    assert len(metrics) == 2
+    for row in metrics:  # the sampler drew at the trainer's temperature (0.7): its log-probs are the trainer's
+        assert row["logprob_diff_max"] < 1e-4
 
 
 def test_grpo_log_probs_and_the_loss_use_the_run_settings(grpo_run):
@@ -183,7 +211,7 @@ def test_grpo_log_probs_and_the_loss_use_the_run_settings(grpo_run):
         np.testing.assert_allclose(batch["ref_logprobs"] * mask, ref * mask, atol=2e-5)
         adv = np.broadcast_to(batch["advantages"][:, None], mask.shape)
         loss, pg, kl, ent = actor_loss_by_hand(lp, batch["old_logprobs"], batch["ref_logprobs"], entropy, adv, mask,
-                                               0.01, 0.05, 3.0, 0.05, 0.01)
+                                               0.01, 0.05, 3.0, 0.05, 0.01, token_mean=False)
         got = update.metrics
         np.testing.assert_allclose([got["pg_loss"], got["kl"], got["entropy"], got["loss"]], [pg, kl, ent, loss],
                                    rtol=1e-4, atol=1e-6)
@@ -306,13 +334,16 @@ def dpo_run(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("dpo")
     with pytest.MonkeyPatch.context() as monkeypatch:
         recorder = Recorder(monkeypatch, reward_of=text_reward)
-        trainer = run(tmp, *DPO, f"data.train_path={prompts_file(tmp)}")
+        trainer = run(tmp, *DPO, f"data.train_path={prompts_file(tmp, 6)}")  # chunks of 4 and 2 (+ 2 fillers)
     pairs = [json.loads(line) for line in open(os.path.join(trainer.run_dir, "dpo_pairs.process-0.jsonl"))]
     return trainer, recorder, pairs
 
 
 def test_dpo_pairs_are_the_best_and_worst_scored_answers_of_each_prompt(dpo_run):
     trainer, rec, pairs = dpo_run
+    # every prompt of the data is sampled and scored n = 4 times, in order; the filler prompts are not scored
+    scored = [p[-1]["content"] for s in rec.scorings for p in s.prompts]
+    assert scored == [p for p in PROMPTS[:6] for _ in range(4)]
     decode = lambda ids: trainer.text.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     expected = []
     for scoring in rec.scorings:
