@@ -95,5 +95,5 @@ def test_logprob_gap_is_over_response_tokens_only():
 
 
 def test_rollout_metrics_count_length_stops_and_response_tokens():
-    r = rollout(np.zeros((4, 6)), [4, 1, 2, 4], [STOP_LENGTH, STOP_EOS, STOP_EOS, STOP_LENGTH])
-    assert rollout_metrics(r) == {"response_tokens_mean": 2.75, "response_tokens_max": 4.0, "length_stop_rate": 0.5}
+    r = rollout(np.zeros((4, 6)), [4, 1, 2, 3], [STOP_LENGTH, STOP_EOS, STOP_EOS, STOP_EOS])
+    assert rollout_metrics(r) == {"response_tokens_mean": 2.5, "response_tokens_max": 4.0, "length_stop_rate": 0.25}

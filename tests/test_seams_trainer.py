@@ -138,7 +138,8 @@ def response_start(mask):
 
 
 # ----------------------------------------------------------------------------------------------- GRPO
-GRPO = ["algorithm.name=grpo", "rollout.n=2", "rollout.temperature=0.7", "run.total_steps=2",
+GRPO = ["algorithm.name=grpo", "rollout.n=2", "rollout.temperature=0.7", "rollout.top_k=6", "rollout.top_p=0.5",
+        "run.total_steps=2",
         "algorithm.update_epochs=2", "algorithm.aggregation=seq_mean_token_sum", "algorithm.kl_estimator=k2",
         "algorithm.kl_coef=0.05", "algorithm.entropy_coef=0.01", "algorithm.clip_low=0.01", "algorithm.clip_high=0.05",
         "algorithm.dual_clip=3.0", "algorithm.grpo.eps=0.01", "optimizer.lr=1e-3", "optimizer.weight_decay=0.03",
@@ -195,6 +196,23 @@ def test_grpo_samples_and_metrics_are_those_of_the_scored_rows(grpo_run):
     assert len(metrics) == 2
     for row in metrics:  # the sampler drew at the trainer's temperature (0.7): its log-probs are the trainer's
         assert row["logprob_diff_max"] < 1e-4
+
+
+def test_grpo_samples_only_tokens_inside_the_run_top_k_and_top_p(grpo_run):
+    trainer, rec = grpo_run
+    for update in rec.updates[::2]:  # the policy that sampled the step's rollout
+        b = update.batch
+        model = nnx.merge(update.graphdef, update.params)
+        logits = model(jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]), jnp.asarray(b["positions"]))
+        probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32) / 0.7, axis=-1))[:, :-1]
+        chosen = np.take_along_axis(probs, b["tokens"][:, 1:, None], axis=-1)
+        top6 = -np.sort(-probs, axis=-1)[..., :6]
+        rank = (probs > chosen).sum(axis=-1)  # [B, S - 1]
+        # the nucleus is taken from the top 6: the mass above a drawn token is below half of theirs
+        above = np.where(top6 > chosen, top6, 0.0).sum(axis=-1) / top6.sum(axis=-1)
+        counted = b["response_mask"][:, 1:] > 0
+        assert rank[counted].max() < 6 and above[counted].max() < 0.5 + 1e-5
+        assert rank[counted].max() >= 1  # not greedy
 
 
 def test_grpo_log_probs_and_the_loss_use_the_run_settings(grpo_run):
