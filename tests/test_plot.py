@@ -126,7 +126,6 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, capsys, monkey
 
 
 def test_every_panel_names_its_y_axis(tmp_path):
-    pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
     from rlmt_jax.commands.plot import Run, all_series, draw_panel, panels_to_draw
@@ -145,7 +144,6 @@ def test_every_panel_names_its_y_axis(tmp_path):
 
 
 def test_plot_of_several_runs_overlays_them_on_the_same_axes_with_a_legend(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
     write_metrics(tmp_path / "runs" / "a", grpo_records(10))
