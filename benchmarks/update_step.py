@@ -65,6 +65,8 @@ def matmul_params_count(params) -> int:
     return total
 
 
+TEMPERATURE = 0.7  # the recipes' rollout.temperature
+
 def bench_ours(model_dir, batch_np, args, grpo_config):
     """Returns (step, compile_s, matmul param count, first-step metrics, the batch's RL arrays)."""
     from flax import nnx
@@ -79,14 +81,15 @@ def bench_ours(model_dir, batch_np, args, grpo_config):
     n_matmul = matmul_params_count(params)
     batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
     start = args.prompt if args.skip_prompt_logits else 0
-    current = compute_logprobs(graphdef, params, batch, temperature=grpo_config.temperature)
+    current = compute_logprobs(graphdef, params, batch, temperature=TEMPERATURE)
     rng = np.random.default_rng(1)
     noise = jnp.asarray(rng.normal(size=current.shape).astype(np.float32) * 0.05)
     batch["old_logprobs"] = current + noise
     batch["ref_logprobs"] = current - noise
     batch["advantages"] = jnp.asarray(rng.normal(size=current.shape[0]).astype(np.float32))
     optimizer = AdamWConfig(lr=1e-6)
-    objective = PolicyObjective(grpo_config, logits_chunk_size=args.chunk, response_start=start)
+    objective = PolicyObjective(grpo_config, temperature=TEMPERATURE, logits_chunk_size=args.chunk,
+                                response_start=start)
     state = {"params": params, "opt": init_optimizer_state(params, optimizer)}
     first = {}
 
@@ -129,7 +132,7 @@ def bench_torch(hf_model, batch_np, extras, args, cfg):
         logits = hf_model(
             input_ids=tokens, attention_mask=attention_mask, position_ids=positions, logits_to_keep=keep
         ).logits
-        z = logits[:, :-1].float() / cfg.temperature
+        z = logits[:, :-1].float() / TEMPERATURE
         logp_all = torch.log_softmax(z, dim=-1)
         logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -184,9 +187,9 @@ def main() -> None:
     # Both sides run in this one process with the host-memory settings `rlmt-jax` uses (rlmt_jax/host_memory.py).
     relaunch_with_reused_memory([os.path.abspath(__file__), *sys.argv[1:]])
 
-    from rlmt_jax.algorithms import GRPOConfig
+    from rlmt_jax.algorithms import AlgorithmConfig
 
-    cfg = GRPOConfig()
+    cfg = AlgorithmConfig()  # the GRPO recipe's loss settings
     print(f"devices: {jax.devices()}  cpu count: {os.cpu_count()}  load average: {os.getloadavg()}  "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
     peaks = [measure_matmul_peak()]

@@ -21,6 +21,7 @@ overrides still win.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,6 +30,8 @@ from typing import Literal
 
 import yaml
 
+from rlmt_jax.algorithms.settings import AlgorithmConfig  # the `algorithm:` section, also the loss config
+from rlmt_jax.algorithms.specs import check_variants, spec_of
 from rlmt_jax.errors import UserError
 from rlmt_jax.files import atomic_write
 from rlmt_jax.typed_config import Schema
@@ -109,67 +112,12 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    std_normalize: bool = True  # (r - mean) / (std + eps); False: r - mean
-    eps: float = 1e-6
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    gamma: float = 1.0
-    gae_lambda: float = 1.0
-    whiten_advantages: bool = True
-    value_clip: float | None = 0.5
-    value_coef: float = 0.5
-    critic_lr: float = 1e-5
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    beta: float = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = 0.0
-    min_valid: int = 4  # prompts with fewer parseable answers are skipped
-    max_pair_tokens: int = 8192  # longer pairs are dropped
-    epochs: int = 2
-    batch_size: int = 128  # pairs per optimizer step
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    epochs: int = 2
-    batch_size: int = 16  # conversations per optimizer step
-    max_seq_tokens: int = 8192  # longer conversations are truncated on the right
-
-
-@dataclass(frozen=True)
 class RewardConfig:
     """How the reward model is fed (it re-renders prompt + answer with its own tokenizer and template)."""
 
     max_length: int = 8192  # longer inputs are cut (counted in the metrics)
     truncation_side: Literal["right", "left"] = "right"
     batch_size: int = 8  # rows per jitted scoring call
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    """The algorithm and its loss settings; clip/KL/entropy/aggregation serve GRPO and PPO."""
-
-    name: Literal["grpo", "ppo", "dpo", "sft"] = "grpo"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = 3.0
-    kl_coef: float = 0.001  # 0: no KL term, no reference forward
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    entropy_coef: float = 0.001
-    # seq_mean_token_sum_norm: Dr. GRPO (token sums divided by rollout.max_new_tokens)
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = (
-        "seq_mean_token_mean")
-    update_epochs: int = 1  # passes over each rollout batch
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 @dataclass(frozen=True)
@@ -292,6 +240,9 @@ KEY_ALIASES = {
     "learning_rate": "optimizer.lr",
     "lambda": "algorithm.ppo.gae_lambda",
     "lam": "algorithm.ppo.gae_lambda",
+    "std_normalize": "algorithm.advantage",  # grpo: divided by the group std; drgrpo: not
+    "loss_agg_mode": "algorithm.aggregation",
+    "value_loss_scale": "algorithm.ppo.value_coef",
     "num_samples": "rollout.n",
     "samples_per_prompt": "rollout.n",
     "max_tokens": "rollout.max_new_tokens",
@@ -311,9 +262,10 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate(cfg: RunConfig) -> RunConfig:
     """Raises one UserError naming the key for the first impossible value or combination; returns cfg."""
     algo, roll, tmpl, opt, mesh = cfg.algorithm, cfg.rollout, cfg.template, cfg.optimizer, cfg.mesh
+    spec = spec_of(cfg)
 
     _check(cfg.model.policy is not None, "model.policy", "is required: the policy's Hugging Face directory")
-    if algo.name != "sft":
+    if spec.reward_model:
         _check(cfg.model.reward_model is not None, "model.reward_model",
                f"is required by algorithm.name={algo.name}")
     _check(cfg.data.train_path is not None, "data.train_path", "is required: a JSONL, Parquet or datasets dir")
@@ -364,21 +316,24 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"must not exceed data.max_prompt_tokens ({cfg.data.max_prompt_tokens})")
 
     # algorithm
-    if algo.name == "grpo":
-        _check(roll.n >= 2, "rollout.n",
-               f"must be >= 2 for GRPO (advantages compare the samples of a group), got {roll.n}")
-    if algo.name == "dpo":
-        _check(algo.dpo.min_valid >= 2, "algorithm.dpo.min_valid", "must be >= 2 (a pair needs two answers)")
-        _check(roll.n >= algo.dpo.min_valid, "rollout.n",
-               f"must be >= algorithm.dpo.min_valid ({algo.dpo.min_valid}) for DPO, got {roll.n}")
-    if algo.name == "sft":
-        _check(cfg.data.epochs == 1, "data.epochs", "is not used by SFT: set algorithm.sft.epochs instead")
-    _check(0 < algo.clip_low < 1, "algorithm.clip_low", "must be in (0, 1)")
+    spec.check(cfg, _check)
+    check_variants(cfg, _check)
+    _check(0 < algo.clip_low <= 1, "algorithm.clip_low", "must be in (0, 1] (1: no lower bound)")
     _check(algo.clip_high > 0, "algorithm.clip_high", "must be > 0")
     _check(algo.dual_clip is None or algo.dual_clip > 1, "algorithm.dual_clip", "must be > 1 or null (off)")
     _check(algo.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
     _check(algo.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0")
     _check(algo.update_epochs >= 1, "algorithm.update_epochs", "must be >= 1")
+    if algo.overlong_buffer is not None:
+        _check(0 < algo.overlong_buffer <= roll.max_new_tokens, "algorithm.overlong_buffer",
+               f"must be in [1, rollout.max_new_tokens = {roll.max_new_tokens}] or null (off)")
+    _check(algo.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
+    corr = algo.rollout_correction
+    _check(corr.weight_cap >= 1, "algorithm.rollout_correction.weight_cap", "must be >= 1")
+    _check(0 <= corr.mask_low <= 1 <= corr.mask_high, "algorithm.rollout_correction.mask_low",
+           f"and mask_high must hold 1 between them (0 <= low <= 1 <= high), got {corr.mask_low}, {corr.mask_high}")
+    _check(not corr.bypass or (corr.weights == "off" and corr.mask == "off"), "algorithm.rollout_correction.bypass",
+           "leaves nothing to correct (the sampler's log-probs are the old ones): set weights and mask to off")
     _check(algo.grpo.eps > 0, "algorithm.grpo.eps", "must be > 0")
     _check(0 <= algo.ppo.gamma <= 1, "algorithm.ppo.gamma", "must be in [0, 1]")
     _check(0 <= algo.ppo.gae_lambda <= 1, "algorithm.ppo.gae_lambda", "must be in [0, 1]")
@@ -403,14 +358,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(opt.eps > 0, "optimizer.eps", "must be > 0")
     _check(opt.grad_clip is None or opt.grad_clip > 0, "optimizer.grad_clip", "must be > 0 or null (off)")
     _check(opt.micro_batch_size >= 1, "optimizer.micro_batch_size", "must be >= 1")
-    batch_key, batch = {
-        "grpo": ("rollout.prompts_per_step x rollout.n", roll.prompts_per_step * roll.n),
-        "ppo": ("rollout.prompts_per_step x rollout.n", roll.prompts_per_step * roll.n),
-        "dpo": ("algorithm.dpo.batch_size", algo.dpo.batch_size),
-        "sft": ("algorithm.sft.batch_size", algo.sft.batch_size),
-    }[algo.name]
-    _check(batch % opt.micro_batch_size == 0, "optimizer.micro_batch_size",
-           f"({opt.micro_batch_size}) must divide the update batch, {batch_key} = {batch}")
+    batch = spec.update_batch(cfg)
+    _check(batch.rows % opt.micro_batch_size == 0, "optimizer.micro_batch_size",
+           f"({opt.micro_batch_size}) must divide the update batch, {batch.keys} = {batch.rows}")
 
     # mesh (whether the sizes fit the devices is checked when the mesh is made)
     for part, names in (("ICI", ("data", "fsdp", "tensor")), ("DCN", ("dcn_data", "dcn_fsdp", "dcn_tensor"))):
@@ -529,7 +479,17 @@ def from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunC
     values = _with_algorithm_defaults(copy.deepcopy(values), overrides)
     for override in overrides:
         SCHEMA.apply_override(values, override)
-    return validate(SCHEMA.build(values))
+    return validate(with_algorithm_defaults(SCHEMA.build(values)))
+
+
+def with_algorithm_defaults(cfg: RunConfig) -> RunConfig:
+    """algorithm.advantage null -> the algorithm's own estimator (grpo: grpo, ppo: gae), so the resolved
+    config names what runs."""
+    algo = cfg.algorithm
+    default = spec_of(cfg).default_advantage
+    if algo.advantage is None and default is not None:
+        cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(algo, advantage=default))
+    return cfg
 
 
 def load_yaml_text(text: str, overrides: list[str] | tuple[str, ...] = (), source: str = "<text>") -> RunConfig:

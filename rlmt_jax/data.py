@@ -24,6 +24,7 @@ from typing import Any
 
 import grain
 
+from rlmt_jax.algorithms.specs import spec_of
 from rlmt_jax.config import BUILTIN_DATA, BUILTIN_PREFIX, RunConfig
 from rlmt_jax.errors import UserError
 from rlmt_jax.jsonl import decode_line, read_jsonl_objects
@@ -409,18 +410,16 @@ def fit_prompt_limit(prompts: Sequence[Conversation], lengths: Sequence[int], li
 
 
 def load_train_records(cfg: RunConfig) -> list[Conversation]:
-    """The run's data: SFT conversations for algorithm.name=sft, prompts otherwise."""
-    load = load_conversations if cfg.algorithm.name == "sft" else load_prompts
+    """The run's data, of the kind its algorithm's spec names: conversations (SFT) or prompts."""
+    load = load_conversations if spec_of(cfg).data == "conversations" else load_prompts
     return load(cfg.data.train_path, format=cfg.data.format, column=cfg.data.prompt_column)
 
 
 def train_batches(cfg: RunConfig, records: Sequence[Any], shard_index: int | None = None,
                   shard_count: int | None = None) -> BatchIterator:
-    """The run's batches: rollout.prompts_per_step prompts for data.epochs (SFT: algorithm.sft.batch_size
-    conversations for algorithm.sft.epochs), shuffled with data.shuffle_seed, this host's slice."""
-    if cfg.algorithm.name == "sft":
-        batch_size, epochs = cfg.algorithm.sft.batch_size, cfg.algorithm.sft.epochs
-    else:
-        batch_size, epochs = cfg.rollout.prompts_per_step, cfg.data.epochs
+    """The run's batches, of the size and epochs its algorithm's spec names (rollout.prompts_per_step
+    prompts for data.epochs; SFT: algorithm.sft.batch_size conversations for algorithm.sft.epochs),
+    shuffled with data.shuffle_seed, this host's slice."""
+    batch_size, epochs = spec_of(cfg).data_batches(cfg)
     return BatchIterator(records, batch_size, seed=cfg.data.shuffle_seed, epochs=epochs,
                          shard_index=shard_index, shard_count=shard_count)

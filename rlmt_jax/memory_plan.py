@@ -40,6 +40,7 @@ from models import ModelConfig, build_model
 from models.attention import resolve_attention
 from models.config import ConfigError
 from rlmt_jax import mesh as mesh_lib
+from rlmt_jax.algorithms.specs import spec_of
 from rlmt_jax.config import RunConfig, builtin_name
 from rlmt_jax.errors import UserError
 from rlmt_jax.known_models import KNOWN_MODELS, known_model
@@ -171,14 +172,14 @@ def run_models(cfg: RunConfig) -> dict[str, ModelShapes]:
     """The models the run's algorithm keeps on the mesh, by role."""
     runtime = dict(dtype=cfg.runtime.dtype, param_dtype=cfg.runtime.param_dtype, remat=cfg.runtime.remat,
                    scan_layers=cfg.runtime.scan_layers)
-    name = cfg.algorithm.name
+    spec = spec_of(cfg)
     paths = {"policy": ("model.policy", cfg.model.policy, None)}
-    if name == "dpo" or (name in ("grpo", "ppo") and cfg.algorithm.kl_coef != 0):
+    if spec.needs_reference(cfg.algorithm):
         key = "model.reference" if cfg.model.reference else "model.policy"
         paths["reference"] = (key, cfg.model.reference_path, None)
-    if name in ("grpo", "ppo", "dpo"):
+    if spec.reward_model:
         paths["reward model"] = ("model.reward_model", cfg.model.reward_model, None)
-    if name == "ppo":
+    if spec.critic:
         key = "model.critic" if cfg.model.critic else "model.policy"
         paths["critic"] = (key, cfg.model.critic_path, "value")
     shapes = {}
@@ -427,16 +428,9 @@ def _optimizer_state(params: nnx.State, cfg: RunConfig, lr: float):
 
 def update_shape(cfg: RunConfig) -> tuple[int, int, int]:
     """(sequences per micro-batch, their length, micro-batches per update) of the algorithm's update."""
-    algo, size = cfg.algorithm, cfg.optimizer.micro_batch_size
-    if algo.name in ("grpo", "ppo"):
-        rows, per_row = cfg.rollout.prompts_per_step * cfg.rollout.n, 1
-        seq = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-    elif algo.name == "dpo":  # micro_batch_size counts pairs, each two sequences
-        rows, seq, per_row = algo.dpo.batch_size, algo.dpo.max_pair_tokens, 2
-    else:
-        rows, seq, per_row = algo.sft.batch_size, algo.sft.max_seq_tokens, 1
-    micro = min(size, rows)
-    return micro * per_row, seq, max(rows // micro, 1)
+    batch = spec_of(cfg).update_batch(cfg)  # DPO: micro_batch_size counts pairs, each two sequences
+    micro = min(cfg.optimizer.micro_batch_size, batch.rows)
+    return micro * batch.sequences_per_row, batch.seq, max(batch.rows // micro, 1)
 
 
 def _reward_length(cfg: RunConfig, response_seq: int) -> tuple[int, int]:

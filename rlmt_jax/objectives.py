@@ -3,7 +3,7 @@ pure losses of `rlmt_jax.algorithms`.
 
 An objective is a frozen (hashable) dataclass, so the jitted update step takes it as a static
 argument. It has two methods:
-  counts(batch) -> dict of scalars: the whole-batch denominators (tokens, sequences, pairs), computed
+  counts(batch) -> a pytree of scalars: the whole-batch denominators (tokens, sequences, pairs), computed
       once before the batch is cut into micro-batches, so micro-batch losses add up to the batch loss;
   __call__(model, micro_batch, counts) -> (loss, metrics): every metric is normalised by `counts` too,
       so the update step sums losses, gradients and metrics over micro-batches.
@@ -13,7 +13,8 @@ Batch layout (a dict of arrays, leading dim = rows; see each objective for its k
   attention_mask [B, S]: 1 on real tokens;  positions [B, S] (default: clip(cumsum(mask) - 1, 0));
   response_mask [B, S]: 1 on the response tokens whose log-prob counts;
   old_logprobs, ref_logprobs [B, S], aligned: position t holds log p(token t | tokens < t);
-  advantages [B] or [B, S].
+  advantages [B] or [B, S];  is_weights [B, S] (rollout correction's truncated importance weights).
+Which objective an algorithm trains with is its spec's (rlmt_jax.algorithms.specs).
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlmt_jax.algorithms.common import (
-    ActorLossConfig,
-    actor_loss,
-    chunked_sequence_logprobs_and_entropy,
-    count_sequences,
-    count_tokens,
-    shift_right,
-)
-from rlmt_jax.algorithms.dpo import DPOConfig, dpo_loss, sequence_logprobs
+from rlmt_jax.algorithms.common import Normalizers, chunked_sequence_logprobs_and_entropy, count_tokens, shift_right
+from rlmt_jax.algorithms.dpo import dpo_loss, sequence_logprobs
+from rlmt_jax.algorithms.policy_losses import actor_loss
 from rlmt_jax.algorithms.ppo import value_loss
+from rlmt_jax.algorithms.settings import AlgorithmConfig, DPOConfig, PPOConfig
 from rlmt_jax.algorithms.sft import sft_loss
 
 
@@ -79,39 +75,43 @@ def policy_logprobs_and_entropy(
 
 @dataclasses.dataclass(frozen=True)
 class PolicyObjective:
-    """GRPO and the PPO actor: `actor_loss` (clipped surrogate + KL + entropy).
+    """The actor of GRPO and PPO: `policy_losses.actor_loss` (the registered algorithm.policy_loss + KL +
+    entropy) with the `algorithm:` section as its config.
 
     Batch: tokens, attention_mask, [positions], response_mask, old_logprobs, advantages,
-    ref_logprobs (when config.kl_coef != 0).
+    ref_logprobs (when algorithm.kl_coef != 0), [is_weights].
+    temperature: rollout.temperature (log-probs of logits / temperature, as sampled); norm_length:
+    rollout.max_new_tokens (seq_mean_token_sum_norm's L).
     response_start: the padded prompt length when every response starts at that column (the
     sampler's layout); the lm head then skips the prompt positions. response_mask must be 0 before it.
     """
 
-    config: ActorLossConfig
+    algorithm: AlgorithmConfig
+    temperature: float = 1.0
+    norm_length: float = 4096.0
     logits_chunk_size: int | None = 1024
     response_start: int = 0
 
-    def counts(self, batch: dict) -> dict[str, jax.Array]:
+    def counts(self, batch: dict) -> Normalizers:
         require(batch, "response_mask")
-        mask = batch["response_mask"]
-        return {"num_tokens": count_tokens(mask), "num_sequences": count_sequences(mask)}
+        return Normalizers.of(batch["response_mask"], self.norm_length)
 
-    def __call__(self, model, batch: dict, counts: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
-        names = ["response_mask", "old_logprobs", "advantages"] + (["ref_logprobs"] if self.config.kl_coef else [])
-        require(batch, *names)
+    def __call__(self, model, batch: dict, counts: Normalizers) -> tuple[jax.Array, dict[str, jax.Array]]:
+        kl = self.algorithm.kl_coef != 0
+        require(batch, "response_mask", "old_logprobs", "advantages", *(["ref_logprobs"] if kl else []))
         logprobs, entropy = policy_logprobs_and_entropy(
-            model, batch, self.config.temperature, self.logits_chunk_size, self.response_start
+            model, batch, self.temperature, self.logits_chunk_size, self.response_start
         )
         return actor_loss(
             logprobs,
             batch["old_logprobs"],
             batch["advantages"],
             batch["response_mask"],
-            self.config,
+            self.algorithm,
+            normalizers=counts,
             entropy=entropy,
-            ref_logprobs=batch.get("ref_logprobs") if self.config.kl_coef else None,
-            num_tokens=counts["num_tokens"],
-            num_sequences=counts["num_sequences"],
+            ref_logprobs=batch["ref_logprobs"] if kl else None,
+            is_weights=batch.get("is_weights"),
         )
 
 
@@ -123,11 +123,10 @@ def critic_values(model, batch: dict) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ValueObjective:
-    """The PPO critic: clipped value loss.  Batch: tokens, attention_mask, [positions], response_mask,
-    old_values, returns (aligned like log-probs)."""
+    """The PPO critic: clipped value loss with algorithm.ppo's value_clip and value_coef.  Batch: tokens,
+    attention_mask, [positions], response_mask, old_values, returns (aligned like log-probs)."""
 
-    value_clip: float | None = 0.5
-    scale: float = 0.5
+    config: PPOConfig = PPOConfig()
 
     def counts(self, batch: dict) -> dict[str, jax.Array]:
         require(batch, "response_mask")
@@ -141,8 +140,8 @@ class ValueObjective:
             batch["old_values"],
             batch["returns"],
             batch["response_mask"],
-            self.value_clip,
-            self.scale,
+            self.config.value_clip,
+            self.config.value_coef,
             num_tokens=counts["num_tokens"],
         )
         return loss, {**metrics, "loss": loss}

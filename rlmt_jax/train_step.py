@@ -2,7 +2,7 @@
 fill a batch's old/reference log-probs and old values.
 
   params, opt_state, metrics = train_step(graphdef, params, opt_state, batch,
-                                          objective=PolicyObjective(GRPOConfig()),
+                                          objective=spec_of(cfg).objective(cfg),
                                           optimizer=AdamWConfig(), num_micro_batches=8)
 
 `graphdef, params = nnx.split(model, nnx.Param)`; `opt_state = init_optimizer_state(params, optimizer)`.

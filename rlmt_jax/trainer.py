@@ -29,16 +29,12 @@ import models
 from rlmt_jax import checkpoint as ckpt
 from rlmt_jax import mesh as mesh_lib
 from rlmt_jax import multihost
-from rlmt_jax.algorithms.dpo import DPOConfig as DPOLossConfig
-from rlmt_jax.algorithms.dpo import build_preference_pairs
-from rlmt_jax.algorithms.grpo import GRPOConfig, group_advantages
-from rlmt_jax.algorithms.ppo import PPOConfig, ppo_advantages
+from rlmt_jax.algorithms import build_preference_pairs, compute_advantages, rollout_correction, spec_of
 from rlmt_jax.config import SCHEMA, RunConfig, save_resolved, to_yaml
 from rlmt_jax.data import BatchIterator, fit_prompt_limit, load_train_records, prompt_lengths, train_batches
 from rlmt_jax.errors import UserError
 from rlmt_jax.jsonl import read_jsonl, write_jsonl_atomic
 from rlmt_jax.metrics import MetricsLogger
-from rlmt_jax.objectives import DPOObjective, PolicyObjective, SFTObjective, ValueObjective
 from rlmt_jax.optim import AdamWConfig
 from rlmt_jax.rewards import RewardScorer, RewardSettings
 from rlmt_jax.rollouts import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
@@ -50,9 +46,6 @@ from rlmt_jax.train_step import compute_logprobs, compute_values, init_optimizer
 
 log = logging.getLogger("rlmt_jax.trainer")
 EXPORT_DIR = "export"
-# one program per batch shape; called eagerly, the GAE scan (its step function made anew on every call)
-# missed jax's cache and compiled again at every step
-ppo_advantages_jit = jax.jit(ppo_advantages, static_argnames="config")
 SUMMED_METRICS = ("reward_truncated", "prompts_truncated")  # counts: added over processes, not averaged
 
 
@@ -82,6 +75,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.algorithm = cfg.algorithm.name
+        self.spec = spec_of(cfg)  # the models, data, batch and objective of the algorithm
         self.run_dir = cfg.run.output_dir
         mesh_lib.initialize_distributed(**dataclasses.asdict(cfg.distributed))
         self.mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -111,16 +105,11 @@ class Trainer:
         if processes == 1:
             return
         cfg, split = self.cfg, mesh_lib.batch_split(self.mesh)
-        shares = {"rollout.prompts_per_step": cfg.rollout.prompts_per_step}
-        if self.algorithm == "dpo":
-            shares["algorithm.dpo.batch_size"] = cfg.algorithm.dpo.batch_size
-        if self.algorithm == "sft":
-            shares = {"algorithm.sft.batch_size": cfg.algorithm.sft.batch_size}
-        for key, value in shares.items():
+        for key, value in self.spec.process_shares(cfg).items():
             if value % processes:
                 raise UserError(f"config key '{key}' ({value}) must be a multiple of the {processes} processes: "
                                 "each process takes an equal share (and GRPO groups never straddle processes)")
-        if cfg.algorithm.name != "sft" and cfg.reward.batch_size % split:
+        if self.spec.reward_model and cfg.reward.batch_size % split:
             raise UserError(f"config key 'reward.batch_size' ({cfg.reward.batch_size}) must be a multiple of the "
                             f"mesh's batch split (data x fsdp = {split}) with {processes} processes: every "
                             "process scores its share of each reward batch")
@@ -158,8 +147,7 @@ class Trainer:
                                             cfg.data.max_prompt_tokens, cfg.data.overlong, cfg.data.train_path)
 
         self.ref_params = None
-        needs_reference = self.algorithm == "dpo" or (self.algorithm in ("grpo", "ppo") and cfg.algorithm.kl_coef)
-        if needs_reference:
+        if self.spec.needs_reference(cfg.algorithm):
             ref_path = resolve_model_path(cfg.model.reference_path)
             if ref_path == self.policy_path:
                 self.ref_params = jax.tree.map(jnp.copy, self.params)
@@ -167,7 +155,7 @@ class Trainer:
                 _, self.ref_params = nnx.split(self._load(ref_path), nnx.Param)
 
         self.scorer = None
-        if self.algorithm in ("grpo", "ppo", "dpo"):
+        if self.spec.reward_model:
             rm_path = resolve_model_path(cfg.model.reward_model)
             settings = RewardSettings(
                 max_length=cfg.reward.max_length, batch_size=cfg.reward.batch_size,
@@ -186,7 +174,7 @@ class Trainer:
             ), hosts=self.hosts)
 
         self.critic_graphdef = self.critic_params = None
-        if self.algorithm == "ppo":
+        if self.spec.critic:
             critic = self._load(resolve_model_path(cfg.model.critic_path), task="value")
             self.critic_graphdef, critic_params = nnx.split(critic, nnx.Param)
             # its fresh value head is made on the default device, not by the placer
@@ -197,21 +185,8 @@ class Trainer:
         return AdamWConfig(
             lr=lr or o.lr, schedule=o.schedule, warmup_ratio=o.warmup_ratio, total_steps=total_steps,
             weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip,
-            decay="all" if self.algorithm in ("grpo", "ppo") else "matrices",
+            decay=self.spec.weight_decay,
         )
-
-    def _actor_config(self):
-        a, r = self.cfg.algorithm, self.cfg.rollout
-        common = dict(
-            clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, kl_coef=a.kl_coef,
-            kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, loss_agg_mode=a.aggregation,
-            norm_length=float(r.max_new_tokens), temperature=r.temperature,
-        )
-        if self.algorithm == "grpo":
-            return GRPOConfig(**common, group_size=r.n, advantage_eps=a.grpo.eps, scale_by_std=a.grpo.std_normalize)
-        p = a.ppo
-        return PPOConfig(**common, gamma=p.gamma, lam=p.gae_lambda, whiten_advantages=p.whiten_advantages,
-                         value_clip=p.value_clip, value_loss_scale=p.value_coef)
 
     def _micro_batches(self, rows: int) -> int:
         size = self.cfg.optimizer.micro_batch_size
@@ -300,21 +275,35 @@ class Trainer:
         rows = batch["tokens"].shape[0]
         micro = self._micro_batches(rows)
         temperature = cfg.rollout.temperature
-        batch["old_logprobs"] = compute_logprobs(self.graphdef, self.params, batch, temperature=temperature,
-                                                 num_micro_batches=micro, response_start=start_column)
+        metrics = dict(info)
+        correction = cfg.algorithm.rollout_correction
+        is_weights, corrected_mask = None, batch["response_mask"]
+        if correction.bypass:  # the sampler's log-probs serve as the old policy's: no forward pass
+            batch["old_logprobs"] = sampler_logprobs
+        else:
+            batch["old_logprobs"] = compute_logprobs(self.graphdef, self.params, batch, temperature=temperature,
+                                                     num_micro_batches=micro, response_start=start_column)
+            metrics.update(logprob_gap(batch["old_logprobs"], sampler_logprobs, batch["response_mask"]))
+            is_weights, corrected_mask, correction_metrics = rollout_correction(
+                batch["old_logprobs"], sampler_logprobs, batch["response_mask"], correction)
+            metrics.update(_floats(correction_metrics))
         if self.ref_params is not None:
             batch["ref_logprobs"] = compute_logprobs(self.graphdef, self.ref_params, batch, temperature=temperature,
                                                      num_micro_batches=micro, response_start=start_column)
-        metrics = dict(info)
-        metrics.update(logprob_gap(batch["old_logprobs"], sampler_logprobs, batch["response_mask"]))
-        if self.algorithm == "grpo":  # groups are whole on each process, so also whole in the global rows
-            batch["advantages"] = group_advantages(
-                rewards, cfg.rollout.n, cfg.algorithm.grpo.eps, cfg.algorithm.grpo.std_normalize)
-        else:
+        values = None
+        if self.spec.critic:
             values = compute_values(self.critic_graphdef, self.critic_params, batch, num_micro_batches=micro)
-            batch["advantages"], batch["returns"] = ppo_advantages_jit(
-                rewards, values, batch["response_mask"], config=self.actor_config)
-            batch["old_values"] = values
+        # groups are whole on each process, so also whole in the global rows
+        batch["advantages"], returns, scores = compute_advantages(
+            rewards, batch["response_mask"], cfg.algorithm, group_size=cfg.rollout.n,
+            max_new_tokens=cfg.rollout.max_new_tokens, values=values)
+        if cfg.algorithm.overlong_buffer:
+            metrics["reward_shaped_mean"] = float(jnp.mean(scores))
+        batch["response_mask"] = corrected_mask  # tokens the correction masked count in no loss
+        if is_weights is not None:
+            batch["is_weights"] = is_weights
+        if self.spec.critic:
+            batch["returns"], batch["old_values"] = returns, values
             for _ in range(cfg.algorithm.update_epochs):
                 self.critic_params, self.critic_opt_state, critic_metrics = train_step(
                     self.critic_graphdef, self.critic_params, self.critic_opt_state, batch,
@@ -403,7 +392,7 @@ class Trainer:
             selection = build_preference_pairs(
                 scored.rewards.reshape(-1, n).tolist(), scored.valid.reshape(-1, n).tolist(),
                 [[len(prompt_ids[p]) + int(lengths[p * n + i]) for i in range(n)] for p in range(real)],
-                min_valid=cfg.algorithm.dpo.min_valid, max_tokens=cfg.algorithm.dpo.max_pair_tokens,
+                min_valid=cfg.algorithm.dpo.min_valid, max_pair_tokens=cfg.algorithm.dpo.max_pair_tokens,
             )
             skipped["too_few_valid"] += selection.skipped_too_few_valid
             skipped["too_long"] += selection.skipped_too_long
@@ -426,32 +415,26 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the loop
     def _prepare(self) -> Iterator:
         cfg = self.cfg
-        if self.algorithm == "dpo":
+        self.objective = self.spec.objective(cfg)
+        if self.spec.loop == "pairs":
             pairs = self._dpo_pairs()
             dpo = cfg.algorithm.dpo
             self.batches = BatchIterator(pairs, self._dpo_local_batch(len(pairs)), seed=cfg.data.shuffle_seed,
                                          epochs=dpo.epochs, shard_index=0, shard_count=1)
-            self.objective = DPOObjective(DPOLossConfig(beta=dpo.beta, loss_type=dpo.loss_type,
-                                                         label_smoothing=dpo.label_smoothing))
-            step_fn = self._dpo_step
         else:
             self.batches = train_batches(cfg, self.records)
-            if self.algorithm == "sft":
-                self.objective, step_fn = SFTObjective(), self._sft_step
-            else:
-                self.actor_config = self._actor_config()
-                self.objective, step_fn = PolicyObjective(self.actor_config), self._rl_step
+        step_fn = {"rollouts": self._rl_step, "pairs": self._dpo_step, "supervised": self._sft_step}[self.spec.loop]
         data_steps = self.batches.num_steps  # DPO: each process its own pairs; the run stops with the fewest
         data_steps = None if data_steps is None else multihost.global_min_int(data_steps)
         self.total_steps = min(s for s in (cfg.run.total_steps, data_steps) if s is not None)
         self.optimizer = self._optimizer(self.total_steps)
         # the step counter is made off the mesh: placed on it, a checkpoint restores it where the params are
         self.opt_state = mesh_lib.replicate_unplaced(init_optimizer_state(self.params, self.optimizer), self.mesh)
-        if self.algorithm == "ppo":
+        if self.spec.critic:
             self.critic_optimizer = self._optimizer(self.total_steps, lr=cfg.algorithm.ppo.critic_lr)
             self.critic_opt_state = mesh_lib.replicate_unplaced(
                 init_optimizer_state(self.critic_params, self.critic_optimizer), self.mesh)
-            self.critic_objective = ValueObjective(cfg.algorithm.ppo.value_clip, cfg.algorithm.ppo.value_coef)
+            self.critic_objective = self.spec.critic_objective(cfg)
         self._resume()
         return step_fn
 

@@ -6,7 +6,7 @@ on what it prints. Each computation runs once on one device with no mesh (the re
 with params placed by `mesh.shard_params`, batches by `mesh.shard_batch`, under `mesh.activation_sharding`:
   forward     CausalLM logits of left-padded rows (scanned layers, full remat)
   reward      RewardScorer.score_ids on rows of different lengths (right padding, unscanned layers)
-  grpo_step   one train_step with PolicyObjective(GRPOConfig), 2 micro-batches, logits in chunks
+  grpo_step   one train_step with PolicyObjective(AlgorithmConfig()), 2 micro-batches, logits in chunks
   greedy      Sampler at temperature 0, two decode windows
 and a checkpoint is loaded onto the (1, 8, 1) mesh with load_pretrained(place=make_placer(mesh)).
 """
@@ -31,7 +31,7 @@ def main() -> dict:
 
     from models import ModelConfig, build_model, load_pretrained, save_pretrained
     from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.algorithms.grpo import GRPOConfig
+    from rlmt_jax.algorithms import AlgorithmConfig
     from rlmt_jax.multihost import HostRows
     from rlmt_jax.objectives import PolicyObjective
     from rlmt_jax.optim import AdamWConfig
@@ -65,7 +65,7 @@ def main() -> dict:
         "advantages": rng.normal(0, 1, ROWS).astype(np.float32),
     }
     reward_rows = [list(rng.integers(1, 128, length)) for length in (3, 7, 12, 5, 9, 1, 12, 4)]
-    objective = PolicyObjective(GRPOConfig(group_size=4, temperature=0.7), logits_chunk_size=4)
+    objective = PolicyObjective(AlgorithmConfig(), temperature=0.7, logits_chunk_size=4)
     optimizer = AdamWConfig(lr=1e-3, eps=1e-6)
     tokenizer = types.SimpleNamespace(chat_template="{{ messages }}", pad_token_id=0, eos_token_id=None)
 

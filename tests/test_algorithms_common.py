@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rlmt_jax.algorithms import (
-    ActorLossConfig,
+    AlgorithmConfig,
+    Normalizers,
     actor_loss,
     aggregate,
     chunked_sequence_logprobs_and_entropy,
@@ -19,7 +20,6 @@ from rlmt_jax.algorithms import (
     masked_whiten,
     sequence_logprobs_and_entropy,
 )
-from rlmt_jax.errors import UserError
 
 LN2 = math.log(2.0)
 
@@ -96,14 +96,25 @@ def test_kl_estimators_k1_k2_k3():
     np.testing.assert_allclose(kl_penalty(logp, ref, "k3"), [[0.1065307]], atol=1e-7)
 
 
-def test_kl_log_ratio_and_value_clamps():
+def test_kl_log_ratio_clamp_and_only_k3_clamped_to_10():
     logp = jnp.array([0.0, 0.0, 0.0])
     ref = jnp.array([-30.0, -5.0, 30.0])
-    # log-ratio clipped to -20: k3 = e^-20 + 19 -> clamped to 10; k1 = 20 -> 10; k1 of -5 stays 5
+    # log-ratio clipped to +-20: k3 = e^-20 + 19 -> clamped to 10; k1 and k2 are not clamped (as verl)
     np.testing.assert_allclose(kl_penalty(logp, ref, "k3"), [10.0, math.exp(-5) + 4.0, 10.0], atol=1e-6)
-    np.testing.assert_allclose(kl_penalty(logp, ref, "k1"), [10.0, 5.0, -10.0], atol=1e-6)
-    # with wide clamps the log-ratio clamp alone acts: k3 = e^-20 + 20 - 1
-    np.testing.assert_allclose(kl_penalty(logp[:1], ref[:1], "k3", kl_clamp=100.0), [19.0], atol=1e-5)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k1"), [20.0, 5.0, -20.0], atol=1e-6)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k2"), [200.0, 12.5, 200.0], atol=1e-4)
+
+
+def test_k1_and_k2_keep_their_gradient_on_tokens_that_drifted_far():
+    # d = ref - logp = -12: k1 = 12 and k2 = 72 lie beyond the old +-10 clamp, which zeroed their gradient
+    logp, ref = jnp.array([0.0, 0.0]), jnp.array([-12.0, -0.5])
+    g1 = jax.grad(lambda x: jnp.sum(kl_penalty(x, ref, "k1")))(logp)
+    g2 = jax.grad(lambda x: jnp.sum(kl_penalty(x, ref, "k2")))(logp)
+    g3 = jax.grad(lambda x: jnp.sum(kl_penalty(x, ref, "k3")))(logp)
+    np.testing.assert_allclose(g1, [1.0, 1.0], atol=1e-6)  # d k1 / d logp = 1
+    np.testing.assert_allclose(g2, [12.0, 0.5], atol=1e-5)  # d (d^2/2) / d logp = -d
+    # k3 = e^d - d - 1: 11 at d = -12 is clamped to 10 (no gradient); at d = -0.5 the gradient is 1 - e^d
+    np.testing.assert_allclose(g3, [0.0, 1.0 - math.exp(-0.5)], atol=1e-6)
 
 
 def test_clipped_surrogate_clip_and_dual_clip_cases():
@@ -133,21 +144,22 @@ MASK = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
 @pytest.mark.parametrize(
     "mode, expected",
     [
-        ("token-mean", 2.5),  # (1+2+3+4)/4
-        ("seq-mean-token-mean", 3.0),  # (2 + 4) / 2 rows (the empty row does not count)
-        ("seq-mean-token-sum", 5.0),  # (6 + 4) / 2
-        ("seq-mean-token-sum-norm", 1.25),  # (6 + 4) / (4 * 2)
+        ("token_mean", 2.5),  # (1+2+3+4)/4
+        ("seq_mean_token_mean", 3.0),  # (2 + 4) / 2 rows (the empty row does not count)
+        ("seq_mean_token_sum", 5.0),  # (6 + 4) / 2
+        ("seq_mean_token_sum_norm", 1.25),  # (6 + 4) / (4 * 2)
     ],
 )
 def test_aggregation_modes(mode, expected):
-    assert float(aggregate(VALUES, MASK, mode, norm_length=4.0)) == pytest.approx(expected, abs=1e-6)
+    assert float(aggregate(VALUES, MASK, mode, Normalizers.of(MASK, 4.0))) == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
 def test_aggregation_of_micro_batches_with_batch_counts_adds_up(mode):
-    counts = dict(num_tokens=4.0, num_sequences=2.0, norm_length=4.0)
-    parts = [aggregate(VALUES[i : i + 1], MASK[i : i + 1], mode, **counts) for i in range(3)]
-    assert float(sum(parts)) == pytest.approx(float(aggregate(VALUES, MASK, mode, norm_length=4.0)), abs=1e-6)
+    counts = Normalizers(num_tokens=4.0, num_sequences=2.0, norm_length=4.0)
+    parts = [aggregate(VALUES[i : i + 1], MASK[i : i + 1], mode, counts) for i in range(3)]
+    whole = aggregate(VALUES, MASK, mode, Normalizers.of(MASK, 4.0))
+    assert float(sum(parts)) == pytest.approx(float(whole), abs=1e-6)
 
 
 def test_masked_whiten_uses_unbiased_variance_over_masked_entries():
@@ -164,7 +176,8 @@ def test_actor_loss_composes_surrogate_kl_and_entropy():
     ref = jnp.array([[0.0, -1.0, -1.5], [0.0, -0.5, 0.0]])
     entropy = jnp.array([[0.0, 2.0, 1.0], [0.0, 3.0, 0.0]])
     mask = jnp.array([[0, 1, 1], [0, 1, 0]])
-    loss, m = actor_loss(logp, old, jnp.array([1.0, -1.0]), mask, ActorLossConfig(), entropy=entropy, ref_logprobs=ref)
+    loss, m = actor_loss(logp, old, jnp.array([1.0, -1.0]), mask, AlgorithmConfig(), normalizers=Normalizers.of(mask),
+                         entropy=entropy, ref_logprobs=ref)
     # pg: row 0 tokens -1.2 (clipped) and -1.0 -> -1.1; row 1: 1.6487213 -> mean 0.2743606
     # kl (k3): row 0 tokens 0 and e^0.5 - 1.5 = 0.1487213 -> 0.0743606; row 1: 0 -> 0.0371803
     # entropy: (1.5 + 3.0) / 2 = 2.25 ; loss = pg + 0.001 kl - 0.001 H
@@ -176,12 +189,3 @@ def test_actor_loss_composes_surrogate_kl_and_entropy():
     assert float(m["pg_clipfrac_lower"]) == 0.0
     # approx KL(behaviour || current): k3 with log r = 0.5 on two of three tokens
     assert float(m["approx_kl"]) == pytest.approx(2 * 0.1487213 / 3, abs=1e-6)
-
-
-def test_actor_config_rejects_bad_settings_by_name():
-    with pytest.raises(UserError, match="loss_agg_mode"):
-        ActorLossConfig(loss_agg_mode="mean")
-    with pytest.raises(UserError, match="kl_estimator"):
-        ActorLossConfig(kl_estimator="k4")
-    with pytest.raises(UserError, match="dual_clip"):
-        ActorLossConfig(dual_clip=0.5)

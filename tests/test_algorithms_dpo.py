@@ -62,7 +62,7 @@ def test_pairs_are_best_vs_worst_valid_sample():
     ]
     valid = [[True, True, True, True, False, True], [True, True, False, True], [True] * 4, [True] * 4, [True] * 4]
     lengths = [[100] * 6, [100] * 4, [100] * 4, [100, 100, 100, 9000], [8192] * 4]
-    sel = build_preference_pairs(scores, valid, lengths, min_valid=4, max_tokens=8192)
+    sel = build_preference_pairs(scores, valid, lengths, min_valid=4, max_pair_tokens=8192)
     assert [(p.prompt_index, p.chosen_index, p.rejected_index) for p in sel.pairs] == [(0, 1, 5), (4, 0, 1)]
     assert (sel.pairs[0].chosen_score, sel.pairs[0].rejected_score) == (5.0, 0.0)
     assert (sel.skipped_too_few_valid, sel.skipped_tied, sel.skipped_too_long) == (1, 1, 1)

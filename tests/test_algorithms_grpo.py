@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlmt_jax.algorithms import GRPOConfig, group_advantages, grpo_loss
-from rlmt_jax.errors import UserError
+from rlmt_jax.algorithms import AlgorithmConfig, Normalizers, actor_loss, group_advantages
 
 
 def test_group_advantages_use_unbiased_std_and_eps():
@@ -35,34 +34,27 @@ def test_group_advantages_reject_a_batch_that_does_not_split_into_groups():
 
 
 def test_grpo_recipe_defaults():
-    cfg = GRPOConfig()
-    assert (cfg.group_size, cfg.clip_low, cfg.clip_high, cfg.dual_clip) == (8, 0.2, 0.2, 3.0)
+    cfg = AlgorithmConfig()
+    assert (cfg.name, cfg.policy_loss, cfg.clip_low, cfg.clip_high, cfg.dual_clip) == ("grpo", "ppo_clip", 0.2, 0.2, 3.0)
     assert (cfg.kl_coef, cfg.kl_estimator, cfg.entropy_coef) == (0.001, "k3", 0.001)
-    assert (cfg.loss_agg_mode, cfg.temperature, cfg.advantage_eps, cfg.scale_by_std) == (
-        "seq-mean-token-mean",
-        0.7,
-        1e-6,
-        True,
-    )
+    assert (cfg.aggregation, cfg.grpo.eps) == ("seq_mean_token_mean", 1e-6)
     hash(cfg)  # usable as a jit static argument
-    with pytest.raises(UserError, match="group_size"):
-        GRPOConfig(group_size=0)
 
 
 @pytest.mark.parametrize(
     "mode, expected",
     [
         # on-policy (ratio 1): per-token loss -A; row 0 has 2 tokens with A=1, row 1 one token A=-0.5
-        ("token-mean", (-1 - 1 + 0.5) / 3),
-        ("seq-mean-token-mean", (-1 + 0.5) / 2),
-        ("seq-mean-token-sum", (-2 + 0.5) / 2),
-        ("seq-mean-token-sum-norm", (-2 + 0.5) / (2 * 10)),
+        ("token_mean", (-1 - 1 + 0.5) / 3),
+        ("seq_mean_token_mean", (-1 + 0.5) / 2),
+        ("seq_mean_token_sum", (-2 + 0.5) / 2),
+        ("seq_mean_token_sum_norm", (-2 + 0.5) / (2 * 10)),
     ],
 )
 def test_grpo_loss_on_policy_is_minus_mean_advantage_under_each_aggregation(mode, expected):
     logp = jnp.array([[0.0, -1.0, -2.0], [0.0, -0.5, -3.0]])
     mask = jnp.array([[0, 1, 1], [0, 1, 0]])
-    cfg = GRPOConfig(kl_coef=0.0, entropy_coef=0.0, loss_agg_mode=mode, norm_length=10.0)
-    loss, m = grpo_loss(logp, logp, jnp.array([1.0, -0.5]), mask, cfg)
+    cfg = AlgorithmConfig(kl_coef=0.0, entropy_coef=0.0, aggregation=mode)
+    loss, m = actor_loss(logp, logp, jnp.array([1.0, -0.5]), mask, cfg, normalizers=Normalizers.of(mask, 10.0))
     assert float(loss) == pytest.approx(expected, abs=1e-6)
     assert float(m["pg_clipfrac"]) == 0.0 and float(m["approx_kl"]) == 0.0

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlmt_jax.algorithms import PPOConfig, gae_advantages, last_token_rewards, ppo_advantages, value_loss
+from rlmt_jax.algorithms import AlgorithmConfig, ADVANTAGES, gae_advantages, last_token_rewards, value_loss
 
 
 def test_score_goes_on_the_last_response_token():
@@ -51,10 +51,10 @@ def test_gae_matches_a_python_loop_with_prompt_and_padding_positions():
     np.testing.assert_allclose(ret, ref_ret, atol=1e-5)
 
 
-def test_ppo_advantages_are_whitened_over_the_batch():
+def test_gae_advantage_estimator_whitens_over_the_batch():
     mask = jnp.array([[0, 1, 1], [0, 1, 0]])
     values = jnp.array([[0.0, 0.5, 0.2], [0.0, 1.0, 0.0]])
-    adv, ret = ppo_advantages(jnp.array([1.0, 3.0]), values, mask, PPOConfig())
+    adv, ret = ADVANTAGES("gae")(jnp.array([1.0, 3.0]), mask, AlgorithmConfig(), group_size=1, values=values)
     # raw advantages (gamma = lam = 1): R - V = [0.5, 0.8] and [2.0]; returns [1, 1] and [3]
     # mean 1.1, unbiased var = (0.36 + 0.09 + 0.81) / 2 = 0.63
     std = np.sqrt(0.63)
@@ -70,15 +70,3 @@ def test_clipped_value_loss_takes_the_larger_error():
     # token 0: clipped prediction 0.7 -> errors 0 and 0.09 -> 0.09 (clipped); token 1: 1.0 both
     assert float(loss) == pytest.approx(0.5 * (0.09 + 1.0) / 2, abs=1e-6)
     assert float(m["vf_clipfrac"]) == pytest.approx(0.5)
-
-
-def test_ppo_recipe_defaults():
-    cfg = PPOConfig()
-    assert (cfg.gamma, cfg.lam, cfg.value_clip, cfg.kl_coef, cfg.entropy_coef, cfg.clip_low) == (
-        1.0,
-        1.0,
-        0.5,
-        0.0,
-        0.001,
-        0.2,
-    )

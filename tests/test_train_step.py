@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from models import CausalLM, ModelConfig, ValueModel
-from rlmt_jax.algorithms import DPOConfig, GRPOConfig
+from rlmt_jax.algorithms import AlgorithmConfig, DPOConfig, PPOConfig
 from rlmt_jax.objectives import DPOObjective, PolicyObjective, SFTObjective, ValueObjective
 from rlmt_jax.optim import AdamWConfig
 from rlmt_jax.train_step import (
@@ -64,24 +64,24 @@ def test_compute_logprobs_matches_full_forward_and_micro_batching():
         np.testing.assert_allclose(lp, expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
 def test_grpo_gradient_at_ratio_one_is_policy_gradient_of_mean_advantage_logprob(mode):
     graphdef, params = tiny_policy()
     batch = rl_batch()
     batch["old_logprobs"] = compute_logprobs(graphdef, params, batch, temperature=T, logits_chunk_size=5)
     advantages = jnp.array([1.0, -0.5, 2.0, -1.5])
     batch["advantages"] = advantages
-    config = GRPOConfig(kl_coef=0.0, entropy_coef=0.0, loss_agg_mode=mode, norm_length=16.0)
-    objective = PolicyObjective(config, logits_chunk_size=5)
+    config = AlgorithmConfig(kl_coef=0.0, entropy_coef=0.0, aggregation=mode)
+    objective = PolicyObjective(config, temperature=T, norm_length=16.0, logits_chunk_size=5)
     _, grads, _ = jax.jit(accumulate_gradients, static_argnums=(0, 3, 4))(graphdef, params, batch, objective, 1)
 
     m = batch["response_mask"]
     lengths = m.sum(axis=1, keepdims=True)  # 6, 6, 3, 5
     weights = {
-        "token-mean": m / m.sum(),
-        "seq-mean-token-mean": m / (lengths * B),
-        "seq-mean-token-sum": m / B,
-        "seq-mean-token-sum-norm": m / (16.0 * B),
+        "token_mean": m / m.sum(),
+        "seq_mean_token_mean": m / (lengths * B),
+        "seq_mean_token_sum": m / B,
+        "seq_mean_token_sum_norm": m / (16.0 * B),
     }[mode]
 
     def minus_mean_advantage_logprob(p):
@@ -106,7 +106,7 @@ def off_policy_grpo_batch(graphdef, params):
 def test_micro_batched_accumulation_equals_one_big_batch():
     graphdef, params = tiny_policy()
     batch = off_policy_grpo_batch(graphdef, params)
-    objective = PolicyObjective(GRPOConfig(kl_coef=0.1, entropy_coef=0.01), logits_chunk_size=5)
+    objective = PolicyObjective(AlgorithmConfig(kl_coef=0.1, entropy_coef=0.01), temperature=T, logits_chunk_size=5)
     accumulate = jax.jit(accumulate_gradients, static_argnums=(0, 3, 4))
     loss1, grads1, metrics1 = accumulate(graphdef, params, batch, objective, 1)
     loss4, grads4, metrics4 = accumulate(graphdef, params, batch, objective, 4)
@@ -130,10 +130,10 @@ def test_micro_batched_accumulation_equals_one_big_batch():
 def test_response_start_skips_prompt_logits_without_changing_loss_or_gradients():
     graphdef, params = tiny_policy()
     batch = off_policy_grpo_batch(graphdef, params)  # responses start at column 6
-    config = GRPOConfig(kl_coef=0.1, entropy_coef=0.01)
+    config = AlgorithmConfig(kl_coef=0.1, entropy_coef=0.01)
     accumulate = jax.jit(accumulate_gradients, static_argnums=(0, 3, 4))
-    loss0, grads0, _ = accumulate(graphdef, params, batch, PolicyObjective(config), 1)
-    loss6, grads6, _ = accumulate(graphdef, params, batch, PolicyObjective(config, response_start=6), 1)
+    loss0, grads0, _ = accumulate(graphdef, params, batch, PolicyObjective(config, temperature=T), 1)
+    loss6, grads6, _ = accumulate(graphdef, params, batch, PolicyObjective(config, temperature=T, response_start=6), 1)
     assert float(loss6) == pytest.approx(float(loss0), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads6), jax.tree.leaves(grads0)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -148,7 +148,7 @@ def test_grpo_update_raises_positive_and_lowers_negative_advantage_samples():
     batch = rl_batch()
     before = compute_logprobs(graphdef, params, batch, temperature=T)
     batch.update(old_logprobs=before, ref_logprobs=before, advantages=jnp.array([1.0, -1.0, 1.0, -1.0]))
-    objective = PolicyObjective(GRPOConfig())
+    objective = PolicyObjective(AlgorithmConfig(), temperature=T)
     opt_state = init_optimizer_state(params, OPT)
     first_leaf = jax.tree.leaves(params)[0]
     params, opt_state, metrics = train_step(graphdef, params, opt_state, batch, objective=objective, optimizer=OPT)
@@ -169,7 +169,7 @@ def test_non_finite_loss_leaves_params_unchanged():
     graphdef, params = tiny_policy()
     batch = rl_batch()
     batch.update(old_logprobs=jnp.zeros((B, S)), advantages=jnp.array([1.0, jnp.nan, 1.0, 1.0]))
-    objective = PolicyObjective(GRPOConfig(kl_coef=0.0))
+    objective = PolicyObjective(AlgorithmConfig(kl_coef=0.0), temperature=T)
     kept = jax.tree.map(np.asarray, params)
     new, _, metrics = train_step(graphdef, params, init_optimizer_state(params, OPT), batch,
                                  objective=objective, optimizer=OPT)
@@ -207,7 +207,7 @@ def test_critic_step_lowers_value_loss():
     batch = rl_batch()
     batch["old_values"] = compute_values(graphdef, params, batch)
     batch["returns"] = batch["response_mask"] * 0.5
-    objective = ValueObjective(value_clip=0.5)
+    objective = ValueObjective(PPOConfig(value_clip=0.5))
     opt = dataclasses.replace(OPT, lr=3e-3)
     opt_state = init_optimizer_state(params, opt)
     losses = []
@@ -237,4 +237,4 @@ def test_missing_batch_array_is_named():
     graphdef, params = tiny_policy()
     batch = rl_batch()
     with pytest.raises(KeyError, match="old_logprobs"):
-        accumulate_gradients(graphdef, params, batch, PolicyObjective(GRPOConfig()), 1)
+        accumulate_gradients(graphdef, params, batch, PolicyObjective(AlgorithmConfig(), temperature=T), 1)

@@ -8,23 +8,28 @@ Alignment convention used everywhere: per-token arrays are `[batch, seq]` over t
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rlmt_jax.errors import UserError
+from rlmt_jax.algorithms.registry import KL_ESTIMATORS, register_kl_estimator
+from rlmt_jax.algorithms.settings import AGGREGATIONS, Aggregation
 
-AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
-AGGREGATION_MODES: tuple[str, ...] = (
-    "token-mean",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
-KLEstimator = Literal["k1", "k2", "k3"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+
+class Normalizers(NamedTuple):
+    """Whole-batch denominators of the losses, computed before a batch is cut into micro-batches so that
+    the micro-batches' losses add up to the batch's: counted tokens, rows with a counted token, and
+    Dr. GRPO's constant length L (rollout.max_new_tokens)."""
+
+    num_tokens: jax.Array | float
+    num_sequences: jax.Array | float
+    norm_length: float = 4096.0
+
+    @classmethod
+    def of(cls, mask: jax.Array, norm_length: float = 4096.0) -> Normalizers:
+        """The normalisers of `mask` [batch, seq] itself (one batch, no micro-batches)."""
+        return cls(count_tokens(mask), count_sequences(mask), norm_length)
 
 
 # --------------------------------------------------------------------------- log-probs and entropy
@@ -205,31 +210,49 @@ def chunked_sequence_logprobs_and_entropy(
 
 # --------------------------------------------------------------------------- KL and the surrogate
 
+LOG_RATIO_CLAMP = 20.0  # |log ratio| bound before any exp: keeps ratios finite in float32
+K3_CLAMP = 10.0  # k3 (only) is clipped to [-10, 10], as verl does
 
-def kl_penalty(
-    logprobs: jax.Array,
-    ref_logprobs: jax.Array,
-    estimator: KLEstimator = "k3",
-    log_ratio_clamp: float = 20.0,
-    kl_clamp: float = 10.0,
-) -> jax.Array:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
 
-    d = clip(ref_logprobs - logprobs, -log_ratio_clamp, log_ratio_clamp)     (= log pi_ref/pi)
-    k1 = -d ;  k2 = d^2 / 2 ;  k3 = exp(d) - d - 1 ;  result clipped to [-kl_clamp, kl_clamp].
+def _log_ratio(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
+    """d = clip(ref_logprobs - logprobs, -20, 20) = log pi_ref / pi."""
+    return jnp.clip(ref_logprobs - logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
-    logprobs, ref_logprobs: [batch, seq] -> [batch, seq]
-    """
-    log_ratio = jnp.clip(ref_logprobs - logprobs, -log_ratio_clamp, log_ratio_clamp)
-    if estimator == "k1":
-        kl = -log_ratio
-    elif estimator == "k2":
-        kl = 0.5 * jnp.square(log_ratio)
-    elif estimator == "k3":
-        kl = jnp.exp(log_ratio) - log_ratio - 1.0
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-    return jnp.clip(kl, -kl_clamp, kl_clamp)
+
+@register_kl_estimator("k1")
+def kl_k1(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
+    """k1 = -d = log pi / pi_ref (unbiased, high variance; Schulman, "Approximating KL divergence", 2020).
+    Not clamped, so its gradient (-1 per token) survives on tokens that drifted far.  [batch, seq]"""
+    return -_log_ratio(logprobs, ref_logprobs)
+
+
+@register_kl_estimator("k2")
+def kl_k2(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
+    """k2 = d^2 / 2 (biased, low variance; Schulman 2020). Not clamped.  [batch, seq]"""
+    return 0.5 * jnp.square(_log_ratio(logprobs, ref_logprobs))
+
+
+def _k3(log_ratio: jax.Array) -> jax.Array:
+    return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+@register_kl_estimator("k3")
+def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
+    """k3 = exp(d) - d - 1, clipped to [-10, 10] (unbiased, low variance, >= 0; Schulman 2020; verl's
+    low_var_kl).  [batch, seq]"""
+    return jnp.clip(_k3(_log_ratio(logprobs, ref_logprobs)), -K3_CLAMP, K3_CLAMP)
+
+
+def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k3") -> jax.Array:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi by the registered `estimator`
+    (k1, k2, k3, or one a user registered).  logprobs, ref_logprobs: [batch, seq] -> [batch, seq]"""
+    return KL_ESTIMATORS(estimator)(logprobs, ref_logprobs)
+
+
+def behaviour_kl(old_logprobs: jax.Array, logprobs: jax.Array) -> jax.Array:
+    """Unclamped k3 estimate of KL(pi_old || pi) from samples of pi_old (the approx_kl metric; no
+    gradient).  [batch, seq] -> [batch, seq]"""
+    return _k3(_log_ratio(old_logprobs, jax.lax.stop_gradient(logprobs)))
 
 
 def clipped_policy_losses(
@@ -239,11 +262,10 @@ def clipped_policy_losses(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     dual_clip: float | None = 3.0,
-    log_ratio_clamp: float = 20.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token PPO clipped surrogate with clip-higher and dual clip.
 
-    r = exp(clip(logprobs - old_logprobs, -log_ratio_clamp, log_ratio_clamp))
+    r = exp(clip(logprobs - old_logprobs, -20, 20))
     L_clip = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
     L = min(L_clip, -A c) where A < 0 (dual clip, c = dual_clip), else L_clip.
 
@@ -251,7 +273,7 @@ def clipped_policy_losses(
     Returns (losses, clipped, dual_clipped): [batch, seq] each; `clipped` is 1 where the clipped
     branch bounds the loss (L_clip > -A r), `dual_clipped` where the dual clip bounds it.
     """
-    ratio = jnp.exp(jnp.clip(logprobs - old_logprobs, -log_ratio_clamp, log_ratio_clamp))
+    ratio = jnp.exp(jnp.clip(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     losses = jnp.maximum(unclipped, clipped)
@@ -282,39 +304,39 @@ def count_sequences(mask: jax.Array) -> jax.Array:
 
 
 def aggregation_weights(
-    mask: jax.Array,
-    mode: AggregationMode,
-    *,
-    num_tokens: jax.Array | float | None = None,
-    num_sequences: jax.Array | float | None = None,
-    norm_length: float = 4096.0,
+    mask: jax.Array, mode: Aggregation, normalizers: Normalizers | None = None
 ) -> jax.Array:
     """Per-token weights w so that the aggregated loss is sum(w * losses).
 
-    With m the mask, n_b = sum_t m[b, t], N = num_tokens (sum of m), S = num_sequences (rows with n_b > 0):
-      token-mean:               w = m / N
-      seq-mean-token-mean:      w = m / (n_b * S)
-      seq-mean-token-sum:       w = m / S
-      seq-mean-token-sum-norm:  w = m / (norm_length * S)       (Dr. GRPO: a constant length)
+    With m the mask, n_b = sum_t m[b, t], N = num_tokens (sum of m), S = num_sequences (rows with n_b > 0),
+    L = norm_length (all from `normalizers`; default: those of `mask` itself, L = 4096):
+      token_mean:               w = m / N
+      seq_mean_token_mean:      w = m / (n_b * S)
+      seq_mean_token_sum:       w = m / S
+      seq_mean_token_sum_norm:  w = m / (L * S)       (Dr. GRPO: a constant length)
 
-    Passing the whole batch's N and S while aggregating a micro-batch makes the micro-batch
-    results add up to the whole-batch value. Defaults: N and S of `mask` itself.
+    Passing the whole batch's normalisers while aggregating a micro-batch makes the micro-batch
+    results add up to the whole-batch value (n_b is a row's own count: rows are never split).
+    seq_mean_token_sum_norm and verl's loss_scale_factor: verl's agg_loss divides a micro-batch's row sums
+    by loss_scale_factor (default: that micro-batch's padded response width, which changes between
+    micro-batches and steps) and by the global row count. Ours is verl's with loss_scale_factor =
+    L = rollout.max_new_tokens for every micro-batch, the constant Dr. GRPO asks for; with the default
+    loss_scale_factor verl's scale is L / width times ours (older verl also skips the row count: S times).
     mask: [batch, seq] -> weights [batch, seq] float32
     """
     m = mask.astype(jnp.float32)
-    if mode == "token-mean":
-        total = count_tokens(m) if num_tokens is None else num_tokens
-        return m / jnp.maximum(total, 1.0)
-    seqs = count_sequences(m) if num_sequences is None else num_sequences
-    seqs = jnp.maximum(seqs, 1.0)
-    if mode == "seq-mean-token-mean":
+    n = Normalizers.of(m) if normalizers is None else normalizers
+    if mode == "token_mean":
+        return m / jnp.maximum(n.num_tokens, 1.0)
+    seqs = jnp.maximum(n.num_sequences, 1.0)
+    if mode == "seq_mean_token_mean":
         lengths = jnp.sum(m, axis=-1, keepdims=True)
         return m / (jnp.maximum(lengths, 1.0) * seqs)
-    if mode == "seq-mean-token-sum":
+    if mode == "seq_mean_token_sum":
         return m / seqs
-    if mode == "seq-mean-token-sum-norm":
-        return m / (norm_length * seqs)
-    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}")
+    if mode == "seq_mean_token_sum_norm":
+        return m / (n.norm_length * seqs)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {AGGREGATIONS}")
 
 
 def weighted_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -326,27 +348,20 @@ def weighted_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def aggregate(
-    values: jax.Array,
-    mask: jax.Array,
-    mode: AggregationMode,
-    *,
-    num_tokens: jax.Array | float | None = None,
-    num_sequences: jax.Array | float | None = None,
-    norm_length: float = 4096.0,
+    values: jax.Array, mask: jax.Array, mode: Aggregation, normalizers: Normalizers | None = None
 ) -> jax.Array:
-    """Aggregate per-token losses to a scalar under `mode` (see `aggregation_weights`).
+    """Aggregate per-token values to a scalar under `mode` (see `aggregation_weights`).
 
     values, mask: [batch, seq] -> scalar
     """
-    weights = aggregation_weights(
-        mask, mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_length=norm_length
-    )
-    return weighted_sum(values, weights)
+    return weighted_sum(values, aggregation_weights(mask, mode, normalizers))
 
 
 def masked_mean(values: jax.Array, mask: jax.Array, num_tokens: jax.Array | float | None = None) -> jax.Array:
     """sum(values * mask) / num_tokens (default: sum(mask)).  values, mask: [batch, seq] -> scalar"""
-    return aggregate(values, mask, "token-mean", num_tokens=num_tokens)
+    m = mask.astype(jnp.float32)
+    total = count_tokens(m) if num_tokens is None else num_tokens
+    return weighted_sum(values, m / jnp.maximum(total, 1.0))
 
 
 def masked_whiten(values: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
@@ -365,106 +380,3 @@ def masked_whiten(values: jax.Array, mask: jax.Array, shift_mean: bool = True, e
     if not shift_mean:
         out = out + mean
     return out * m
-
-
-# --------------------------------------------------------------------------- the actor loss
-
-
-@dataclasses.dataclass(frozen=True)
-class ActorLossConfig:
-    """Settings of the clipped-surrogate actor loss shared by GRPO and PPO (recipe defaults)."""
-
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = 3.0
-    kl_coef: float = 0.001
-    kl_estimator: KLEstimator = "k3"
-    entropy_coef: float = 0.001
-    loss_agg_mode: AggregationMode = "seq-mean-token-mean"
-    norm_length: float = 4096.0
-    temperature: float = 0.7
-    log_ratio_clamp: float = 20.0
-    kl_clamp: float = 10.0
-
-    def __post_init__(self):
-        # accept the run config's spelling (token_mean) as well as verl's (token-mean)
-        object.__setattr__(self, "loss_agg_mode", self.loss_agg_mode.replace("_", "-"))
-        if self.loss_agg_mode not in AGGREGATION_MODES:
-            raise UserError(f"loss_agg_mode {self.loss_agg_mode!r}: expected one of {AGGREGATION_MODES}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise UserError(f"kl_estimator {self.kl_estimator!r}: expected one of {KL_ESTIMATORS}")
-        if not (0.0 <= self.clip_low < 1.0) or self.clip_high < 0.0:
-            raise UserError(f"clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise UserError(f"dual_clip must be > 1 (or None to turn it off), got {self.dual_clip}")
-        if self.temperature <= 0.0:
-            raise UserError(f"temperature must be > 0 for log-probs, got {self.temperature}")
-
-
-def actor_loss(
-    logprobs: jax.Array,
-    old_logprobs: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    config: ActorLossConfig,
-    *,
-    entropy: jax.Array | None = None,
-    ref_logprobs: jax.Array | None = None,
-    num_tokens: jax.Array | float | None = None,
-    num_sequences: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """loss = agg(L_clip) + kl_coef * agg(KL(pi || pi_ref)) - entropy_coef * agg(H)
-
-    agg is `config.loss_agg_mode` (see `aggregation_weights`); L_clip is `clipped_policy_losses`;
-    KL is `kl_penalty` with `config.kl_estimator`. The KL term needs `ref_logprobs` when kl_coef != 0.
-
-    logprobs, old_logprobs, mask, entropy, ref_logprobs: [batch, seq]; advantages: [batch, seq] or
-    [batch] (one per sequence, broadcast over tokens). num_tokens / num_sequences: whole-batch counts
-    when this is a micro-batch. Returns (loss, metrics); every metric is normalised by the same
-    whole-batch counts, so micro-batch metrics add up to the batch's.
-    Metrics: pg_loss, kl, entropy (aggregated like the loss), pg_clipfrac, pg_clipfrac_lower
-    (dual clip), approx_kl (token mean of the k3 estimate of KL(behaviour || current)).
-    """
-    if advantages.ndim == 1:
-        advantages = jnp.broadcast_to(advantages[:, None], logprobs.shape)
-    weights = aggregation_weights(
-        mask,
-        config.loss_agg_mode,
-        num_tokens=num_tokens,
-        num_sequences=num_sequences,
-        norm_length=config.norm_length,
-    )
-    token_weights = aggregation_weights(mask, "token-mean", num_tokens=num_tokens)
-    losses, clipped, dual = clipped_policy_losses(
-        logprobs,
-        old_logprobs,
-        advantages,
-        config.clip_low,
-        config.clip_high,
-        config.dual_clip,
-        config.log_ratio_clamp,
-    )
-    pg_loss = weighted_sum(losses, weights)
-    loss = pg_loss
-    metrics = {"pg_loss": pg_loss}
-    if config.kl_coef != 0.0:
-        if ref_logprobs is None:
-            raise ValueError("kl_coef != 0 needs ref_logprobs (log-probs of the reference policy)")
-        kl_tokens = kl_penalty(logprobs, ref_logprobs, config.kl_estimator, config.log_ratio_clamp, config.kl_clamp)
-        kl = weighted_sum(kl_tokens, weights)
-        loss = loss + config.kl_coef * kl
-        metrics["kl"] = kl
-    if entropy is not None:
-        ent = weighted_sum(entropy, weights)
-        if config.entropy_coef != 0.0:
-            loss = loss - config.entropy_coef * ent
-        metrics["entropy"] = ent
-    elif config.entropy_coef != 0.0:
-        raise ValueError("entropy_coef != 0 needs the per-token entropy")
-    # KL(behaviour || current) from behaviour samples: k3 with r = pi / pi_old.
-    behaviour_kl = kl_penalty(old_logprobs, jax.lax.stop_gradient(logprobs), "k3", config.log_ratio_clamp, 1e30)
-    metrics["pg_clipfrac"] = weighted_sum(clipped, token_weights)
-    metrics["pg_clipfrac_lower"] = weighted_sum(dual, token_weights)
-    metrics["approx_kl"] = weighted_sum(behaviour_kl, token_weights)
-    metrics["loss"] = loss
-    return loss, metrics

@@ -6,42 +6,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from rlmt_jax.errors import UserError
-
-DPOLossType = Literal["sigmoid", "ipo", "hinge"]
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    """DPO settings; defaults are the RLMT recipe (sigmoid, beta 0.1, >= 4 valid of 8, <= 8192 tokens).
-
-    IPO uses per-token mean log-probs (as TRL does); sigmoid uses sums over the response tokens.
-    """
-
-    beta: float = 0.1
-    loss_type: DPOLossType = "sigmoid"
-    label_smoothing: float = 0.0
-    min_valid: int = 4
-    max_tokens: int = 8192
-
-    def __post_init__(self):
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise UserError(f"loss_type {self.loss_type!r}: expected one of {DPO_LOSS_TYPES}")
-        if self.beta <= 0.0:
-            raise UserError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-    @property
-    def average_logprobs(self) -> bool:
-        return self.loss_type == "ipo"
-
+from rlmt_jax.algorithms.settings import DPOConfig
 
 def sequence_logprobs(logprobs: jax.Array, mask: jax.Array, average: bool = False) -> jax.Array:
     """Log-prob of each sequence's counted tokens: sum_t m_t logp_t (or that / sum_t m_t).
@@ -133,7 +102,7 @@ def build_preference_pairs(
     lengths: Sequence[Sequence[int]],
     *,
     min_valid: int = 4,
-    max_tokens: int = 8192,
+    max_pair_tokens: int = 8192,
 ) -> PairSelection:
     """Best vs worst valid sample of each prompt.
 
@@ -141,7 +110,7 @@ def build_preference_pairs(
     lengths[p][i]: tokens of prompt + sample i (what the DPO step will train on).
     A prompt is skipped when it has fewer than `min_valid` valid samples, when its best and worst
     valid scores are equal (no preference), or when the chosen or the rejected sequence is longer than
-    `max_tokens`. Ties in score pick the lowest sample index.
+    `max_pair_tokens` (algorithm.dpo.*). Ties in score pick the lowest sample index.
     """
     pairs: list[PreferencePair] = []
     too_few = too_long = tied = 0
@@ -164,7 +133,7 @@ def build_preference_pairs(
         if float(s[best]) == float(s[worst]):
             tied += 1
             continue
-        if n[best] > max_tokens or n[worst] > max_tokens:
+        if n[best] > max_pair_tokens or n[worst] > max_pair_tokens:
             too_long += 1
             continue
         pairs.append(PreferencePair(p, best, worst, float(s[best]), float(s[worst])))

@@ -1,32 +1,12 @@
-"""PPO: token rewards, GAE advantages and returns, the clipped value loss, the PPO actor loss."""
+"""PPO's critic side: the score on the last token, GAE advantages and returns, the clipped value loss
+(the actor uses a policy loss of rlmt_jax.algorithms.policy_losses, the `gae` advantage estimator)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from rlmt_jax.algorithms.common import ActorLossConfig, actor_loss, aggregation_weights, masked_whiten, weighted_sum
-from rlmt_jax.errors import UserError
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig(ActorLossConfig):
-    """PPO settings; defaults are the RLMT recipe (GAE 1.0/1.0, whitened advantages, value clip 0.5,
-    no KL term as in the released configs; the paper's table lists kl_coef 0.001)."""
-
-    kl_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 1.0
-    whiten_advantages: bool = True
-    value_clip: float | None = 0.5
-    value_loss_scale: float = 0.5
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
-            raise UserError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+from rlmt_jax.algorithms.common import masked_mean
 
 
 def last_token_rewards(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -71,22 +51,6 @@ def gae_advantages(
     return advantages, returns
 
 
-def ppo_advantages(
-    scores: jax.Array, values: jax.Array, mask: jax.Array, config: PPOConfig
-) -> tuple[jax.Array, jax.Array]:
-    """The recipe's PPO advantages: score on the last response token, GAE, whitening over the batch.
-
-    scores: [batch]; values, mask: [batch, seq] (values aligned like log-probs: V at t is the
-    critic's value of the prefix before token t). Returns (advantages, returns): [batch, seq];
-    returns are not whitened.
-    """
-    rewards = last_token_rewards(scores, mask)
-    advantages, returns = gae_advantages(rewards, values, mask, config.gamma, config.lam)
-    if config.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return advantages, returns
-
-
 def value_loss(
     values: jax.Array,
     old_values: jax.Array,
@@ -98,52 +62,22 @@ def value_loss(
     num_tokens: jax.Array | float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped value loss:  scale * token-mean( max((V - R)^2, (V_clip - R)^2) ),
-    V_clip = old_V + clip(V - old_V, -value_clip, value_clip)   (value_clip None: V_clip = V).
+    V_clip = clip(V, old_V - value_clip, old_V + value_clip)   (value_clip None: V_clip = V).
 
-    values, old_values, returns, mask: [batch, seq]. num_tokens: whole-batch count for micro-batches.
-    Returns (loss, metrics: vf_loss, vf_clipfrac, value_mean (token means)).
+    V_clip is computed as verl does, not as old_V + clip(V - old_V): that form rounds V by one float32 step on
+    a few percent of the tokens inside the band, which then count as clipped.
+    values, old_values, returns, mask: [batch, seq] (scale: algorithm.ppo.value_coef). num_tokens:
+    whole-batch count for micro-batches. Returns (loss, metrics: vf_loss, vf_clipfrac, value_mean (token
+    means)); vf_clipfrac counts tokens where the clipped error is the larger.
     """
     values = values.astype(jnp.float32)
-    if value_clip is None:
-        clipped = values
-    else:
-        clipped = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
+    clipped = values if value_clip is None else jnp.clip(values, old_values - value_clip, old_values + value_clip)
     unclipped_err = jnp.square(values - returns)
     clipped_err = jnp.square(clipped - returns)
-    weights = aggregation_weights(mask, "token-mean", num_tokens=num_tokens)
-    loss = scale * weighted_sum(jnp.maximum(unclipped_err, clipped_err), weights)
+    loss = scale * masked_mean(jnp.maximum(unclipped_err, clipped_err), mask, num_tokens)
     metrics = {
         "vf_loss": loss,
-        "vf_clipfrac": weighted_sum((clipped_err > unclipped_err).astype(jnp.float32), weights),
-        "value_mean": weighted_sum(values, weights),
+        "vf_clipfrac": masked_mean((clipped_err > unclipped_err).astype(jnp.float32), mask, num_tokens),
+        "value_mean": masked_mean(values, mask, num_tokens),
     }
     return loss, metrics
-
-
-def ppo_actor_loss(
-    logprobs: jax.Array,
-    old_logprobs: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    config: PPOConfig,
-    *,
-    entropy: jax.Array | None = None,
-    ref_logprobs: jax.Array | None = None,
-    num_tokens: jax.Array | float | None = None,
-    num_sequences: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PPO actor loss: the same clipped surrogate (+ optional KL, entropy) as `common.actor_loss`.
-
-    All per-token arrays [batch, seq]. Returns (loss, metrics).
-    """
-    return actor_loss(
-        logprobs,
-        old_logprobs,
-        advantages,
-        mask,
-        config,
-        entropy=entropy,
-        ref_logprobs=ref_logprobs,
-        num_tokens=num_tokens,
-        num_sequences=num_sequences,
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlmt_jax.algorithms.common import aggregation_weights, weighted_sum
+from rlmt_jax.algorithms.common import masked_mean
 
 
 def sft_loss(
@@ -19,6 +19,5 @@ def sft_loss(
     loss_mask: [batch, seq], 1 on assistant tokens. num_tokens: whole-batch count for micro-batches.
     Returns (loss, metrics: sft_loss, loss).
     """
-    weights = aggregation_weights(loss_mask, "token-mean", num_tokens=num_tokens)
-    loss = -weighted_sum(logprobs.astype(jnp.float32), weights)
+    loss = -masked_mean(logprobs.astype(jnp.float32), loss_mask, num_tokens)
     return loss, {"sft_loss": loss, "loss": loss}

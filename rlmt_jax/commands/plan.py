@@ -14,6 +14,8 @@ GIB = 2**30
 
 
 def register(subparsers) -> None:
+    from rlmt_jax.commands.train import add_import_option
+
     parser = subparsers.add_parser(
         "plan",
         help="per-device memory of a run on its mesh (nothing allocated)",
@@ -33,14 +35,17 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over DCN; default 1)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_import_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from rlmt_jax.algorithms import import_variants
     from rlmt_jax.commands.train import _split
     from rlmt_jax.config import DEFAULT_CONFIG, find_config, resolve
     from rlmt_jax.memory_plan import DeviceSpec, memory_plan
 
+    import_variants(args.imports)
     config, overrides = _split(args.config, args.overrides)
     device = DeviceSpec.parse(args.device_kind, args.devices, args.slices)
     cfg = resolve(config, overrides)

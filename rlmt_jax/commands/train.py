@@ -16,7 +16,17 @@ def register(subparsers) -> None:
     )
     parser.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rollout.temperature=0.8")
+    add_import_option(parser)
     parser.set_defaults(func=run)
+
+
+def add_import_option(parser) -> None:
+    parser.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a module (importable name or .py file) that registers research variants with "
+             "rlmt_jax.algorithms.register_policy_loss / register_advantage / register_kl_estimator before the "
+             "config is read; repeatable. Modules of the `rlmt_jax.variants` entry point group load by themselves",
+    )
 
 
 def _split(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -27,10 +37,12 @@ def _split(config: str | None, overrides: list[str]) -> tuple[str | None, list[s
 
 
 def run(args) -> int:
+    from rlmt_jax.algorithms import import_variants
     from rlmt_jax.config import resolve
     from rlmt_jax.trainer import TrainingError, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import_variants(args.imports)
     config, overrides = _split(args.config, args.overrides)
     cfg = resolve(config, overrides)
     try:
