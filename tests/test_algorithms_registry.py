@@ -110,3 +110,41 @@ def test_a_name_registered_twice_by_different_functions_is_an_error(clean_regist
     register_policy_loss("twice")(len)  # the same function again (a module imported twice): fine
     with pytest.raises(ValueError, match="policy loss 'twice' is registered already"):
         register_policy_loss("twice")(abs)
+
+
+def readme_variants_section() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text[text.index("## Research variants"):text.index("## Layout")]
+
+
+def test_every_variant_line_of_the_readme_resolves_on_its_recipe_to_the_named_functions():
+    from rlmt_jax.config import resolve
+
+    lines = [line.split("  #")[0].split() for line in readme_variants_section().splitlines()
+             if line.startswith("rlmt-jax train") and "--import" not in line]
+    assert len(lines) == 7
+    chosen = set()
+    for words in lines:
+        cfg = resolve(words[2], words[3:])
+        assert cfg.algorithm.policy_loss in POLICY_LOSSES and cfg.algorithm.advantage in ADVANTAGES
+        chosen |= {cfg.algorithm.policy_loss, cfg.algorithm.advantage}
+    assert chosen == {"ppo_clip", "grpo", "drgrpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp"}
+
+
+def test_the_readme_example_module_registers_a_loss_that_runs(tmp_path, clean_registries):
+    import jax.numpy as jnp
+
+    from rlmt_jax.algorithms import AlgorithmConfig, Normalizers
+
+    section = readme_variants_section()
+    code = section[section.index("```python\n") + 10:]
+    (tmp_path / "my_variants.py").write_text(code[:code.index("```")])
+    import_variants([str(tmp_path / "my_variants.py")], entry_points=False)
+    lp = jnp.array([[0.0, -1.0, -2.0]])
+    mask = jnp.array([[0, 1, 1]])
+    loss, _ = POLICY_LOSSES("clipped_reinforce")(lp, lp - jnp.array([[0.0, 0.5, 0.0]]), jnp.array([2.0]), mask,
+                                                 AlgorithmConfig(), normalizers=Normalizers.of(mask))
+    # r = e^0.5 capped at 1.2 on token 1, r = 1 on token 2: -(1.2 * 2 * -1 + 1 * 2 * -2) / 2
+    assert float(loss) == pytest.approx(3.2, rel=1e-6)
