@@ -35,7 +35,8 @@ def test_group_advantages_reject_a_batch_that_does_not_split_into_groups():
 
 def test_grpo_recipe_defaults():
     cfg = AlgorithmConfig()
-    assert (cfg.name, cfg.policy_loss, cfg.clip_low, cfg.clip_high, cfg.dual_clip) == ("grpo", "ppo_clip", 0.2, 0.2, 3.0)
+    assert (cfg.name, cfg.policy_loss, cfg.advantage) == ("grpo", "ppo_clip", None)  # null: the algorithm's own
+    assert (cfg.clip_low, cfg.clip_high, cfg.dual_clip) == (0.2, 0.2, 3.0)
     assert (cfg.kl_coef, cfg.kl_estimator, cfg.entropy_coef) == (0.001, "k3", 0.001)
     assert (cfg.aggregation, cfg.grpo.eps) == ("seq_mean_token_mean", 1e-6)
     hash(cfg)  # usable as a jit static argument

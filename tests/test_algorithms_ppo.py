@@ -70,3 +70,19 @@ def test_clipped_value_loss_takes_the_larger_error():
     # token 0: clipped prediction 0.7 -> errors 0 and 0.09 -> 0.09 (clipped); token 1: 1.0 both
     assert float(loss) == pytest.approx(0.5 * (0.09 + 1.0) / 2, abs=1e-6)
     assert float(m["vf_clipfrac"]) == pytest.approx(0.5)
+
+
+def test_vf_clipfrac_counts_no_token_inside_the_clip_band():
+    # V_clip = clip(V, old - c, old + c) (verl) is V itself inside the band; the former old + clip(V - old, -c, c)
+    # rounds V by a float32 step on some of these tokens, which then counted as clipped.
+    rng = np.random.default_rng(0)
+    old = rng.normal(0, 10, (1, 2000)).astype(np.float32)
+    values = (old + rng.uniform(-0.49, 0.49, old.shape)).astype(np.float32)
+    returns = (old + rng.normal(0, 1, old.shape)).astype(np.float32)  # a critic near its targets
+    former = old + np.clip(values - old, np.float32(-0.5), np.float32(0.5))
+    former_clipfrac = np.mean((former - returns) ** 2 > (values - returns) ** 2)
+    assert former_clipfrac > 0  # the test can fail: the former form counted some of these tokens
+    loss, m = value_loss(jnp.asarray(values), jnp.asarray(old), jnp.asarray(returns), jnp.ones(old.shape),
+                         value_clip=0.5)
+    assert float(m["vf_clipfrac"]) == 0.0
+    assert float(loss) == pytest.approx(0.5 * float(np.mean((values - returns) ** 2)), rel=1e-5)

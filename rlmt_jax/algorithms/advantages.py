@@ -47,14 +47,14 @@ def group_advantages(
 
 @register_advantage("grpo", min_group_size=2)
 def grpo_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int, values=None):
-    """GRPO (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300, sec. 4.1.2):
+    """GRPO (Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300, outcome supervision):
     A_i = (r_i - mean_g) / (std_g + eps), eps = algorithm.grpo.eps.  -> ([batch], None)"""
     return group_advantages(scores, group_size, config.grpo.eps, scale_by_std=True), None
 
 
 @register_advantage("drgrpo", min_group_size=2)
 def drgrpo_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int, values=None):
-    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783, eq. 3): no std division, A_i = r_i - mean_g.
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): no std division, A_i = r_i - mean_g.
     -> ([batch], None)"""
     return group_advantages(scores, group_size, scale_by_std=False), None
 
@@ -62,7 +62,7 @@ def drgrpo_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int,
 @register_advantage("rloo", min_group_size=2)
 def rloo_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int, values=None):
     """RLOO, the leave-one-out baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for
-    free"; Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740, eq. 6):
+    free"; Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740):
     A_i = r_i - 1/(G - 1) sum_{j != i} r_j.  -> ([batch], None)"""
     grouped = _groups(scores, group_size)
     others = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
@@ -94,7 +94,7 @@ def gae(scores, mask, config: AlgorithmConfig, *, group_size: int, values=None):
 
 
 def overlong_penalty(lengths: jax.Array, max_new_tokens: int, buffer: int, penalty: float) -> jax.Array:
-    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13), L_max = max_new_tokens,
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476), L_max = max_new_tokens,
     L_cache = buffer:  R(y) = 0 if |y| <= L_max - L_cache, else -penalty * (|y| - (L_max - L_cache)) / L_cache
     (-penalty at |y| = L_max; the sampler stops there).  lengths: [batch] -> [batch] float32"""
     excess = lengths.astype(jnp.float32) - (max_new_tokens - buffer)

@@ -69,7 +69,7 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmCon
 @register_policy_loss("dapo")
 def dapo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig, *,
               normalizers: Normalizers, is_weights=None):
-    """DAPO's token-level clip-higher objective (Yu et al. 2025, "DAPO", arXiv 2503.14476, eq. 8-10):
+    """DAPO's token-level clip-higher objective (Yu et al. 2025, "DAPO", arXiv 2503.14476):
 
     J = 1 / sum_i |o_i| * sum_i sum_t min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
     loss = sum(w m max(-A r, -A clip(r, 1 - eps_l, 1 + eps_h))) / N     (no dual clip)
@@ -85,8 +85,8 @@ def dapo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig,
 @register_policy_loss("drgrpo")
 def drgrpo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig, *,
                 normalizers: Normalizers, is_weights=None):
-    """Dr. GRPO's objective (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783,
-    eq. 3): GRPO without the 1/|o_i| length normalisation, the token sums divided by a constant length.
+    """Dr. GRPO's objective (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783):
+    GRPO without the 1/|o_i| length normalisation; its code divides the token sums by a constant length L.
 
     J = 1/G sum_i 1/L sum_t min(r A, clip(r, 1 - eps, 1 + eps) A),   A = r_i - mean(r) (advantage drgrpo)
     loss = sum(w m max(-A r, -A clip(r, 1 - eps_l, 1 + eps_h))) / (L S)   (no dual clip)
@@ -102,7 +102,7 @@ def drgrpo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfi
 def gspo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig, *,
               normalizers: Normalizers, is_weights=None):
     """GSPO: the importance ratio and its clip per sequence (Zheng et al. 2025, "Group Sequence Policy
-    Optimization", arXiv 2507.18071, eq. 5-7):
+    Optimization", arXiv 2507.18071):
 
     s_i = (pi_theta(y_i) / pi_old(y_i))^(1/|y_i|) = exp(1/|y_i| sum_t log r_i,t)
     J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_l, 1 + eps_h) A_i)
@@ -130,7 +130,7 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig,
 def cispo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig, *,
                normalizers: Normalizers, is_weights=None):
     """CISPO: a REINFORCE term weighted by the clipped importance ratio, which gets no gradient, so no token
-    loses its gradient to the clip (MiniMax 2025, "MiniMax-M1", arXiv 2506.13585, eq. 4-5):
+    loses its gradient to the clip (MiniMax 2025, "MiniMax-M1", arXiv 2506.13585):
 
     J = 1 / sum_i |o_i| * sum_i sum_t sg(clip(r, 1 - eps_low^IS, 1 + eps_high^IS)) A log pi_theta
     loss = -sum(w m sg(clip(r, 1 - eps_l, 1 + eps_h)) A logprobs) / N
