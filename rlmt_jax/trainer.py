@@ -105,11 +105,12 @@ class Trainer:
         if processes == 1:
             return
         cfg, split = self.cfg, mesh_lib.batch_split(self.mesh)
-        for key, value in self.spec.process_shares(cfg).items():
+        spec = spec_of(cfg)
+        for key, value in spec.process_shares(cfg).items():
             if value % processes:
                 raise UserError(f"config key '{key}' ({value}) must be a multiple of the {processes} processes: "
                                 "each process takes an equal share (and GRPO groups never straddle processes)")
-        if self.spec.reward_model and cfg.reward.batch_size % split:
+        if spec.reward_model and cfg.reward.batch_size % split:
             raise UserError(f"config key 'reward.batch_size' ({cfg.reward.batch_size}) must be a multiple of the "
                             f"mesh's batch split (data x fsdp = {split}) with {processes} processes: every "
                             "process scores its share of each reward batch")

@@ -11,6 +11,7 @@ import pytest
 
 from rlmt_jax.algorithms import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, import_variants, register_policy_loss
 from rlmt_jax.algorithms import registry
+from rlmt_jax.cli import main
 from rlmt_jax.errors import UserError
 from tests.test_cli import SHORT
 
@@ -45,7 +46,8 @@ def clean_registries(monkeypatch):
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
 
 
-def test_a_variant_from_a_user_module_outside_the_package_trains_through_the_cli(tmp_path, tiny_cache):
+def test_a_variant_from_a_user_module_outside_the_package_trains_through_the_cli(tmp_path, tiny_cache,
+                                                                                clean_registries):
     user_dir = tmp_path / "user_code"
     user_dir.mkdir()
     (user_dir / "my_variants.py").write_text(USER_MODULE)
@@ -68,6 +70,11 @@ def test_a_variant_from_a_user_module_outside_the_package_trains_through_the_cli
     result = subprocess.run(command[:-2], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 2
     assert "unknown policy loss 'mine'; registered: cispo, dapo, drgrpo, gspo, ppo_clip" in result.stderr
+
+    # the run's saved config names the variant: export reads it with the same --import (here by file path)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "hf"), "--import",
+                 str(user_dir / "my_variants.py")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
 
 
 def test_import_variants_takes_a_file_path_and_names_a_module_that_fails(tmp_path, clean_registries):

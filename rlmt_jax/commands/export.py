@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from rlmt_jax.commands.train import add_import_option
+
     parser = subparsers.add_parser(
         "export", help="write a run's policy as a Hugging Face directory",
         description="Write the policy of a run's newest checkpoint (or of one step dir, RUN_DIR/checkpoints/<step>, "
@@ -19,12 +21,14 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="dtype of the exported weights (default: the run's param dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    add_import_option(parser)  # a run trained with a variant of yours: its config names it
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from transformers import AutoTokenizer
 
+    from rlmt_jax.algorithms import import_variants
     from rlmt_jax.errors import UserError
     from rlmt_jax.rollouts import PolicyText, template_settings
     from rlmt_jax.run_dir import checkpoint_policy, checkpoints_of, open_run, policy_files
@@ -33,6 +37,7 @@ def run(args) -> int:
     path = Path(args.path)
     if not path.is_dir():
         raise UserError(f"{path}: no such run or checkpoint directory")
+    import_variants(args.imports)
     run_dir, cfg = open_run(path)
     source = path if path != run_dir else checkpoints_of(run_dir, cfg)
     policy = checkpoint_policy(run_dir, cfg, source, args.step)
