@@ -479,10 +479,10 @@ def from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunC
     values = _with_algorithm_defaults(copy.deepcopy(values), overrides)
     for override in overrides:
         SCHEMA.apply_override(values, override)
-    return validate(with_algorithm_defaults(SCHEMA.build(values)))
+    return validate(with_default_advantage(SCHEMA.build(values)))
 
 
-def with_algorithm_defaults(cfg: RunConfig) -> RunConfig:
+def with_default_advantage(cfg: RunConfig) -> RunConfig:
     """algorithm.advantage null -> the algorithm's own estimator (grpo: grpo, ppo: gae), so the resolved
     config names what runs."""
     algo = cfg.algorithm
