@@ -143,7 +143,7 @@ class Trainer:
         except (OSError, ValueError) as err:
             raise UserError(f"model.tokenizer {tokenizer_path}: cannot load a tokenizer ({err})") from err
         self.text = PolicyText.create(tokenizer, template_settings(cfg), self.model_config.eos_token_id)
-        if self.algorithm != "sft":  # prompts over data.max_prompt_tokens: cut, dropped or an error (data.overlong)
+        if self.spec.data == "prompts":  # prompts over data.max_prompt_tokens: cut, dropped or an error (data.overlong)
             self.records = fit_prompt_limit(self.records, prompt_lengths(self.text.tokenizer, self.records),
                                             cfg.data.max_prompt_tokens, cfg.data.overlong, cfg.data.train_path)
 
