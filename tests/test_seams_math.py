@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from rlmt_jax.algorithms.grpo import group_advantages
+from rlmt_jax.algorithms import group_advantages
 
 
 def test_nearly_tied_group_is_scaled_by_std_plus_eps_not_blown_up():
