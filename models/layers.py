@@ -242,8 +242,10 @@ def grouped_attention(q: jax.Array, k, v, mask: jax.Array, k_layout: str = "bsnk
     kv_heads = value_blocks[0].shape[v_layout.index("n")]
     q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
     # One query per row (a decode step): without the length-1 seq axis the products are plain batched matmuls.
-    query, scored, out_axes = ("bngk", "bngs", "bngk") if t == 1 else ("btngk", "bngts", "btngk")
-    q = q[:, 0] if t == 1 else q
+    # Several queries: heads-major [batch, kv_heads, group, seq, head_dim] first, so that every product is a plain
+    # batched matmul (XLA:CPU has no bfloat16 x bfloat16 -> float32 dot that also transposes an operand).
+    query, scored, out_axes = ("bngk", "bngs", "bngk") if t == 1 else ("bngtk", "bngts", "bngtk")
+    q = q[:, 0] if t == 1 else q.transpose(0, 2, 3, 1, 4)
     scores = [jnp.einsum(f"{query},{k_layout}->{scored}", q, block, preferred_element_type=jnp.float32)
               for block in key_blocks]
     scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
@@ -261,8 +263,7 @@ def grouped_attention(q: jax.Array, k, v, mask: jax.Array, k_layout: str = "bsnk
             width = block.shape[v_layout.index("s")]
             part = jnp.einsum(f"{scored},{v_layout}->{out_axes}", probs[..., start:start + width], block)
             out, start = part if out is None else out + part, start + width
-    if t == 1:
-        out = out[:, None]
+    out = out[:, None] if t == 1 else out.transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, h, hd)
 
 

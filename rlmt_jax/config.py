@@ -95,6 +95,22 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RolloutMeshConfig:
+    """The decode layout: the devices of `mesh`, in its order, regrouped as data x tensor for sampling.
+
+    Before each step's sampling the policy's params are copied once into this layout in runtime.dtype
+    (tensor: 1 = a whole copy on every device, rows split data-parallel; tensor: k = tensor-parallel groups of
+    k consecutive devices), so the decode loop moves no weights between devices; the copy is dropped after
+    sampling. -1 fills what is left (at most one). reshard: false samples from the training params where they
+    are (FSDP: every layer's weights gathered at every generated token; for comparison only).
+    """
+
+    reshard: bool = True
+    data: int = -1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     """Sampling from the policy."""
 
@@ -109,6 +125,7 @@ class RolloutConfig:
     # Windows of the decode loop: in window j attention reads the prompt and the response slots of windows 0..j
     # only. null: 4 from max_new_tokens >= 128 on, else 1 (rlmt_jax.sampling.SamplingConfig.decode_windows).
     decode_windows: int | None = None
+    mesh: RolloutMeshConfig = field(default_factory=RolloutMeshConfig)
 
 
 @dataclass(frozen=True)
@@ -309,6 +326,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(roll.top_k is None or roll.top_k >= 1, "rollout.top_k", "must be >= 1 or null (off)")
     _check(roll.decode_windows is None or roll.decode_windows >= 1, "rollout.decode_windows",
            "must be >= 1 or null (automatic)")
+    for name in ("data", "tensor"):
+        size = getattr(roll.mesh, name)
+        _check(size == -1 or size >= 1, f"rollout.mesh.{name}", f"must be >= 1 or -1 (fill), got {size}")
+    _check(roll.mesh.data != -1 or roll.mesh.tensor != -1, "rollout.mesh.tensor",
+           "cannot be -1 too: one of rollout.mesh.data and rollout.mesh.tensor only may fill the rest")
     buckets = roll.prompt_buckets
     _check(all(b >= 1 for b in buckets), "rollout.prompt_buckets", "must hold positive lengths")
     _check(list(buckets) == sorted(set(buckets)), "rollout.prompt_buckets", "must be strictly increasing")
@@ -535,3 +557,8 @@ def builtin_name(path: str | None) -> str | None:
         return path[len(BUILTIN_PREFIX):]
     return None
 
+
+def frozen_param_dtype(runtime: RuntimeConfig) -> str:
+    """The dtype the frozen models (reference, reward model) are stored in: runtime.dtype when it is bfloat16
+    (every matmul casts its weights to it anyway, so their results do not change), else runtime.param_dtype."""
+    return "bfloat16" if runtime.dtype == "bfloat16" else runtime.param_dtype

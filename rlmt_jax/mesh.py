@@ -27,14 +27,15 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlmt_jax.config import MeshConfig  # the `mesh:` settings, defined once with the run config
+from rlmt_jax.config import MeshConfig, RolloutMeshConfig  # the settings, defined once with the run config
 from rlmt_jax.errors import UserError
 
 __all__ = [
-    "MESH_AXES", "RULES", "AxisRule", "MeshConfig", "activation_constraint", "activation_sharding", "batch_sharding",
+    "MESH_AXES", "ROLLOUT_RULES", "RULES", "AxisRule", "MeshConfig", "activation_constraint", "activation_sharding",
+    "batch_sharding",
     "batch_split", "device_grid", "initialize_distributed", "is_main_process", "logical_to_spec", "make_mesh",
     "make_placer", "param_shardings", "per_device_map", "place_unplaced_params", "replicate_unplaced",
-    "resolve_mesh_shape", "shard_batch", "shard_params",
+    "resolve_mesh_shape", "resolve_rollout_shape", "rollout_mesh", "shard_batch", "shard_params",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -72,6 +73,12 @@ RULES: Mapping[str, AxisRule] = {
     "seq": AxisRule(param=None, activation=None),
     "cache_seq": AxisRule(param=None, activation=None),
 }
+
+
+# The decode layout's table (rollout.mesh): the same logical axes, but no param is split on 'fsdp', so a
+# device of a rollout mesh (data, 1, tensor) holds whole weights (tensor 1) or its tensor-parallel slice of them;
+# the batch is split over 'data' (the rollout mesh's fsdp is 1).
+ROLLOUT_RULES: Mapping[str, AxisRule] = {**RULES, "embed": AxisRule(param=None, activation=None)}
 
 
 def _fill_sizes(sizes: Sequence[int], total: int, names: Sequence[str], what: str) -> tuple[int, ...]:
@@ -147,6 +154,30 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = 
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def resolve_rollout_shape(config: RolloutMeshConfig, num_devices: int) -> tuple[int, int]:
+    """(data, tensor) of the decode layout over `num_devices` devices, the -1 filled."""
+    data, tensor = _fill_sizes((config.data, config.tensor), num_devices,
+                               ("rollout.mesh.data", "rollout.mesh.tensor"), "devices")
+    return data, tensor
+
+
+def rollout_mesh(mesh: Mesh, config: RolloutMeshConfig) -> Mesh:
+    """The decode layout's ('data', 'fsdp', 'tensor') mesh of shape (data, 1, tensor) over `mesh`'s devices, in
+    `mesh`'s order: a tensor group is `tensor` consecutive devices of the training mesh (neighbours on fast
+    links), and a program can take arrays of both meshes (the same device assignment).
+
+    UserError if a tensor group would span processes (its reductions would cross the slow network, and a
+    process would not own whole rows)."""
+    devices = np.asarray(mesh.devices).reshape(-1)
+    data, tensor = resolve_rollout_shape(config, devices.size)
+    grid = devices.reshape(data, 1, tensor)
+    for group in grid[:, 0, :]:
+        if len({device.process_index for device in group}) > 1:
+            raise UserError(f"rollout.mesh.tensor={tensor}: a tensor group of {tensor} devices would span "
+                            "processes; use a tensor size that divides each process's devices")
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
 def _rule(axis: str | None, kind: str, rules: Mapping[str, AxisRule]) -> tuple[str, ...]:
     if axis is None:
         return ()
@@ -203,7 +234,7 @@ def logical_to_spec(
                 kept.append(mesh_axis)
                 used.add(mesh_axis)
         chosen.append(tuple(kept))
-    if kind == "param":
+    if kind == "param" and any("fsdp" in _rule(axis, "param", rules) for axis in rules):  # tables that use fsdp
         _add_fsdp_fallback(chosen, axes, shape, mesh_sizes)
     entries = [None if not dim_axes else dim_axes[0] if len(dim_axes) == 1 else dim_axes for dim_axes in chosen]
     return PartitionSpec(*entries)

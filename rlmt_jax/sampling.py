@@ -18,19 +18,23 @@ same sequences at the same positions as the sampler did, and its log-probs at `r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.layers import CacheBlocks
 from models.sharding import constrain
 from models.transformer import KVCache
+from rlmt_jax import mesh as mesh_lib
 from rlmt_jax.errors import UserError
+from rlmt_jax.multihost import HostRows
 from rlmt_jax.next_token import choose_next_token
 
 STOP_EOS = 0  # the row produced one of the EOS ids (kept as its last response token)
@@ -201,6 +205,40 @@ def vocab_major_head(model) -> jax.Array:
     return constrain(model.lm_head_weight().T, ("vocab", "embed"))
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeLayout:
+    """Where a sampler runs and in what dtype: a rollout mesh (mesh.rollout_mesh), the rules that place the
+    policy's copy and the activations on it (mesh.ROLLOUT_RULES), and the copy's dtype (the compute dtype).
+
+        layout = DecodeLayout.of(training_mesh, cfg.rollout.mesh, cfg.runtime.dtype)
+    """
+
+    mesh: Mesh
+    dtype: str
+    rules: Mapping = dataclasses.field(default_factory=lambda: mesh_lib.ROLLOUT_RULES)
+
+    @classmethod
+    def of(cls, mesh: Mesh, config, dtype: str) -> DecodeLayout:
+        """The layout of `config` (a config.RolloutMeshConfig) over the devices of the training `mesh`."""
+        return cls(mesh_lib.rollout_mesh(mesh, config), dtype)
+
+    def copier(self, params: nnx.State):
+        """A jitted fn(params) -> the params cast to `dtype` and placed by the rules on the rollout mesh: one
+        program that moves every weight once (their float32 shards in, whole bfloat16 copies or tensor slices
+        out; the params may sit on any mesh over the same devices in the same order)."""
+        shardings = mesh_lib.param_shardings(params, self.mesh, self.rules)
+        whole = NamedSharding(self.mesh, PartitionSpec())
+        dtype = jnp.dtype(self.dtype)
+
+        def cast_and_gather(x):
+            # cast the shard first (half the bytes to move in bfloat16), then gather it whole; the tensor split,
+            # if any, is then a local slice. Straight from FSDP to a tensor split of another device grouping, XLA
+            # would replicate the float32 tensor instead ("involuntary full rematerialization").
+            return jax.lax.with_sharding_constraint(x.astype(dtype), whole)
+
+        return jax.jit(lambda p: jax.tree.map(cast_and_gather, p), out_shardings=shardings)
+
+
 class _DecodeState(NamedTuple):
     step: jax.Array  # the response token being chosen (0 is chosen by prefill)
     cache: KVCache
@@ -220,13 +258,20 @@ class Sampler:
         rollout = sampler(params, prompts, jax.random.key(0))   # prompts: list of token-id lists
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, hosts=None):
+    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, hosts=None, layout: DecodeLayout | None = None):
         """hosts: a `multihost.HostRows` to sample on a mesh: each process passes its own prompts, the bucket
         fits the longest prompt of all processes, the programs run on global arrays split over the batch
-        axes, and the Rollout holds this process's rows (numpy). None: one device, arrays as given."""
+        axes, and the Rollout holds this process's rows (numpy). None: one device, arrays as given.
+
+        layout: sample in a decode layout: every call first copies the params it is given into the layout
+        (cast and resharded once), runs both programs on that copy under the layout's rules (rows split over
+        its batch axes, HostRows of its mesh; `hosts` is then not used) and drops the copy before returning.
+        None: the params are used where they are, under the caller's activation rules."""
         self.graphdef = graphdef
         self.config = config
-        self.hosts = hosts
+        self.layout = layout
+        self.hosts = hosts if layout is None else HostRows(layout.mesh)
+        self._copy = None  # the layout's copier, made at the first call (it needs the params' tree)
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
 
@@ -238,6 +283,28 @@ class Sampler:
 
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array) -> Rollout:
         """prompts: token-id lists (at least one token each, any lengths up to the largest bucket)."""
+        ids, mask, count = self._padded(prompts)
+        with self._in_layout():
+            params = self.rollout_params(params)  # the layout's copy lives until this block ends
+            cache, first, first_logprobs, positions = self._prefill(params, ids, mask, key)
+            arrays, _ = self._decode(params, cache, first, first_logprobs, positions, ids, mask, key)
+            del params, cache
+        if self.hosts is not None:
+            arrays = tuple(rows[: count * self.config.n] for rows in self.hosts.take(arrays))
+        return Rollout(*arrays, prompt_len=ids.shape[1], group_size=self.config.n)
+
+    def compiled_decode_text(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array) -> str:
+        """The optimised HLO of the decode program for these prompts (runs the prefill, not the decode): what
+        its loop moves between devices per generated token can be read from it (collectives in the while body)."""
+        ids, mask, _ = self._padded(prompts)
+        with self._in_layout():
+            params = self.rollout_params(params)
+            cache, first, first_logprobs, positions = self._prefill(params, ids, mask, key)
+            return self._decode.lower(params, cache, first, first_logprobs, positions, ids, mask, key).compile().as_text()
+
+    def _padded(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, jax.Array, int]:
+        """(ids, mask) [B, bucket] of the prompts, left-padded (global arrays on a mesh: every process's prompts,
+        with filler copies so the rows split), and this process's number of prompts."""
         if not prompts:
             raise UserError("sampling: no prompts given")
         for row, prompt in enumerate(prompts):
@@ -255,11 +322,21 @@ class Sampler:
         length = bucket_length(longest, self.config.prompt_buckets)
         ids, mask = left_pad(prompts, length, self.config.pad_id)
         ids, mask = (jnp.asarray(ids), jnp.asarray(mask)) if self.hosts is None else self.hosts.put((ids, mask))
-        cache, first, first_logprobs, positions = self._prefill(params, ids, mask, key)
-        arrays, _ = self._decode(params, cache, first, first_logprobs, positions, ids, mask, key)
-        if self.hosts is not None:
-            arrays = tuple(rows[: count * self.config.n] for rows in self.hosts.take(arrays))
-        return Rollout(*arrays, prompt_len=length, group_size=self.config.n)
+        return ids, mask, count
+
+    def rollout_params(self, params: nnx.State) -> nnx.State:
+        """`params` as the programs take them: the layout's copy (a new copy at every call), or as given."""
+        if self.layout is None:
+            return params
+        if self._copy is None:
+            self._copy = self.layout.copier(params)
+        return self._copy(params)
+
+    def _in_layout(self):
+        """The layout's activation rules (models.sharding.constrain), or the caller's when there is no layout."""
+        if self.layout is None:
+            return contextlib.nullcontext()
+        return mesh_lib.activation_sharding(self.layout.mesh, self.layout.rules)
 
     def compiled_programs(self) -> int:
         """How many programs prefill and decode have compiled so far (one each per prompt count and bucket)."""

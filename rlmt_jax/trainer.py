@@ -30,7 +30,7 @@ from rlmt_jax import checkpoint as ckpt
 from rlmt_jax import mesh as mesh_lib
 from rlmt_jax import multihost
 from rlmt_jax.algorithms import build_preference_pairs, compute_advantages, rollout_correction, spec_of
-from rlmt_jax.config import SCHEMA, RunConfig, save_resolved, to_yaml
+from rlmt_jax.config import SCHEMA, RunConfig, frozen_param_dtype, save_resolved, to_yaml
 from rlmt_jax.data import BatchIterator, fit_prompt_limit, load_train_records, prompt_lengths, train_batches
 from rlmt_jax.errors import UserError
 from rlmt_jax.jsonl import read_jsonl, write_jsonl_atomic
@@ -39,7 +39,7 @@ from rlmt_jax.optim import AdamWConfig
 from rlmt_jax.rewards import RewardScorer, RewardSettings
 from rlmt_jax.rollouts import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
 from rlmt_jax.run_dir import save_policy_files
-from rlmt_jax.sampling import Sampler, SamplingConfig
+from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
 from rlmt_jax.sequences import dpo_batch, sft_batch, sft_tokens
 from rlmt_jax.tiny import resolve_model_path
 from rlmt_jax.train_step import compute_logprobs, compute_values, init_optimizer_state, train_step
@@ -115,12 +115,13 @@ class Trainer:
                             f"mesh's batch split (data x fsdp = {split}) with {processes} processes: every "
                             "process scores its share of each reward batch")
 
-    def _load(self, path: str, task: str | None = None):
+    def _load(self, path: str, task: str | None = None, param_dtype: str | None = None):
         runtime = self.cfg.runtime
         try:
             return models.load_pretrained(
-                path, dtype=runtime.dtype, param_dtype=runtime.param_dtype, task=task, remat=runtime.remat,
-                scan_layers=runtime.scan_layers, attention=runtime.attention, place=mesh_lib.make_placer(self.mesh),
+                path, dtype=runtime.dtype, param_dtype=param_dtype or runtime.param_dtype, task=task,
+                remat=runtime.remat, scan_layers=runtime.scan_layers, attention=runtime.attention,
+                place=mesh_lib.make_placer(self.mesh),
             )
         except (OSError, ValueError) as err:
             raise UserError(f"model {path}: {err}") from err
@@ -150,10 +151,13 @@ class Trainer:
         self.ref_params = None
         if self.spec.needs_reference(cfg.algorithm):
             ref_path = resolve_model_path(cfg.model.reference_path)
+            frozen = jnp.dtype(frozen_param_dtype(cfg.runtime))
             if ref_path == self.policy_path:
-                self.ref_params = jax.tree.map(jnp.copy, self.params)
+                # a copy (the update donates the policy's params), in the frozen dtype
+                copy = jnp.copy if frozen == jnp.dtype(cfg.runtime.param_dtype) else lambda x: x.astype(frozen)
+                self.ref_params = jax.tree.map(copy, self.params)
             else:
-                _, self.ref_params = nnx.split(self._load(ref_path), nnx.Param)
+                _, self.ref_params = nnx.split(self._load(ref_path, param_dtype=frozen.name), nnx.Param)
 
         self.scorer = None
         if self.spec.reward_model:
@@ -161,7 +165,7 @@ class Trainer:
             settings = RewardSettings(
                 max_length=cfg.reward.max_length, batch_size=cfg.reward.batch_size,
                 truncation_side=cfg.reward.truncation_side, dtype=cfg.runtime.dtype,
-                param_dtype=cfg.runtime.param_dtype, attention=cfg.runtime.attention,
+                param_dtype=frozen_param_dtype(cfg.runtime), attention=cfg.runtime.attention,
             )
             lockstep = self.cfg.reward.batch_size % mesh_lib.batch_split(self.mesh) == 0
             self.scorer = RewardScorer.from_pretrained(rm_path, settings, place=mesh_lib.make_placer(self.mesh),
@@ -172,7 +176,7 @@ class Trainer:
                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, eos_ids=self.text.stop_ids,
                 pad_id=self.text.pad_id, prompt_buckets=cfg.prompt_buckets,
                 cache_dtype=cfg.rollout.cache_dtype or cfg.runtime.dtype, decode_windows=cfg.rollout.decode_windows,
-            ), hosts=self.hosts)
+            ), hosts=self.hosts, layout=self._decode_layout())
 
         self.critic_graphdef = self.critic_params = None
         if self.spec.critic:
@@ -180,6 +184,11 @@ class Trainer:
             self.critic_graphdef, critic_params = nnx.split(critic, nnx.Param)
             # its fresh value head is made on the default device, not by the placer
             self.critic_params = mesh_lib.place_unplaced_params(critic_params, self.mesh)
+
+    def _decode_layout(self) -> DecodeLayout | None:
+        """The rollout's layout (rollout.mesh) over this run's devices; None: sample in the training layout."""
+        rollout_mesh = self.cfg.rollout.mesh
+        return DecodeLayout.of(self.mesh, rollout_mesh, self.cfg.runtime.dtype) if rollout_mesh.reshard else None
 
     def _optimizer(self, total_steps: int, lr: float | None = None) -> AdamWConfig:
         o = self.cfg.optimizer
