@@ -261,6 +261,7 @@ KEY_ALIASES = {
     "loss_agg_mode": "algorithm.aggregation",
     "value_loss_scale": "algorithm.ppo.value_coef",
     "num_samples": "rollout.n",
+    "samples": "rollout.n",
     "samples_per_prompt": "rollout.n",
     "max_tokens": "rollout.max_new_tokens",
 }

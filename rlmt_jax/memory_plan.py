@@ -14,7 +14,10 @@ docstrings below.
 
 Not everything is alive at once, so memory is counted by phase:
   resident       policy params, optimizer state, reference, reward model, critic and its optimizer state
-  rollout        the KV cache of the whole rollout batch, one layer of the prompts' prefill
+  rollout        the policy's copy in the decode layout (rollout.mesh), the KV cache of the whole rollout
+                 batch, one layer of the prompts' prefill: all split by the decode layout
+Frozen models (reference, reward model) are counted in the dtype the trainer stores them in
+(config.frozen_param_dtype: bfloat16 when runtime.dtype is).
   reward         one layer of the reward model's forward on a scoring batch
   update         gradients (+ their accumulator over micro-batches), activations of one micro-batch, a
                  logits chunk
@@ -41,18 +44,19 @@ from models.attention import resolve_attention
 from models.config import ConfigError
 from rlmt_jax import mesh as mesh_lib
 from rlmt_jax.algorithms.specs import spec_of
-from rlmt_jax.config import RunConfig, builtin_name
+from rlmt_jax.config import RunConfig, builtin_name, frozen_param_dtype
 from rlmt_jax.errors import UserError
 from rlmt_jax.known_models import KNOWN_MODELS, known_model
 
 GIB = 2**30
 
 # Memory of one device (HBM; cpu: this machine's RAM).
-DEVICE_HBM_GIB = {"v5p": 95, "v5e": 16, "v4": 32, "h100": 80, "h200": 141}
+DEVICE_HBM_GIB = {"v5p": 95, "v5e": 16, "v6e": 32, "v4": 32, "h100": 80, "h200": 141, "a100": 80}
+DEVICE_ALIASES = {"v5litepod": "v5e"}  # the accelerator type Cloud TPU gives v5e slices (v5litepod-16)
 # A TPU slice name counts TensorCores on v4 and v5p (two per chip, and JAX shows each chip as one
-# device), and chips on v5e: a v5p-64 is 32 devices, a v5e-64 is 64.
-TPU_CORES_PER_DEVICE = {"v5p": 2, "v4": 2, "v5e": 1}
-DEFAULT_DEVICE_COUNT = {"h100": 8, "h200": 8, "cpu": 1}  # one GPU host; TPU kinds need a count
+# device), and chips on v5e and v6e: a v5p-64 is 32 devices, a v5e-64 is 64.
+TPU_CORES_PER_DEVICE = {"v5p": 2, "v4": 2, "v5e": 1, "v6e": 1}
+DEFAULT_DEVICE_COUNT = {"h100": 8, "h200": 8, "a100": 8, "cpu": 1}  # one GPU host; TPU kinds need a count
 DEVICE_KINDS = (*DEVICE_HBM_GIB, "cpu")
 
 LOGITS_CHUNK = 1024  # positions per logits chunk in the update step (objectives.PolicyObjective default)
@@ -78,13 +82,16 @@ class DeviceSpec:
 
     @classmethod
     def parse(cls, kind: str, devices: int | None = None, slices: int = 1) -> DeviceSpec:
-        """kind: v5p | v5e | v4 | h100 | h200 | cpu, or a TPU slice type such as v5p-64 (which sets the count).
+        """kind: v5p | v5e (v5litepod) | v6e | v4 | h100 | h200 | a100 | cpu, or a TPU slice type such as
+        v5p-64 or v5litepod-16 (which sets the count).
 
-        devices: the number of devices; default 8 for h100/h200 (one host), 1 for cpu; a TPU kind needs
+        devices: the number of devices; default 8 for h100/h200/a100 (one host), 1 for cpu; a TPU kind needs
         it or a slice type.
         """
         name = kind.strip().lower()
-        match = re.fullmatch(r"(v5p|v5e|v4)-(\d+)", name)
+        for alias, canonical in DEVICE_ALIASES.items():
+            name = re.sub(rf"^{alias}\b", canonical, name)
+        match = re.fullmatch(r"(v5p|v5e|v6e|v4)-(\d+)", name)
         if match:
             name, cores = match.group(1), int(match.group(2))
             per_slice = cores // TPU_CORES_PER_DEVICE[name]
@@ -115,6 +122,15 @@ def plan_mesh(cfg: RunConfig, device: DeviceSpec) -> AbstractMesh:
     """The run's (data, fsdp, tensor) mesh as an AbstractMesh: the shape `make_mesh` would build."""
     ici, dcn = mesh_lib.resolve_mesh_shape(cfg.mesh, device.count, device.slices)
     return AbstractMesh(tuple(i * d for i, d in zip(ici, dcn)), mesh_lib.MESH_AXES)
+
+
+def plan_rollout_mesh(cfg: RunConfig, device: DeviceSpec) -> tuple[AbstractMesh, dict]:
+    """(mesh, rules) the sampler runs on: the decode layout (rollout.mesh, `mesh.rollout_mesh`), or the
+    training mesh and rules with rollout.mesh.reshard false."""
+    if not cfg.rollout.mesh.reshard:
+        return plan_mesh(cfg, device), mesh_lib.RULES
+    data, tensor = mesh_lib.resolve_rollout_shape(cfg.rollout.mesh, device.count)
+    return AbstractMesh((data, 1, tensor), mesh_lib.MESH_AXES), mesh_lib.ROLLOUT_RULES
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -204,12 +220,12 @@ def global_bytes(tree) -> int:
     return sum(math.prod(leaf.shape) * itemsize(leaf.dtype) for leaf in jax.tree.leaves(tree))
 
 
-def per_device_bytes(tree, mesh: AbstractMesh, as_dtype=None) -> int:
+def per_device_bytes(tree, mesh: AbstractMesh, as_dtype=None, rules=mesh_lib.RULES) -> int:
     """Bytes of `tree` (ShapeDtypeStructs of Params or optimizer state) on one device, placed by the rules.
 
     as_dtype: count every leaf in this dtype instead of its own (gradients are float32).
     """
-    shardings = jax.tree.leaves(mesh_lib.param_shardings(tree, mesh))
+    shardings = jax.tree.leaves(mesh_lib.param_shardings(tree, mesh, rules))
     leaves = jax.tree.leaves(tree)
     return sum(
         math.prod(sharding.shard_shape(leaf.shape)) * itemsize(as_dtype or leaf.dtype)
@@ -447,11 +463,13 @@ def _reward_length(cfg: RunConfig, response_seq: int) -> tuple[int, int]:
 DECODE_COPIED_PARAMS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 
 
-def _params_items(shapes: ModelShapes, mesh: AbstractMesh, name: str) -> Item:
-    split = per_device_bytes(shapes.params, mesh)
+def _params_items(shapes: ModelShapes, mesh: AbstractMesh, name: str, dtype: str | None = None) -> Item:
+    """The model's params on one device, in `dtype` (default: the param dtype), placed by the rules."""
+    dtype = dtype or shapes.config.param_dtype
+    split = per_device_bytes(shapes.params, mesh, as_dtype=jnp.dtype(dtype))
     return Item(name, "resident", split,
-                f"{shapes.num_params:,} params x {itemsize(shapes.config.param_dtype)} B "
-                f"({shapes.config.param_dtype}) = {global_bytes(shapes.params) / GIB:.2f} GiB, split by the rules")
+                f"{shapes.num_params:,} params x {itemsize(dtype)} B ({dtype}) = "
+                f"{shapes.num_params * itemsize(dtype) / GIB:.2f} GiB, split by the rules")
 
 
 def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> MemoryPlan:
@@ -468,10 +486,11 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
     opt_state = _optimizer_state(policy.params, cfg, cfg.optimizer.lr)
     items.append(Item("optimizer state", "resident", per_device_bytes(opt_state, mesh),
                       "AdamW mu and nu like the params (jax.eval_shape of the real optimizer), + step scalars"))
+    frozen = frozen_param_dtype(cfg.runtime)  # the reference and the reward model are stored in it
     if "reference" in models:
-        items.append(_params_items(models["reference"], mesh, "reference params"))
+        items.append(_params_items(models["reference"], mesh, "reference params", frozen))
     if "reward model" in models:
-        items.append(_params_items(models["reward model"], mesh, "reward model params"))
+        items.append(_params_items(models["reward model"], mesh, "reward model params", frozen))
     if "critic" in models:
         critic = models["critic"]
         items.append(_params_items(critic, mesh, "critic params"))
@@ -488,9 +507,17 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
         prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
         slots = prompt_len + new - 1
         cache_dtype = cfg.rollout.cache_dtype or cfg.runtime.dtype
-        decode_cache = kv_cache_bytes(policy.module, prompts * n, slots, cache_dtype, mesh)
-        prompt_cache = kv_cache_bytes(policy.module, prompts, prompt_len, cache_dtype, mesh)
-        rows_local = local_shape((prompts * n,), ("batch",), mesh)[0]
+        rollout_mesh, rollout_rules = plan_rollout_mesh(cfg, device)
+        if cfg.rollout.mesh.reshard:
+            layout = " x ".join(f"{axis}={size}" for axis, size in rollout_mesh.shape.items() if axis != "fsdp")
+            items.append(Item("rollout params copy", "rollout",
+                              per_device_bytes(policy.params, rollout_mesh, jnp.dtype(cfg.runtime.dtype),
+                                               rollout_rules),
+                              f"the policy in {cfg.runtime.dtype} on the decode layout ({layout}): made before "
+                              "sampling, dropped after"))
+        decode_cache = kv_cache_bytes(policy.module, prompts * n, slots, cache_dtype, rollout_mesh)
+        prompt_cache = kv_cache_bytes(policy.module, prompts, prompt_len, cache_dtype, rollout_mesh)
+        rows_local = local_shape((prompts * n,), ("batch",), rollout_mesh)[0]
         items.append(Item("KV cache", "rollout", decode_cache + prompt_cache,
                           f"{prompts} prompts x {n} = {prompts * n} rows ({rows_local} per device) x {slots} slots "
                           f"(prompt {prompt_len} + {new} new - 1), {cache_dtype}, + the prompts' cache while "
@@ -500,9 +527,9 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
         # in the compute dtype live through the decode loop.
         copied = nnx.filter_state(policy.params, lambda path, _: str(path[-1]) in DECODE_COPIED_PARAMS)
         items.append(Item("decode weight copies", "rollout",
-                          per_device_bytes(copied, mesh, jnp.dtype(policy.config.dtype)),
-                          f"{', '.join(DECODE_COPIED_PARAMS)} in {policy.config.dtype}, split like the params"))
-        prefill = LocalDims.of(policy.config, prompts, mesh)
+                          per_device_bytes(copied, rollout_mesh, jnp.dtype(policy.config.dtype), rollout_rules),
+                          f"{', '.join(DECODE_COPIED_PARAMS)} in {policy.config.dtype}, split like the sampled params"))
+        prefill = LocalDims.of(policy.config, prompts, rollout_mesh)
         items.append(Item("prefill activations", "rollout",
                           layer_activation_bytes(prefill, prompt_len, act, attention)["none"],
                           f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device"))
@@ -515,7 +542,8 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
                           f"one layer on {reward_rows} rows ({rm_dims.rows} per device) x {reward_len} tokens "
                           "(the bucket that holds prompt + response)"))
         shape_info.update(rollout_rows=prompts * n, cache_slots=slots, reward_rows=reward_rows,
-                          reward_seq=reward_len)
+                          reward_seq=reward_len, rollout_data=rollout_mesh.shape["data"] * rollout_mesh.shape["fsdp"],
+                          rollout_tensor=rollout_mesh.shape["tensor"])
 
     # update: gradients, activations of one micro-batch, one logits chunk
     grads = per_device_bytes(policy.params, mesh, as_dtype=jnp.float32)
@@ -545,10 +573,12 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
                           activation_bytes(critic_dims, seq, act, remat, attention),
                           f"as the policy's, {rows} sequences"))
 
+    stored = {role: (frozen if role in ("reference", "reward model") else m.config.param_dtype)
+              for role, m in models.items()}
     summaries = tuple(
-        ModelSummary(m.role, m.config.architecture, m.source, m.num_params, m.config.param_dtype,
-                     global_bytes(m.params))
-        for m in models.values()
+        ModelSummary(m.role, m.config.architecture, m.source, m.num_params, stored[role],
+                     m.num_params * itemsize(stored[role]))
+        for role, m in models.items()
     )
     by_attention = {name: attention_bytes(dims, seq, act, name) for name in ATTENTION_IMPLEMENTATIONS}
     return MemoryPlan(config_source, device, dict(mesh.shape), summaries, tuple(items), remat, by_remat, shape_info,

@@ -1,9 +1,11 @@
-"""`rlmt-jax plan [CONFIG] [key=value ...]`: per-device memory of a run on a mesh, before launch.
+"""`rlmt-jax plan [CONFIG] [key=value ...]`: per-device memory and time of a run on a mesh, before launch.
 
 Nothing is allocated and no device is needed: the models are built abstractly from their config.json
 (or the built-in shapes of the published models the recipes name), placed by the real partition rules
 on an abstract mesh of the run's shape, and the table says what each device holds in each phase, the
-peak, whether it fits the device's memory, and the largest item.
+peak, whether it fits the device's memory, and the largest item. For GRPO and PPO it also estimates each
+phase's time per step from its FLOPs, memory and interconnect bytes at the device's published peak figures
+(rlmt_jax.time_plan), the step time and the tokens per second per chip.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer.micro_batch_size=8")
     parser.add_argument(
         "--device-kind", default="h100",
-        help="v5p | v5e | v4 | h100 | h200 | cpu, or a TPU slice type such as v5p-64 (default h100)",
+        help="v5p | v5e (v5litepod) | v6e | v4 | h100 | h200 | a100 | cpu, or a TPU slice type such as v5p-64 "
+        "(default h100)",
     )
     parser.add_argument(
         "--devices", type=int, default=None,
@@ -44,6 +47,7 @@ def run(args) -> int:
     from rlmt_jax.commands.train import _split
     from rlmt_jax.config import DEFAULT_CONFIG, find_config, resolve
     from rlmt_jax.memory_plan import DeviceSpec, memory_plan
+    from rlmt_jax.time_plan import CHIPS, time_plan
 
     import_variants(args.imports)
     config, overrides = _split(args.config, args.overrides)
@@ -53,7 +57,13 @@ def run(args) -> int:
     if overrides:
         source += " " + " ".join(overrides)
     plan = memory_plan(cfg, device, source)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan, cfg.algorithm.name))
+    timing = None
+    if cfg.algorithm.name in ("grpo", "ppo") and device.kind in CHIPS:
+        timing = time_plan(cfg, device)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "time": timing.to_dict() if timing else None}, indent=2))
+    else:
+        print(format_plan(plan, cfg.algorithm.name) + ("\n\n" + format_time_plan(timing) if timing else ""))
     return 0
 
 
@@ -107,5 +117,22 @@ def format_plan(plan, algorithm: str = "") -> str:
         "  attention: xla B*H*T^2*(4+b); splash and cudnn B*H*T*4 + B*T*(H+2K)*Dh*b (splash: T rounded up to 128)",
         "  total = layers x kept + one layer rebuilt (with remat) + embedding/final norm B*T*D*(2b+4) + mask B*T^2 "
         "(kernels: B*T); logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes. XLA temporaries are not counted.",
+    ]
+    return "\n".join(lines)
+
+
+def format_time_plan(timing) -> str:
+    """The time plan as a table: each phase's per-device work, its estimated seconds, the step."""
+    lines = [f"time per step (estimate at peak figures: {timing.chip.source})",
+             f"{'phase':22s} {'TFLOP':>9s} {'HBM GB':>9s} {'link GB':>9s} {'seconds':>9s}  how"]
+    for p in timing.phases:
+        lines.append(f"{p.name:22s} {p.flops / 1e12:9.2f} {p.hbm_bytes / 1e9:9.2f} {p.link_bytes / 1e9:9.2f} "
+                     f"{p.seconds:9.2f}  {p.how}")
+    lines += [
+        f"step: {timing.step_seconds:.1f} s; {timing.tokens_per_second_per_chip:,.0f} sequence tokens/s per chip "
+        f"({timing.sequence_tokens:,} prompt + response tokens, {timing.sampled_tokens:,} sampled, every response "
+        "at max_new_tokens)",
+        "per device: max(FLOPs / peak, HBM bytes / bandwidth) + link bytes / link bandwidth + collectives x latency;"
+        " a real step reaches a fraction of the peaks",
     ]
     return "\n".join(lines)
