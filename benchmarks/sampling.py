@@ -26,7 +26,11 @@ them can approach; the gap between it and our step is attention, sampling and pe
 The script starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/host_memory.py;
 both samplers get them; RLMT_JAX_HOST_MEMORY=default keeps glibc's).
 
-Last lines, for scripts:  sampling B=8 ours_tok_s=... hf_tok_s=... ratio=... limit_frac=...
+bfloat16 rows (--dtypes, default both): our sampler as the trainer runs it with runtime.dtype=bfloat16 (the float32
+params copied into the decode layout in bfloat16 at every call, a bfloat16 cache) against transformers with the
+model cast to bfloat16, same prompts; the limit printed stays the float32 one.
+
+Last lines, for scripts:  sampling B=8 ours_tok_s=... hf_tok_s=... ratio=... limit_frac=... dtype=float32
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -71,7 +76,7 @@ def decode_limit(batch: int, bandwidth: float, peak: float) -> tuple[float, floa
     return batch / max(memory_s, compute_s), memory_s, compute_s
 
 
-def step_matmul_seconds(batch: int, steps: int = NEW, repeats: int = 3) -> tuple[float, float]:
+def step_matmul_seconds(batch: int, steps: int = NEW, repeats: int = 3, dtype: str = "float32") -> tuple[float, float]:
     """(jax, torch) seconds per decode step spent in the weight matmuls alone, at `batch` rows.
 
     Each step chains its matmuls (every output feeds the next input) through distinct per-layer weights, so
@@ -98,20 +103,22 @@ def step_matmul_seconds(batch: int, steps: int = NEW, repeats: int = 3) -> tuple
         return jax.lax.fori_loop(0, steps, step, x)
 
     run = jax.jit(jax_steps)
-    args = (jax.tree.map(jnp.asarray, layers), jnp.asarray(head), jnp.ones((batch, HIDDEN), jnp.float32))
+    cast = lambda w: jnp.asarray(w, dtype)  # noqa: E731
+    args = (jax.tree.map(cast, layers), cast(head), jnp.ones((batch, HIDDEN), dtype))
     run(*args).block_until_ready()
     jax_seconds = best_seconds(lambda: run(*args).block_until_ready(), repeats) / steps
 
     # transformers' Llama: q, k, v, o, gate, up, down as nn.Linear weights [out, in]
-    torch_layers = [[torch.from_numpy(np.ascontiguousarray(w.T)) for w in (
+    torch_dtype = getattr(torch, dtype)
+    torch_layers = [[torch.from_numpy(np.ascontiguousarray(w.T)).to(torch_dtype) for w in (
         w_qkv[:, : HEADS * head_dim], w_qkv[:, HEADS * head_dim: (HEADS + KV_HEADS) * head_dim],
         w_qkv[:, (HEADS + KV_HEADS) * head_dim:], w_o, w_gate_up[:, :INTERMEDIATE], w_gate_up[:, INTERMEDIATE:],
         w_down)] for w_qkv, w_o, w_gate_up, w_down in layers]
-    torch_head = torch.from_numpy(head)
+    torch_head = torch.from_numpy(head).to(torch_dtype)
     linear = torch.nn.functional.linear
 
     def torch_steps():
-        x = torch.ones(batch, HIDDEN)
+        x = torch.ones(batch, HIDDEN, dtype=torch_dtype)
         with torch.no_grad():
             for _ in range(steps):
                 for w_q, w_k, w_v, w_o, w_gate, w_up, w_down in torch_layers:
@@ -126,16 +133,24 @@ def step_matmul_seconds(batch: int, steps: int = NEW, repeats: int = 3) -> tuple
 
 
 def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dtype: str, top_p: float,
-               decode_windows: int | None) -> float:
+               decode_windows: int | None, dtype: str = "float32") -> float:
+    """float32: the sampler on the float32 params. bfloat16: as the trainer samples with runtime.dtype=bfloat16,
+    float32 params copied into the decode layout (one device) in bfloat16 at every call, a bfloat16 cache."""
     import models
-    from rlmt_jax.sampling import Sampler, SamplingConfig
+    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.config import RolloutMeshConfig
+    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
 
-    model = models.load_pretrained(model_dir)
+    model = models.load_pretrained(model_dir, dtype=dtype)
     config = SamplingConfig(
         n=1, max_new_tokens=NEW, temperature=TEMPERATURE, top_p=top_p, eos_ids=(), prompt_buckets=(PROMPT,),
-        cache_dtype=cache_dtype, decode_windows=decode_windows,
+        cache_dtype=cache_dtype if dtype == "float32" else "bfloat16", decode_windows=decode_windows,
     )
-    sampler, params = Sampler.for_model(model, config)
+    graphdef, params = nnx.split(model)
+    layout = None
+    if dtype != "float32":
+        layout = DecodeLayout.of(mesh_lib.make_mesh(mesh_lib.MeshConfig()), RolloutMeshConfig(), dtype)
+    sampler = Sampler(graphdef, config, layout=layout)
 
     def run(seed):
         rollout = sampler(params, prompts, jax.random.key(seed))
@@ -148,8 +163,10 @@ def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dty
     return len(prompts) * NEW / seconds
 
 
-def bench_hf(model, prompts: list[list[int]], repeats: int, top_p: float) -> float:
+def bench_hf(model, prompts: list[list[int]], repeats: int, top_p: float, dtype: str = "float32") -> float:
     import torch
+
+    model = model.to(getattr(torch, dtype))
 
     ids = torch.tensor(prompts, dtype=torch.long)
     mask = torch.ones_like(ids)
@@ -175,6 +192,8 @@ def main() -> None:
     parser.add_argument("--decode-windows", type=int, default=None,
                         help="our sampler's decode windows (default: its automatic choice, 4 for 128 new tokens)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                        help="compute dtypes to run, both samplers in each (bfloat16: our decode-layout copy)")
     args = parser.parse_args()
     # Both samplers run in this one process with the host-memory settings `rlmt-jax` uses on CPU.
     relaunch_with_reused_memory([os.path.abspath(__file__), *sys.argv[1:]])
@@ -195,22 +214,24 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = make_hf_model(tmp)
-        for batch in args.batches:
-            prompts = rng.integers(3, VOCAB, size=(batch, PROMPT)).tolist()
-            ours = bench_ours(tmp, prompts, args.repeats, args.cache_dtype, args.top_p, args.decode_windows)
-            hf = float("nan") if args.skip_hf else bench_hf(hf_model, prompts, args.repeats, args.top_p)
-            limit, memory_s, compute_s = decode_limit(batch, bandwidth, peak)
-            jax_matmuls_s, torch_matmuls_s = step_matmul_seconds(batch)
-            ours_step_s = batch / ours  # the call's time per decode step, prefill included
-            print(f"B={batch}: ours {ours:.0f} tok/s, transformers {hf:.0f} tok/s, ratio {ours / hf:.2f}; "
-                  f"limit {limit:.0f} tok/s (step: {memory_s * 1e3:.2f} ms of reads, {compute_s * 1e3:.2f} ms of "
-                  f"matmul), ours = {ours / limit:.0%} of it; load average {os.getloadavg()[0]:.2f}")
-            print(f"  per decode step: ours {ours_step_s * 1e3:.2f} ms; its weight matmuls alone take "
-                  f"{jax_matmuls_s * 1e3:.2f} ms in jax, {torch_matmuls_s * 1e3:.2f} ms in torch "
-                  f"(their weight streaming: {4 * step_weight_params() / jax_matmuls_s / 1e9:.1f} and "
-                  f"{4 * step_weight_params() / torch_matmuls_s / 1e9:.1f} GB/s)")
-            lines.append(f"sampling B={batch} ours_tok_s={ours:.0f} hf_tok_s={hf:.0f} ratio={ours / hf:.2f} "
-                         f"limit_frac={ours / limit:.2f}")
+        for dtype in args.dtypes:
+            for batch in args.batches:
+                prompts = rng.integers(3, VOCAB, size=(batch, PROMPT)).tolist()
+                ours = bench_ours(tmp, prompts, args.repeats, args.cache_dtype, args.top_p, args.decode_windows, dtype)
+                hf = float("nan") if args.skip_hf else bench_hf(hf_model, prompts, args.repeats, args.top_p, dtype)
+                limit, memory_s, compute_s = decode_limit(batch, bandwidth, peak)
+                jax_matmuls_s, torch_matmuls_s = step_matmul_seconds(batch, dtype=dtype)
+                ours_step_s = batch / ours  # the call's time per decode step, prefill included
+                weight_bytes = jnp.dtype(dtype).itemsize * step_weight_params()
+                print(f"{dtype} B={batch}: ours {ours:.0f} tok/s, transformers {hf:.0f} tok/s, ratio {ours / hf:.2f}; "
+                      f"float32 limit {limit:.0f} tok/s (step: {memory_s * 1e3:.2f} ms of reads, {compute_s * 1e3:.2f} "
+                      f"ms of matmul), ours = {ours / limit:.0%} of it; load average {os.getloadavg()[0]:.2f}")
+                print(f"  per decode step: ours {ours_step_s * 1e3:.2f} ms; its weight matmuls alone take "
+                      f"{jax_matmuls_s * 1e3:.2f} ms in jax, {torch_matmuls_s * 1e3:.2f} ms in torch "
+                      f"(their weight streaming: {weight_bytes / jax_matmuls_s / 1e9:.1f} and "
+                      f"{weight_bytes / torch_matmuls_s / 1e9:.1f} GB/s)")
+                lines.append(f"sampling B={batch} ours_tok_s={ours:.0f} hf_tok_s={hf:.0f} ratio={ours / hf:.2f} "
+                             f"limit_frac={ours / limit:.2f} dtype={dtype}")
     print("\n".join(lines))
 
 

@@ -2,7 +2,8 @@
 
 Every placement decision in rlmt-jax comes from `RULES` below: the models declare the *logical* axes of
 every Param and activation ('embed', 'heads', 'batch', ...), and this module maps them onto the *mesh*
-axes. A new sharding strategy is a new rules table, not a change to the models.
+axes. A new sharding strategy is a new rules table, not a change to the models. Sampling has its own table,
+`ROLLOUT_RULES`, on its own mesh over the same devices (`rollout_mesh`, the rollout.mesh setting).
 
 Mesh axes:
   data    pure data parallelism: params replicated, batch split.

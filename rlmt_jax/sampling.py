@@ -272,6 +272,7 @@ class Sampler:
         self.layout = layout
         self.hosts = hosts if layout is None else HostRows(layout.mesh)
         self._copy = None  # the layout's copier, made at the first call (it needs the params' tree)
+        self._copy_needed = True
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
 
@@ -330,7 +331,11 @@ class Sampler:
             return params
         if self._copy is None:
             self._copy = self.layout.copier(params)
-        return self._copy(params)
+            targets = jax.tree.leaves(mesh_lib.param_shardings(params, self.layout.mesh, self.layout.rules))
+            self._copy_needed = not all(  # already in the layout (one device, float32): nothing to copy
+                x.dtype == jnp.dtype(self.layout.dtype) and x.sharding.is_equivalent_to(target, x.ndim)
+                for x, target in zip(jax.tree.leaves(params), targets, strict=True))
+        return self._copy(params) if self._copy_needed else params
 
     def _in_layout(self):
         """The layout's activation rules (models.sharding.constrain), or the caller's when there is no layout."""

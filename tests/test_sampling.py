@@ -85,6 +85,22 @@ def test_greedy_equals_transformers_generate_on_a_left_padded_batch(request, nam
         assert np.asarray(rollout.tokens[row, 16 - len(prompt):16]).tolist() == prompt
 
 
+def test_greedy_in_a_decode_layout_equals_transformers_generate(qwen):
+    # the trainer's path: a float32 copy of the params in the decode layout (one device here; 8 devices in
+    # tests/test_rollout_layout.py), made and dropped by every call
+    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.config import RolloutMeshConfig
+    from rlmt_jax.sampling import DecodeLayout
+
+    path, reference = qwen
+    graphdef, params = _loaded(path, True)
+    layout = DecodeLayout.of(mesh_lib.make_mesh(mesh_lib.MeshConfig()), RolloutMeshConfig(), "float32")
+    sampler = Sampler(graphdef, SamplingConfig(pad_id=PAD_ID, prompt_buckets=(16,), temperature=0.0,
+                                               max_new_tokens=16, eos_ids=EOS), layout=layout)
+    rollout = sampler(params, PROMPTS, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(rollout.tokens[:, 16:]), hf_greedy(reference, PROMPTS, 16))
+
+
 def test_greedy_rows_equal_the_same_prompts_run_alone(llama):
     sampler, params = sampler_for(llama[0], temperature=0.0, max_new_tokens=16, eos_ids=EOS)
     batch = sampler(params, PROMPTS, jax.random.key(0))
