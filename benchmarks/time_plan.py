@@ -113,7 +113,8 @@ def measure(cfg, repeats: int) -> dict[str, float]:
     rows, seq = PROMPTS * N, PROMPT + NEW
     tokens = jnp.asarray(rollout.tokens)
     batch = {"tokens": tokens, "attention_mask": jnp.asarray(rollout.attention_mask, jnp.int32),
-             "positions": jnp.asarray(rollout.positions), "response_mask": jnp.asarray(rollout.response_mask, jnp.int32)}
+             "positions": jnp.asarray(rollout.positions),
+             "response_mask": jnp.asarray(rollout.response_mask, jnp.int32)}
     score = jax.jit(lambda p, ids, m: nnx.merge(reward_graphdef, p)(ids, m))
     jax.block_until_ready(score(reward_params, tokens, batch["attention_mask"]))
     out["reward scoring"] = best_seconds(

@@ -301,7 +301,8 @@ class Sampler:
         with self._in_layout():
             params = self.rollout_params(params)
             cache, first, first_logprobs, positions = self._prefill(params, ids, mask, key)
-            return self._decode.lower(params, cache, first, first_logprobs, positions, ids, mask, key).compile().as_text()
+            lowered = self._decode.lower(params, cache, first, first_logprobs, positions, ids, mask, key)
+            return lowered.compile().as_text()
 
     def _padded(self, prompts: Sequence[Sequence[int]]) -> tuple[jax.Array, jax.Array, int]:
         """(ids, mask) [B, bucket] of the prompts, left-padded (global arrays on a mesh: every process's prompts,

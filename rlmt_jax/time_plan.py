@@ -42,14 +42,20 @@ class ChipFigures:
 # TPU: cloud.google.com/tpu/docs/{v4,v5p,v5e,v6e} system architecture pages, per chip (ICI Gbps / 8 = bytes/s).
 # Latency of one small collective: not a published figure; ~10 us over NVLink (NCCL), ~5 us over ICI.
 CHIPS = {
-    "h100": ChipFigures(989e12, 3.35e12, 450e9, "NVIDIA H100 SXM5 datasheet: 989 TFLOP/s BF16, 3.35 TB/s, NVLink 900 GB/s", 10e-6),
-    "h200": ChipFigures(989e12, 4.8e12, 450e9, "NVIDIA H200 SXM datasheet: 989 TFLOP/s BF16, 4.8 TB/s, NVLink 900 GB/s", 10e-6),
+    "h100": ChipFigures(989e12, 3.35e12, 450e9,
+                        "NVIDIA H100 SXM5 datasheet: 989 TFLOP/s BF16, 3.35 TB/s, NVLink 900 GB/s", 10e-6),
+    "h200": ChipFigures(989e12, 4.8e12, 450e9,
+                        "NVIDIA H200 SXM datasheet: 989 TFLOP/s BF16, 4.8 TB/s, NVLink 900 GB/s", 10e-6),
     "a100": ChipFigures(312e12, 2.039e12, 300e9, "NVIDIA A100 SXM 80GB datasheet: 312 TFLOP/s BF16, 2.039 TB/s, "
                         "NVLink 600 GB/s", 10e-6),
-    "v4": ChipFigures(275e12, 1.228e12, 300e9, "Cloud TPU v4 docs: 275 TFLOP/s BF16, 1228 GB/s HBM, ICI 2400 Gbps", 5e-6),
-    "v5p": ChipFigures(459e12, 2.765e12, 600e9, "Cloud TPU v5p docs: 459 TFLOP/s BF16, 2765 GB/s HBM, ICI 4800 Gbps", 5e-6),
-    "v5e": ChipFigures(197e12, 819e9, 200e9, "Cloud TPU v5e docs: 197 TFLOP/s BF16, 819 GB/s HBM, ICI 1600 Gbps", 5e-6),
-    "v6e": ChipFigures(918e12, 1.64e12, 448e9, "Cloud TPU v6e docs: 918 TFLOP/s BF16, 1640 GB/s HBM, ICI 3584 Gbps", 5e-6),
+    "v4": ChipFigures(275e12, 1.228e12, 300e9,
+                      "Cloud TPU v4 docs: 275 TFLOP/s BF16, 1228 GB/s HBM, ICI 2400 Gbps", 5e-6),
+    "v5p": ChipFigures(459e12, 2.765e12, 600e9,
+                       "Cloud TPU v5p docs: 459 TFLOP/s BF16, 2765 GB/s HBM, ICI 4800 Gbps", 5e-6),
+    "v5e": ChipFigures(197e12, 819e9, 200e9,
+                       "Cloud TPU v5e docs: 197 TFLOP/s BF16, 819 GB/s HBM, ICI 1600 Gbps", 5e-6),
+    "v6e": ChipFigures(918e12, 1.64e12, 448e9,
+                       "Cloud TPU v6e docs: 918 TFLOP/s BF16, 1640 GB/s HBM, ICI 3584 Gbps", 5e-6),
 }
 
 
@@ -141,20 +147,23 @@ def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = Non
     weight_share = weights * act / r_tensor if resharded else weights * act / (fsdp * tensor)
     copy_link = weights * act * _ring(n_dev) if resharded else 0.0  # gather the bfloat16 shards once
     if resharded:
-        phases.append(_phase("rollout copy", 0.0, weights * param / (fsdp * tensor) + weight_share, copy_link, chip,
+        copy_hbm = weights * param / (fsdp * tensor) + weight_share  # read the float32 shard, write the copy
+        phases.append(_phase("rollout copy", 0.0, copy_hbm, copy_link, chip,
                              "cast + all-gather the policy once into the decode layout"))
     # tensor-parallel all-reduces: 2 per layer of [rows, tokens, embed]; FSDP: every layer's weights gathered
     def sample_link(sampled_rows: int, tokens_per_row: int) -> float:
         if resharded:
             local_rows = math.ceil(sampled_rows / r_data)
-            return 2 * policy.num_hidden_layers * local_rows * tokens_per_row * policy.hidden_size * act * 2 * _ring(r_tensor)
+            activations = local_rows * tokens_per_row * policy.hidden_size * act
+            return 2 * policy.num_hidden_layers * activations * 2 * _ring(r_tensor)
         return layer_weights * param * _ring(fsdp)  # gathered in the param dtype (the HLO shows float32)
 
-    prefill_flops = (2 * weights * prompts * prompt_len + _attention_flops(policy, prompts, prompt_len, prompt_len)) / n_dev
+    prefill_flops = 2 * weights * prompts * prompt_len + _attention_flops(policy, prompts, prompt_len, prompt_len)
+    prefill_flops /= n_dev
     kv_per_slot = 2 * policy.num_hidden_layers * policy.num_key_value_heads * policy.head_dim * cache  # one row
     phases.append(_phase("rollout prefill", prefill_flops,
-                         weight_share + prompts * prompt_len * kv_per_slot / n_dev, sample_link(prompts, prompt_len), chip,
-                         f"{prompts} prompts x {prompt_len} tokens"))
+                         weight_share + prompts * prompt_len * kv_per_slot / n_dev, sample_link(prompts, prompt_len),
+                         chip, f"{prompts} prompts x {prompt_len} tokens"))
     # decode: every step each device reads its weights and the cache slots its rows attend to (decode windows)
     from rlmt_jax.sampling import SamplingConfig
 

@@ -25,7 +25,8 @@ _OP = re.compile(r"=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 
 def _bytes(text: str) -> int:
     """Bytes of every array type written in `text` (a shape, a tuple of shapes, operand lists)."""
-    return sum(ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in _ARRAY.findall(text))
+    return sum(ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(text))
 
 
 @dataclasses.dataclass(frozen=True)
