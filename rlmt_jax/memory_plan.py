@@ -62,7 +62,8 @@ DEVICE_KINDS = (*DEVICE_HBM_GIB, "cpu")
 LOGITS_CHUNK = 1024  # positions per logits chunk in the update step (objectives.PolicyObjective default)
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION_IMPLEMENTATIONS = ("xla", "splash", "cudnn")  # models/attention.py
-DEVICE_PLATFORMS = {"v5p": "tpu", "v5e": "tpu", "v4": "tpu", "h100": "gpu", "h200": "gpu", "cpu": "cpu"}
+DEVICE_PLATFORMS = {"v5p": "tpu", "v5e": "tpu", "v6e": "tpu", "v4": "tpu", "h100": "gpu", "h200": "gpu", "a100": "gpu",
+                    "cpu": "cpu"}
 SPLASH_LANES = 128  # splash pads sequences to a multiple of this
 
 
@@ -606,6 +607,6 @@ def batch_split_notes(cfg: RunConfig, shapes: dict[str, int], mesh: AbstractMesh
 __all__ = [
     "DEVICE_HBM_GIB", "DEVICE_KINDS", "DeviceSpec", "Item", "LocalDims", "MemoryPlan", "ModelShapes",
     "abstract_model", "activation_bytes", "attention_bytes", "global_bytes", "kv_cache_bytes",
-    "layer_activation_bytes", "local_shape", "logits_chunk_bytes", "memory_plan", "model_architecture", "per_device_bytes", "plan_mesh",
-    "run_models", "update_shape",
+    "layer_activation_bytes", "local_shape", "logits_chunk_bytes", "memory_plan", "model_architecture",
+    "per_device_bytes", "plan_mesh", "plan_rollout_mesh", "run_models", "update_shape",
 ]
