@@ -146,7 +146,8 @@ def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = Non
     resharded = cfg.rollout.mesh.reshard
     weight_share = weights * act / r_tensor if resharded else weights * act / (fsdp * tensor)
     copy_link = weights * act * _ring(n_dev) if resharded else 0.0  # gather the bfloat16 shards once
-    if resharded:
+    # the sampler skips the copy when the params already lie as the layout wants them (same dtype, whole)
+    if resharded and not (act == param and fsdp * tensor == 1 and r_tensor == 1):
         copy_hbm = weights * param / (fsdp * tensor) + weight_share  # read the float32 shard, write the copy
         phases.append(_phase("rollout copy", 0.0, copy_hbm, copy_link, chip,
                              "cast + all-gather the policy once into the decode layout"))
