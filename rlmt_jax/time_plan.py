@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from rlmt_jax.algorithms.specs import spec_of
 from rlmt_jax.config import RunConfig, frozen_param_dtype
 from rlmt_jax.memory_plan import DeviceSpec, itemsize, plan_mesh, plan_rollout_mesh, run_models, update_shape
 
@@ -120,8 +121,8 @@ def _ring(n: int) -> float:
 
 def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = None) -> TimePlan:
     """The estimated time of one GRPO/PPO step of `cfg` on `device` (chip: the device's figures; default CHIPS)."""
-    if cfg.algorithm.name not in ("grpo", "ppo"):
-        raise ValueError("the time plan covers the RL algorithms (grpo, ppo)")
+    if spec_of(cfg).loop != "rollouts":
+        raise ValueError("the time plan covers the algorithms that sample every step (grpo, ppo, ...)")
     chip = chip or CHIPS[device.kind]
     models = run_models(cfg)
     policy, rm = models["policy"].config, models["reward model"].config

@@ -47,6 +47,7 @@ def run(args) -> int:
     from rlmt_jax.commands.train import _split
     from rlmt_jax.config import DEFAULT_CONFIG, find_config, resolve
     from rlmt_jax.memory_plan import DeviceSpec, memory_plan
+    from rlmt_jax.algorithms.specs import spec_of
     from rlmt_jax.time_plan import CHIPS, time_plan
 
     import_variants(args.imports)
@@ -58,7 +59,7 @@ def run(args) -> int:
         source += " " + " ".join(overrides)
     plan = memory_plan(cfg, device, source)
     timing = None
-    if cfg.algorithm.name in ("grpo", "ppo") and device.kind in CHIPS:
+    if spec_of(cfg).loop == "rollouts" and device.kind in CHIPS:
         timing = time_plan(cfg, device)
     if args.json:
         print(json.dumps({**plan.to_dict(), "time": timing.to_dict() if timing else None}, indent=2))
