@@ -12,8 +12,14 @@ A checkpoint is one step directory under `RUN_DIR/checkpoints/` holding named it
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp*`, writes `commit_success.txt` into it and then
 renames it to `<step>`, so a step directory without the marker, or a tmp directory, is never taken as a
-checkpoint. A committed step that still fails to restore (a truncated array file) is skipped with a
-warning naming the step, the one before it is used, and the skipped one is renamed `<step>.unusable`.
+checkpoint. A writing store removes such a step dir when it opens, so that step is saved again. A committed
+step that still fails to restore (a truncated array file, or an array whose checksum differs from the one
+saved in its metadata, `rlmt_jax.checksums`) is skipped with a warning naming the step, the one before it is
+used, and the skipped one is renamed `<step>.unusable`.
+
+Saving refuses arrays with a non-finite element (NonFiniteError), and a write that cannot happen (a
+read-only or full disk) ends in one CheckpointWriteError line within seconds; the earlier steps stay intact.
+Step dirs that are symbolic links are refused when the store opens (pruning would fail on them).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +40,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from rlmt_jax import multihost
+from rlmt_jax.checksums import device_checksums, host_checksum
 from rlmt_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,8 @@ JSON_ITEMS = ("data_iter", "rng", "meta")
 COMMIT_MARKER = "commit_success.txt"  # written by orbax 0.12 into a step dir just before it is committed
 TMP_MARKER = ".orbax-checkpoint-tmp"
 UNUSABLE_SUFFIX = ".unusable"
+ROLLED_BACK_SUFFIX = ".rolled-back"
+SPACE_MARGIN = 1.05  # a save needs its arrays' bytes (uncompressed) free, and a little more
 _VERSIONED_PACKAGES = ("rlmt-jax", "jax", "flax", "optax", "orbax-checkpoint")
 
 
@@ -54,6 +65,32 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> epath.Path:
 def _epath(path: str | os.PathLike) -> epath.Path:
     text = os.fspath(path)
     return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (read-only or full disk, ...); the earlier ones are intact."""
+
+
+class NonFiniteError(RuntimeError):
+    """Arrays to be saved hold NaN or inf: they are not saved."""
+
+
+class _OrbaxErrorFilter(logging.Filter):
+    """Drops orbax's own error records (a traceback per background thread): the store reports one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_ERROR_FILTER = _OrbaxErrorFilter()
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line, its middle left out when long (the cause, e.g. the OS error, is at its end)."""
+    text = str(err).strip().splitlines()
+    if not text:
+        return type(err).__name__
+    return text[0] if len(text[0]) <= 400 else f"{text[0][:150]} ... {text[0][-250:]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +198,25 @@ def _path_name(path: tuple) -> str:
     return ".".join(parts)
 
 
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _verify_checksums(step: int, saved: Mapping[str, Any] | None, restored: Mapping[str, Any]) -> None:
+    """ValueError naming the first array whose checksum differs from the saved one (older checkpoints
+    without checksums are not checked)."""
+    if not saved:
+        return
+    arrays = {f"{name}/{path}": leaf for name, tree in restored.items()
+              for path, leaf in _named_leaves(_pure(tree)).items() if f"{name}/{path}" in saved}
+    on_host = {n: a for n, a in arrays.items() if isinstance(a, np.ndarray)}
+    sums = {n: host_checksum(a) for n, a in on_host.items()}
+    sums |= device_checksums({n: a for n, a in arrays.items() if n not in on_host})[0]
+    for name, value in sums.items():
+        if list(value) != list(saved[name]):
+            raise ValueError(f"array {name} of step {step} does not match its saved checksum (a changed or damaged file)")
+
+
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
@@ -250,7 +306,14 @@ class CheckpointStore:
         self.save_every = save_every
         self.best_metric = best_metric
         self.read_only = read_only
+        self._writing: int | None = None  # the step of a save in flight
+        self._failed = False
+        self._closed = False
         self._warn_about_unfinished_writes()
+        if not read_only:
+            self._refuse_symlinked_steps()
+            self._remove_uncommitted_steps()
+            logging.getLogger("absl").addFilter(_ORBAX_ERROR_FILTER)
 
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
         best_fn = None
@@ -313,7 +376,7 @@ class CheckpointStore:
 
     def should_save(self, step: int, *, final: bool = False) -> bool:
         """True on every `save_every`-th step and on the final step, unless that step is saved or saving."""
-        if self.read_only or step in self._manager.all_steps():  # orbax's list includes a write in flight
+        if self.read_only or self._failed or step in self._manager.all_steps():  # includes a write in flight
             return False
         return final or step % self.save_every == 0
 
@@ -349,10 +412,53 @@ class CheckpointStore:
                 args[name] = ocp.args.JsonSave(_json_ready(name, value))
             else:
                 raise ValueError(f"unknown checkpoint item {name!r}; known: {ARRAY_ITEMS + JSON_ITEMS}")
-        meta = {**(items.get("meta") or {}), "step": step, "versions": _package_versions()}
+        arrays = {f"{name}/{path}": leaf for name in ARRAY_ITEMS if items.get(name) is not None
+                  for path, leaf in _named_leaves(_pure(items[name])).items()}
+        checksums, non_finite = device_checksums(arrays)
+        if non_finite:
+            raise NonFiniteError(f"step {step}: not saved, {', '.join(non_finite[:3])} "
+                                 f"{'has' if len(non_finite) == 1 else 'have'} NaN or inf values")
+        meta = {**(items.get("meta") or {}), "step": step, "versions": _package_versions(), "checksums": checksums}
         args["meta"] = ocp.args.JsonSave(_json_ready("meta", meta))
-        self._manager.save(step, args=ocp.args.Composite(**args), metrics=self._metrics_json(metrics), force=True)
+        metrics_json = self._metrics_json(metrics)
+        self.wait_until_finished()
+        self._check_writable(step, sum(int(getattr(a, "nbytes", 0)) for a in arrays.values()))
+        self._writing = step
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics_json, force=True)
+        except Exception as err:  # noqa: BLE001 - any failure to write becomes one line
+            self._write_failed(err)
         return True
+
+    def _check_writable(self, step: int, nbytes: int) -> None:
+        """CheckpointWriteError (on every process alike) unless each process can create a file in the
+        checkpoint dir and, on a local disk, the disk has room for the arrays."""
+        problem = ""
+        probe = self.directory / f".write-probe-{jax.process_index()}-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            problem = err.strerror or _first_line(err)
+        if not problem and "://" not in os.fspath(self.directory):
+            free = shutil.disk_usage(os.fspath(self.directory)).free
+            if free < nbytes * SPACE_MARGIN:
+                problem = f"{free / 2**20:.0f} MiB free, {nbytes * SPACE_MARGIN / 2**20:.0f} MiB needed"
+        if multihost.global_max_int(int(bool(problem))):
+            self._failed = True
+            raise CheckpointWriteError(
+                f"cannot write checkpoint step {step} in {self.directory}: {problem or 'failed on another process'}"
+                f"; {self._intact_text()}")
+
+    def _write_failed(self, err: BaseException) -> None:
+        step, self._writing, self._failed = self._writing, None, True
+        raise CheckpointWriteError(f"writing checkpoint step {step} in {self.directory} failed: {_first_line(err)}; "
+                                   f"{self._intact_text()}") from None
+
+    def _intact_text(self) -> str:
+        steps = self.all_steps()
+        return f"the checkpoints of steps {steps} are intact" if steps else "no earlier checkpoint exists"
 
     def _metrics_json(self, metrics: Mapping[str, float] | None) -> dict[str, float] | None:
         if self.best_metric is None:
@@ -366,15 +472,24 @@ class CheckpointStore:
         return metrics
 
     def wait_until_finished(self) -> None:
-        """Blocks until background writes are committed (and old checkpoints pruned)."""
-        if self._manager is not None:
+        """Blocks until background writes are committed (and old checkpoints pruned); CheckpointWriteError
+        when one failed."""
+        if self._manager is None:
+            return
+        try:
             self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - any failure to write becomes one line
+            if self._writing is None:
+                raise
+            self._write_failed(err)
+        self._writing = None
 
     def close(self) -> None:
-        """Waits for background writes, then releases orbax's threads."""
-        if self._manager is not None:
-            self._manager.wait_until_finished()
+        """Waits for background writes, then releases orbax's threads (after a failed write: neither)."""
+        if self._manager is not None and not self._failed and not self._closed:
+            self.wait_until_finished()
             self._manager.close()
+            self._closed = True
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -478,8 +593,12 @@ class CheckpointStore:
             raise FileNotFoundError(f"no readable metadata for item {name!r} of step {step}")
         return metadata.tree
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The metadata dict saved with checkpoint `step`."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def _restore_step(self, step: int, abstract_items: Mapping[str, Any]) -> dict[str, Any]:
-        args = {}
+        args = {"meta": ocp.args.JsonRestore()}
         for name, target in abstract_items.items():
             if name == "data_iter":
                 args[name] = PerProcessJsonRestore()
@@ -490,6 +609,8 @@ class CheckpointStore:
             else:
                 args[name] = ocp.args.StandardRestore(jax.tree.map(_restore_target, _pure(target)))
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        _verify_checksums(step, (restored["meta"] or {}).get("checksums"),
+                          {name: restored[name] for name in abstract_items if name in ARRAY_ITEMS})
         items = {}
         for name, target in abstract_items.items():
             value = restored[name]
@@ -521,7 +642,7 @@ class CheckpointStore:
                     path,
                     "" if self.read_only else "; it will be removed",
                 )
-            elif path.is_dir() and path.name.isdigit() and not (path / COMMIT_MARKER).is_file():
+            elif self.read_only and path.is_dir() and path.name.isdigit() and not (path / COMMIT_MARKER).is_file():
                 log.warning(
                     "ignoring checkpoint step %s at %s: it has no commit marker %s (a partial copy or write)",
                     path.name,
@@ -529,18 +650,48 @@ class CheckpointStore:
                     COMMIT_MARKER,
                 )
 
-    def _set_aside(self, step: int) -> None:
-        """Renames a damaged step dir so the resumed run can write that step again; data is kept."""
+    def _refuse_symlinked_steps(self) -> None:
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.name.split(".", 1)[0].isdigit() and os.path.islink(os.fspath(path)):
+                raise CheckpointWriteError(
+                    f"checkpoint step dir {path} is a symbolic link; the run prunes old steps itself and cannot "
+                    "remove a link: replace it by a copy of its target, or move it out")
+
+    def _remove_uncommitted_steps(self) -> None:
+        """Deletes step dirs without orbax's commit marker (a write that was stopped): that step is saved again."""
+        if not self.directory.is_dir():
+            return
+        stale = sorted(p for p in self.directory.iterdir()
+                       if p.name.isdigit() and p.is_dir() and not (p / COMMIT_MARKER).is_file())
+        if jax.process_index() == 0:
+            for path in stale:
+                shutil.rmtree(os.fspath(path)) if "://" not in os.fspath(path) else path.rmtree()
+                log.warning("removed the uncommitted checkpoint step dir %s; the run saves that step again", path)
+        if stale:
+            ocp.multihost.sync_global_processes("rlmt_checkpoint_remove_uncommitted")
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Renames every committed step newer than `step` to `<step>.rolled-back` (a rollback to `step`: the
+        run writes those steps again); returns them."""
+        newer = [s for s in self.all_steps() if s > step]
+        for later in newer:
+            self._set_aside(later, ROLLED_BACK_SUFFIX, "rolled back past checkpoint")
+        return newer
+
+    def _set_aside(self, step: int, suffix: str = UNUSABLE_SUFFIX, why: str = "damaged checkpoint") -> None:
+        """Renames a step dir so the resumed run can write that step again; data is kept."""
         if self.read_only:
             return
         if jax.process_index() == 0:
             source = self.directory / str(step)
-            target = source.with_name(f"{step}{UNUSABLE_SUFFIX}")
+            target = source.with_name(f"{step}{suffix}")
             n = 1
             while target.exists():
-                target, n = source.with_name(f"{step}{UNUSABLE_SUFFIX}-{n}"), n + 1
+                target, n = source.with_name(f"{step}{suffix}-{n}"), n + 1
             source.rename(target)
-            log.warning("renamed damaged checkpoint %s to %s", source, target)
+            log.warning("renamed %s %s to %s", why, source, target)
         ocp.multihost.sync_global_processes(f"rlmt_checkpoint_set_aside_{step}")
         self._manager.reload()
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from flax import nnx
 from rlmt_jax.checkpoint import (
     COMMIT_MARKER,
     CheckpointStore,
+    CheckpointWriteError,
+    NonFiniteError,
     params_only,
     rng_from_json,
     rng_to_json,
@@ -235,17 +238,24 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before_with_a_warning
         assert store.restore({"params": abstract_params()}).step == 2
 
 
-def test_step_dir_without_commit_marker_is_never_taken_as_a_checkpoint(tmp_path, caplog):
+def test_step_dir_without_commit_marker_is_never_taken_as_a_checkpoint_and_is_saved_again(tmp_path, caplog):
     with CheckpointStore.for_run(tmp_path, async_save=False) as store:
         save_steps(store, [1])
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(ckpts / "1", ckpts / "2")
     (ckpts / "2" / COMMIT_MARKER).unlink()
+    reader = CheckpointStore.for_run(tmp_path, read_only=True)  # a reader only ignores it
+    assert reader.latest_step() == 1 and (ckpts / "2").is_dir()
     with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
-        store = CheckpointStore.for_run(tmp_path, async_save=False)
-    assert any("step 2" in r.getMessage() and "no commit marker" in r.getMessage() for r in caplog.records)
+        store = CheckpointStore.for_run(tmp_path, save_every=2, async_save=False)
+    assert any("uncommitted checkpoint step dir" in r.getMessage() and r.getMessage().endswith("saves that step again")
+               for r in caplog.records)
+    assert not (ckpts / "2").exists()
     assert store.latest_step() == 1
     assert store.restore({"params": abstract_params()}).step == 1
+    assert store.should_save(2)  # the interrupted step is written again, and holds the new values
+    save_steps(store, [2], seed_of=lambda s: 7)
+    assert_trees_equal(store.restore({"params": abstract_params()}).items["params"], policy_params(7))
     store.close()
 
 
@@ -329,6 +339,108 @@ def test_an_item_the_checkpoint_was_saved_without_is_a_user_error_not_damage(tmp
         with pytest.raises(UserError, match=r"has no \['critic_params'\] \(it holds \['meta', 'params'\]\)"):
             store.restore({"params": abstract_params(), "critic_params": critic})
         assert store.latest_step() == 1  # not set aside as damaged
+
+
+def flip_one_byte(path: Path) -> None:
+    """Flips the lowest bit of the middle byte of the file."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 1]))
+
+
+def test_a_flipped_byte_in_a_params_file_is_caught_by_its_checksum_and_restore_falls_back(tmp_path, caplog):
+    def weights(step):
+        return {"w": jax.random.normal(jax.random.key(step), (64, 64))}
+
+    with CheckpointStore.for_run(tmp_path, keep=3, async_save=False) as store:
+        for step in (1, 2):
+            store.save(step, {"params": weights(step), "opt_state": stepped_opt_state(weights(step))}, final=True)
+    meta = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert "params/w" in meta["checksums"] and "opt_state/1.0.mu.w" in meta["checksums"]  # item/path of each array
+    data = max((tmp_path / "checkpoints" / "2" / "params").rglob("d/*"), key=lambda p: p.stat().st_size)
+    flip_one_byte(data)  # the file still decodes: one float of w has its lowest mantissa bit flipped
+    with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+        store = CheckpointStore.for_run(tmp_path, keep=3, async_save=False)
+        restored = store.restore({"params": jax.eval_shape(lambda: weights(0))})
+    assert restored.step == 1
+    np.testing.assert_array_equal(restored.items["params"]["w"], weights(1)["w"])
+    assert "array params/w of step 2 does not match its saved checksum" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2.unusable"]
+    store.close()
+    # export reads params into host memory: the same sums are checked there
+    (tmp_path / "checkpoints" / "2.unusable").rename(tmp_path / "checkpoints" / "2")
+    np.testing.assert_array_equal(params_only(tmp_path)["w"], weights(1)["w"])
+
+
+def test_arrays_with_nan_or_inf_are_never_saved(tmp_path):
+    items = run_items(1)
+    items["params"] = jax.tree.map(lambda x: x.at[0].set(jnp.inf) if x.ndim == 1 else x, items["params"])
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        with pytest.raises(NonFiniteError, match=r"step 3: not saved, params/layers\.0\.bias.* NaN or inf"):
+            store.save(3, items, final=True)
+        assert store.all_steps() == []
+
+
+def test_a_symlinked_step_dir_is_refused_when_the_store_opens(tmp_path):
+    with CheckpointStore.for_run(tmp_path, async_save=False) as store:
+        save_steps(store, [1])
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "checkpoints" / "2").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointWriteError, match=r"checkpoints/2 is a symbolic link"):
+        CheckpointStore.for_run(tmp_path, async_save=False)
+    assert CheckpointStore.for_run(tmp_path, read_only=True).latest_step() == 1
+
+
+FAILING_DISK = """
+import json, subprocess, sys
+import jax
+import rlmt_jax.checkpoint as ckpt
+from rlmt_jax.checkpoint import CheckpointStore, CheckpointWriteError
+
+mount, case = sys.argv[1], sys.argv[2]
+store = CheckpointStore(mount + "/checkpoints", save_every=1, keep=3, async_save=True)
+store.save(1, {"params": {"w": jax.random.normal(jax.random.key(1), (100, 100))}})
+store.wait_until_finished()
+big = jax.random.normal(jax.random.key(2), (1000, 1000))  # 4 MB on a 2 MB disk
+if case == "read_only":
+    subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
+    big = big[:100, :100]
+if case == "full_while_writing":
+    ckpt.SPACE_MARGIN = 0.0  # the free-space check passes: orbax's write itself fails
+try:
+    store.save(2, {"params": {"w": big}})
+    store.wait_until_finished()
+    print(json.dumps({"error": None}))
+except CheckpointWriteError as err:
+    store.close()
+    reader = CheckpointStore(mount + "/checkpoints", read_only=True)
+    print(json.dumps({"error": str(err), "steps": reader.all_steps(),
+                      "restored": reader.restore({"params": None}).step}))
+"""
+
+
+@pytest.mark.parametrize("case", ["read_only", "full", "full_while_writing"])
+def test_a_read_only_or_full_disk_ends_in_one_line_and_keeps_the_earlier_checkpoints(tmp_path, case):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        result = subprocess.run([sys.executable, "-c", FAILING_DISK, str(mount), case], capture_output=True,
+                                text=True, cwd=REPO_ROOT, timeout=60)  # orbax waited 300 s for a read-only dir
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {"read_only": "Read-only file system", "full": "MiB free, 4 MiB needed",
+                "full_while_writing": "No space left on device"}[case]
+    assert expected in outcome["error"] and "\n" not in outcome["error"]
+    assert outcome["error"].endswith("the checkpoints of steps [1] are intact")
+    assert outcome["steps"] == [1] and outcome["restored"] == 1
+    assert "Traceback" not in result.stderr  # orbax's per-thread tracebacks are not printed
 
 
 # ---------------------------------------------------------------------------------------------- export
