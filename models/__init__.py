@@ -17,6 +17,14 @@ __all__ = [
     "ValueModel", "build_model", "value_model_from",
 ]
 
-from models.hf_io import CheckpointError, SafetensorsReader, load_pretrained, save_pretrained  # noqa: E402
+from models.hf_io import (  # noqa: E402
+    CheckpointError,
+    DestinationError,
+    SafetensorsReader,
+    check_destination,
+    load_pretrained,
+    save_pretrained,
+)
 
-__all__ += ["CheckpointError", "SafetensorsReader", "load_pretrained", "save_pretrained"]
+__all__ += ["CheckpointError", "DestinationError", "SafetensorsReader", "check_destination", "load_pretrained",
+            "save_pretrained"]

@@ -8,9 +8,11 @@ device (by default the default device; rlmt_jax/mesh.py passes one that shards t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any, Callable, Iterable
 
@@ -25,6 +27,7 @@ from models.config import ModelConfig
 from models.sharding import logical_axes
 from models.transformer import build_model, value_model_from
 
+log = logging.getLogger(__name__)
 PlaceFn = Callable[[str, np.ndarray, tuple], jax.Array]
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -287,8 +290,10 @@ def save_pretrained(
     index when more than one, `extra_files` copied in) that transformers' from_pretrained loads.
 
     Everything is written into a temporary folder beside `path` and moved into place at the end, so a crash
-    never leaves a half-written export; an existing `path` is replaced only then. writer: whether this process
-    writes (default: process 0 only); every process must call it, as gathering a sharded param is a collective.
+    never leaves a half-written export. `path` must be new, empty, or an earlier export of ours holding only
+    the files it wrote (`check_destination`): a folder of anyone else's files is never replaced. writer: whether
+    this process writes (default: process 0 only); every process must call it, as gathering a sharded param
+    is a collective.
     """
     cfg: ModelConfig = model.config
     if cfg.kind not in ("causal_lm", "seq_cls") or type(model).__name__ == "ValueModel":
@@ -297,9 +302,14 @@ def save_pretrained(
     limit = _parse_size(max_shard_size)
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     is_writer = jax.process_index() == 0 if writer is None else writer
+    if is_writer:
+        check_destination(path)
+        remove_leftovers(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent) if is_writer else None
+    if tmp is not None:
+        _write_marker(tmp, [])
     try:
         shards: list[dict[str, np.ndarray]] = [{}]
         shard_bytes = 0
@@ -350,6 +360,7 @@ def save_pretrained(
                 json.dump(generation, f, indent=2)
         for extra in extra_files:
             shutil.copy2(extra, os.path.join(tmp, os.path.basename(extra)))
+        _write_marker(tmp, sorted(os.listdir(tmp)))
         _with_umask_permissions(tmp)
         _move_into_place(tmp, path)
         tmp = None
@@ -384,6 +395,7 @@ def _with_umask_permissions(folder: str) -> None:
 
 def _move_into_place(tmp: str, path: str) -> None:
     """Renames the finished folder to `path`, replacing an older one only after the new one is complete."""
+    check_destination(path)  # again: the folder may have changed while the weights were written
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
         os.rmdir(old)
@@ -392,3 +404,93 @@ def _move_into_place(tmp: str, path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ export destinations
+
+EXPORT_MARKER = ".rlmt-jax-export"  # JSON: the files an export wrote, and the pid/host of its writer
+
+
+class DestinationError(ValueError):
+    """An export destination that holds something other than an earlier export of ours."""
+
+
+def _write_marker(folder: str, files: list[str]) -> None:
+    record = {"files": [f for f in files if f != EXPORT_MARKER], "pid": os.getpid(), "host": socket.gethostname()}
+    with open(os.path.join(folder, EXPORT_MARKER), "w") as f:
+        json.dump(record, f)
+
+
+def _read_marker(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, EXPORT_MARKER)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def check_destination(path: str | os.PathLike) -> None:
+    """DestinationError unless `path` may be (re)written by an export: it does not exist, is an empty folder,
+    or is an earlier export (its marker file) that holds only the files that export wrote. The current folder
+    and its parents are never a destination."""
+    path = os.path.abspath(os.fspath(path))
+    cwd = os.getcwd()
+    if os.path.commonpath([path, cwd]) == path:
+        raise DestinationError(f"{path} is the current folder or one of its parents; export into a new folder")
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise DestinationError(f"{path} exists and is not a folder; export into a new folder")
+    present = set(os.listdir(path))
+    if not present:
+        return
+    marker = _read_marker(path)
+    if marker is None:
+        raise DestinationError(
+            f"{path} already holds files that are not an rlmt-jax export ({', '.join(sorted(present)[:5])}"
+            f"{', ...' if len(present) > 5 else ''}); export into a new folder (nothing was written)")
+    foreign = sorted(present - set(marker.get("files", [])) - {EXPORT_MARKER})
+    if foreign or any(os.path.isdir(os.path.join(path, name)) and not os.path.islink(os.path.join(path, name))
+                      for name in present):
+        raise DestinationError(
+            f"{path} is an earlier export with other files added ({', '.join(foreign[:5]) or 'a folder'}); "
+            "move them out or export into a new folder (nothing was written)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[str]:
+    """Removes the temporary folders (`.NAME.tmp-*`, `.NAME.old-*`) that an interrupted export to `path` left
+    beside it, when their writer process (recorded in their marker, same host) is gone; others are reported.
+    Returns the removed folders."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for entry in sorted(os.listdir(parent)):
+        if not (entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-")):
+            continue
+        folder = os.path.join(parent, entry)
+        marker = _read_marker(folder) if os.path.isdir(folder) and not os.path.islink(folder) else None
+        if marker is None:
+            log.warning("left alone %s: it looks like an interrupted export but has no %s", folder, EXPORT_MARKER)
+            continue
+        if marker.get("host") == socket.gethostname() and marker.get("pid") != os.getpid() and not (
+                entry.startswith(f".{name}.tmp-") and _pid_alive(int(marker.get("pid", 0)))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            log.warning("removed %s, left behind by an interrupted export", folder)
+        else:
+            log.warning("left alone %s: an export by process %s on %s may still be writing it",
+                        folder, marker.get("pid"), marker.get("host"))
+    return removed

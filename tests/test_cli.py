@@ -3,6 +3,7 @@ tests/test_generate_cli.py)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -79,6 +80,53 @@ def test_export_command_writes_the_checkpoint_that_transformers_loads(short_run,
     assert tokenizer.chat_template and "<|start_header_id|>" in tokenizer.chat_template
     # one step dir, and the same result
     assert main(["export", str(run_dir / "checkpoints" / "2"), "--out", str(tmp_path / "step2")]) == 0
+
+
+def tree_of(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_a_folder_of_other_files_the_current_folder_and_the_run_dir(short_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    run_dir, _ = short_run
+    foreign, here = tmp_path / "mine", tmp_path / "here"
+    for folder in (foreign, here):
+        folder.mkdir()
+        (folder / "thesis.tex").write_text("years of work")
+    monkeypatch.chdir(here)
+    run_before = tree_of(run_dir)
+    for out, message in [(foreign, "not an rlmt-jax export"), (".", "the current folder"),
+                         (run_dir, "is the run dir"), (run_dir.parent, "holds it"),
+                         (run_dir / "checkpoints", "not an rlmt-jax export"), (foreign / "thesis.tex", "not a folder")]:
+        assert main(["export", str(run_dir), "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert tree_of(foreign) == tree_of(here) == {"thesis.tex": b"years of work"}
+    assert tree_of(run_dir) == run_before
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_export_replaces_an_earlier_export_of_its_own_and_removes_leftovers_of_an_interrupted_one(short_run, tmp_path):
+    run_dir, _ = short_run
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    first = tree_of(out)
+    marker = json.loads(first[".rlmt-jax-export"])
+    assert "model.safetensors" in marker["files"] and "config.json" in marker["files"]
+    # what an export killed mid-write leaves: its temporary folder (writer gone) and a replaced one
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for leftover in (tmp_path / ".exported.tmp-abc", tmp_path / ".exported.old-def"):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"x" * 100)
+        (leftover / ".rlmt-jax-export").write_text(json.dumps(
+            {"files": ["model.safetensors"], "pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert main(["export", str(run_dir), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert len(tree_of(out)["model.safetensors"]) < len(first["model.safetensors"])  # the bfloat16 copy replaced it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+    (out / "notes.txt").write_text("my eval notes")  # a file the export did not write: no longer replaced
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert (out / "notes.txt").read_text() == "my eval notes"
 
 
 def test_convert_casts_and_validates_a_checkpoint(tmp_path):

@@ -16,13 +16,33 @@ def register(subparsers) -> None:
                     "the policy's tokenizer files with the chat template it was trained with.",
     )
     parser.add_argument("path", help="a run dir, its checkpoints dir, or one checkpoint step dir")
-    parser.add_argument("--out", required=True, help="the directory to write (replaced only once complete)")
+    parser.add_argument("--out", required=True,
+                        help="a new folder, or an earlier export to replace (once the new one is complete); a "
+                             "folder of other files, the current folder or a run dir is refused")
     parser.add_argument("--step", type=int, default=None, help="the checkpoint step (default: the newest)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="dtype of the exported weights (default: the run's param dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     add_import_option(parser)  # a run trained with a variant of yours: its config names it
     parser.set_defaults(func=run)
+
+
+def check_out_dir(out: Path, run_dir: Path) -> None:
+    """UserError unless an export may write `out` (models.check_destination), and `out` is neither a run dir
+    nor a folder that holds `run_dir`: nothing of a user's is ever replaced."""
+    from models import DestinationError, check_destination
+    from rlmt_jax.errors import UserError
+
+    out, run_dir = out.resolve(), run_dir.resolve()
+    if out == run_dir or out in run_dir.parents:
+        raise UserError(f"--out {out}: is the run dir {run_dir} or holds it; export into a new folder "
+                        f"(e.g. {run_dir / 'export'})")
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
+        raise UserError(f"--out {out}: is a run dir; export into a new folder")
+    try:
+        check_destination(out)
+    except DestinationError as err:
+        raise UserError(f"--out {err}") from None
 
 
 def run(args) -> int:
@@ -39,10 +59,11 @@ def run(args) -> int:
         raise UserError(f"{path}: no such run or checkpoint directory")
     import_variants(args.imports)
     run_dir, cfg = open_run(path)
+    check_out_dir(Path(args.out), run_dir)
     source = path if path != run_dir else checkpoints_of(run_dir, cfg)
     policy = checkpoint_policy(run_dir, cfg, source, args.step)
     _, tokenizer_dir = policy_files(run_dir, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     text = PolicyText.create(tokenizer, template_settings(cfg), policy.config.eos_token_id)
     out = export_policy(policy, text.tokenizer, os.fspath(args.out), dtype=args.dtype,
                         max_shard_size=args.max_shard_size)
