@@ -135,6 +135,7 @@ class RewardConfig:
     max_length: int = 8192  # longer inputs are cut (counted in the metrics)
     truncation_side: Literal["right", "left"] = "right"
     batch_size: int = 8  # rows per jitted scoring call
+    label: str | None = None  # the reward model's label that is the reward (a name or index); None: it has one
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ class CheckpointConfig:
     best_metric: str | None = None  # a metrics.jsonl key; None: no best kept
     best_mode: Literal["max", "min"] = "max"
     async_save: bool = True
+    restore_step: int | None = None  # resume from this older step (newer ones are set aside); None: the newest
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ class RewardSettings:
     truncation_side: right (drop the end of the answer) | left (drop the start of the prompt).
     batch_size: rows per jitted call (short batches are padded with dummy rows).
     buckets: padded lengths; None: powers of two from `min_bucket` up to `max_length`, and `max_length`.
-    score_index: which of the RM's labels is the reward.
+    score_index: which of the RM's labels is the reward (a model with more than one label needs `label`).
+    label: the name (config.json id2label) or index of the label that is the reward; None: the model must
+        have exactly one label.
     """
 
     max_length: int = 8192
@@ -45,6 +47,7 @@ class RewardSettings:
     param_dtype: str = "float32"
     attention: str = "auto"  # ModelConfig.attention
     score_index: int = 0
+    label: str | None = None
 
     def __post_init__(self):
         if self.truncation_side not in TRUNCATION_SIDES:
@@ -158,6 +161,10 @@ class RewardScorer:
         if hosts is not None and settings.batch_size % (hosts.process_count * hosts.rows_multiple):
             raise UserError(f"reward batch_size {settings.batch_size}: must be a multiple of "
                             f"{hosts.process_count * hosts.rows_multiple}, the mesh's batch split (data x fsdp)")
+        num_labels = model.config.num_labels
+        if num_labels != 1 and settings.label is None or not 0 <= settings.score_index < num_labels:
+            raise UserError(f"{name}: has num_labels={num_labels}; a reward model gives one score per answer "
+                            "(num_labels 1), or set reward.label to the label that is the reward")
         self.graphdef, self.state = nnx.split(model)
         self._forward = jax.jit(self._scores)
 
@@ -174,7 +181,7 @@ class RewardScorer:
         from models import load_pretrained
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise UserError(f"reward model {path}: cannot load its tokenizer ({err})") from err
         if not tokenizer.chat_template:
@@ -186,6 +193,8 @@ class RewardScorer:
             raise UserError(f"reward model {path}: {err}") from err
         if not hasattr(model, "score"):
             raise UserError(f"reward model {path}: is not a *ForSequenceClassification checkpoint")
+        if settings.label is not None:
+            settings = dataclasses.replace(settings, score_index=label_index(path, settings.label))
         return cls(model, tokenizer, settings, name=f"reward model {path}", hosts=hosts)
 
     def _scores(self, state, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -283,6 +292,27 @@ class RewardScorer:
             truncated=truncated,
             metrics=metrics,
         )
+
+
+def label_index(path, label: str) -> int:
+    """The index of `label` (a name from config.json's id2label, or an index) among the reward model's labels."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"reward model {path}: cannot read its config.json ({err})") from err
+    names = {int(i): str(n) for i, n in (hf.get("id2label") or {}).items()}
+    count = len(names) or int(hf.get("num_labels", 1))
+    by_name = {n: i for i, n in names.items()}
+    if str(label) in by_name:
+        return by_name[str(label)]
+    if str(label).isdigit() and int(label) < count:
+        return int(label)
+    raise UserError(f"reward.label {label!r}: reward model {path} has num_labels={count} with labels "
+                    f"{[names.get(i, str(i)) for i in range(count)]}")
 
 
 def token_counts(tokenizer, texts: Sequence[str]) -> np.ndarray:

@@ -179,3 +179,33 @@ def test_rm_directory_without_chat_template_is_a_user_error(llama_rm_dir, tmp_pa
 def test_missing_rm_directory_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="reward model"):
         RewardScorer.from_pretrained(tmp_path / "nope", SETTINGS)
+
+
+def test_a_reward_model_with_two_labels_needs_reward_label_and_scores_that_label(tmp_path, tiny_cache):
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import models
+    from rlmt_jax.tiny import tiny_assets_dir
+
+    assets = tiny_assets_dir()
+    config = dataclasses.replace(models.ModelConfig.from_pretrained(assets / "reward"), num_labels=2)
+    path = tmp_path / "two_labels"
+    models.save_pretrained(models.build_model(config, nnx.Rngs(3)), path, writer=True,
+                           extra_files=sorted((assets / "tokenizer").iterdir()))
+    settings = RewardSettings(max_length=64, batch_size=2, min_bucket=64)
+    with pytest.raises(UserError, match=r"reward model .*two_labels: has num_labels=2; .*set reward.label"):
+        RewardScorer.from_pretrained(path, settings)
+    with pytest.raises(UserError, match=r"reward.label 'nope': .* labels \['LABEL_0', 'LABEL_1'\]"):
+        RewardScorer.from_pretrained(path, dataclasses.replace(settings, label="nope"))
+
+    scorer = RewardScorer.from_pretrained(path, dataclasses.replace(settings, label="LABEL_1"))
+    rows = [[5, 6, 7], [8, 9]]
+    ids, mask = right_pad(rows, 64, 2, scorer.pad_id)
+    both = np.asarray(models.load_pretrained(path)(jnp.asarray(ids), jnp.asarray(mask)))  # [rows, 2 labels]
+    assert not np.allclose(both[:, 0], both[:, 1])
+    np.testing.assert_allclose(scorer.score_ids(rows), both[:, 1], atol=1e-6, rtol=0)
+    by_index = RewardScorer.from_pretrained(path, dataclasses.replace(settings, label="1"))
+    np.testing.assert_array_equal(by_index.score_ids(rows), scorer.score_ids(rows))
