@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import sys
 
 from rlmt_jax.commands import COMMANDS
 from rlmt_jax.config import check_distinct_overrides
 from rlmt_jax.errors import UserError
-from rlmt_jax.host_memory import relaunch_with_reused_memory
+from rlmt_jax.host_memory import module_command, relaunch_with_reused_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,28 @@ def dashed_override_hint(argv: list[str], unknown: list[str]) -> str | None:
     return None
 
 
+def check_own_models_package() -> None:
+    """UserError unless `import models` gives the package installed beside rlmt_jax: another `models` folder
+    (the current one, a PYTHONPATH entry, an unrelated distribution) must never be imported, let alone run."""
+    ours = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+    loaded = sys.modules.get("models")
+    if loaded is not None:
+        found = os.path.dirname(os.path.abspath(getattr(loaded, "__file__", None) or ""))
+    else:
+        spec = importlib.util.find_spec("models")  # locates the package without running its __init__
+        found = os.path.dirname(os.path.abspath(spec.origin)) if spec is not None and spec.origin else None
+    if found is None or os.path.realpath(found) != os.path.realpath(ours):
+        raise UserError(f"a package named 'models' at {found} comes before rlmt-jax's own ({ours}) on the Python "
+                        "path; run from another folder or take it off PYTHONPATH")
+
+
+def _without_current_folder() -> None:
+    """Drops the current folder from sys.path (`python -m rlmt_jax.cli` puts it first)."""
+    cwd = os.path.realpath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != cwd
+                   or os.path.realpath(p) == os.path.dirname(os.path.dirname(os.path.realpath(__file__)))]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -61,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides"):
             given = [args.config] if args.config and "=" in args.config else []
             check_distinct_overrides([*given, *args.overrides])
+        check_own_models_package()
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"rlmt-jax {args.command}: error: {err}", file=sys.stderr)
@@ -69,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `rlmt-jax` console script: main() in a process that reuses host memory between XLA:CPU steps."""
-    relaunch_with_reused_memory(["-m", "rlmt_jax.cli", *sys.argv[1:]])
+    _without_current_folder()
+    relaunch_with_reused_memory(module_command("rlmt_jax.cli", sys.argv[1:]))
     sys.exit(main())
 
 

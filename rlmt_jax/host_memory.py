@@ -49,9 +49,19 @@ def installed_distributions() -> list[str]:
     return [d.metadata["Name"] or "" for d in importlib.metadata.distributions()]
 
 
+def module_command(module: str, args: Sequence[str]) -> list[str]:
+    """The interpreter arguments that run `module` as `python -m` does, but with no module importable from the
+    current folder: `-P` (Python >= 3.11) keeps it off sys.path; PYTHONPATH still counts."""
+    if sys.version_info >= (3, 11):
+        return ["-P", "-m", module, *args]
+    code = (f"import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return ["-c", code, *args]
+
+
 def relaunch_with_reused_memory(python_args: Sequence[str]) -> None:
-    """Replaces this process by `python *python_args` (e.g. ["-m", "rlmt_jax.cli", "train"]) with
-    GLIBC_TUNABLES set, when `wants_relaunch`.
+    """Replaces this process by `python *python_args` (e.g. `module_command("rlmt_jax.cli", ["train"])`)
+    with GLIBC_TUNABLES set, when `wants_relaunch`.
 
     Returns (doing nothing) otherwise. Call it before any work is done: the process is replaced."""
     if not wants_relaunch(os.environ, sys.platform, installed_distributions()):

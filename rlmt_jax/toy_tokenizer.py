@@ -146,4 +146,4 @@ def build_toy_tokenizer(out_dir: str | Path, spec: ToyTokenizerSpec = ToyTokeniz
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
-    return AutoTokenizer.from_pretrained(str(out_dir))
+    return AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,32 @@ def test_export_replaces_an_earlier_export_of_its_own_and_removes_leftovers_of_a
     (out / "notes.txt").write_text("my eval notes")  # a file the export did not write: no longer replaced
     assert main(["export", str(run_dir), "--out", str(out)]) == 2
     assert (out / "notes.txt").read_text() == "my eval notes"
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("how", ["console_script", "python_m_without_relaunch"])
+def test_a_models_package_in_the_current_folder_is_never_imported(short_run, tmp_path, how):
+    run_dir, _ = short_run
+    here, ran = tmp_path / "here", tmp_path / "IMPORTED"
+    (here / "models").mkdir(parents=True)
+    (here / "models" / "__init__.py").write_text(f"open({str(ran)!r}, 'w').write('code from the current folder')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RLMT_JAX_HOST_MEMORY")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if how == "console_script":  # the installed `rlmt-jax` (it restarts itself with glibc settings on Linux)
+        script = Path(sys.executable).parent / "rlmt-jax"
+        if not script.is_file():
+            pytest.skip(f"no rlmt-jax console script beside {sys.executable}")
+        command = [str(script)]
+    else:
+        command, env["RLMT_JAX_HOST_MEMORY"] = [sys.executable, "-m", "rlmt_jax.cli"], "default"
+    out = tmp_path / "exported"
+    result = subprocess.run([*command, "export", str(run_dir), "--out", str(out)], cwd=here, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not ran.exists()
+    assert (out / "model.safetensors").is_file()
 
 
 def test_convert_casts_and_validates_a_checkpoint(tmp_path):

@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     with mesh_lib.activation_sharding(mesh):
         policy = load_policy(Path(args.model), args.step, dtype, mesh)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(policy.tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(policy.tokenizer_dir, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {args.model}: cannot load the tokenizer in {policy.tokenizer_dir} ({err})") from err
     template = template_from(args, policy.run_cfg)

@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         try:
-            policy_tokenizer = AutoTokenizer.from_pretrained(policy_tokenizer_dir(args.policy_tokenizer))
+            policy_tokenizer = AutoTokenizer.from_pretrained(policy_tokenizer_dir(args.policy_tokenizer),
+                                                             trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise UserError(f"--policy-tokenizer {args.policy_tokenizer}: cannot load it ({err})") from err
     if args.eos_text:
