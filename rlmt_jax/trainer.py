@@ -37,10 +37,13 @@ from rlmt_jax.jsonl import read_jsonl, write_jsonl_atomic
 from rlmt_jax.metrics import MetricsLogger
 from rlmt_jax.optim import AdamWConfig
 from rlmt_jax.rewards import RewardScorer, RewardSettings
+from rlmt_jax.resume import check_config_unchanged
 from rlmt_jax.rollouts import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
 from rlmt_jax.run_dir import save_policy_files
+from rlmt_jax.run_lock import RunDirInUse, RunLock
 from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
 from rlmt_jax.sequences import dpo_batch, sft_batch, sft_tokens
+from rlmt_jax.stop_signals import StopSignals
 from rlmt_jax.tiny import resolve_model_path
 from rlmt_jax.train_step import compute_logprobs, compute_values, init_optimizer_state, train_step
 
@@ -50,7 +53,8 @@ SUMMED_METRICS = ("reward_truncated", "prompts_truncated")  # counts: added over
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss or reward); the last good checkpoint is intact."""
+    """The run cannot go on (a non-finite loss, gradient, update or reward); no checkpoint is saved from that
+    step, and the message names the newest checkpoint."""
 
 
 def _floats(metrics: dict) -> dict[str, float]:
@@ -72,7 +76,8 @@ def config_digest(cfg: RunConfig) -> str:
 class Trainer:
     """One run: models, optimizer, data, checkpoints and metrics for `cfg`, and the loop over steps."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, allow_config_change: bool = False):
+        """allow_config_change: resume a run dir whose config.yaml differs from `cfg` (else UserError)."""
         self.cfg = cfg
         self.algorithm = cfg.algorithm.name
         self.spec = spec_of(cfg)  # the models, data, batch and objective of the algorithm
@@ -83,19 +88,52 @@ class Trainer:
         self._check_multihost()
         self.step = 0
         self.key = jax.random.key(cfg.run.seed)
-        # Everything a user can get wrong (data, model paths) is read before the run dir is touched.
-        self.records = load_train_records(cfg)
-        with mesh_lib.activation_sharding(self.mesh):
-            self._load_models()
-        os.makedirs(self.run_dir, exist_ok=True)  # every process: DPO pairs are kept per process
+        # One run per run dir, with the config it was started with: checked first, and nothing in the run dir
+        # changes before. Then everything else a user can get wrong (data, model paths) is read before the run
+        # dir is written; a failed start removes the run dir again when it made it (and left it empty).
+        made_run_dir = not os.path.isdir(self.run_dir)
+        self.lock = RunLock(self.run_dir)
+        self._claim_run_dir(allow_config_change)
+        try:
+            self.records = load_train_records(cfg)
+            with mesh_lib.activation_sharding(self.mesh):
+                self._load_models()
+            os.makedirs(self.run_dir, exist_ok=True)  # every process: DPO pairs are kept per process
+            if jax.process_index() == 0:
+                save_resolved(cfg, self.run_dir)
+                save_policy_files(self.run_dir, self.policy_path, self.text.tokenizer)  # the run dir stands alone
+            self.store = ckpt.CheckpointStore(
+                cfg.checkpoint_dir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
+                best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
+                async_save=cfg.checkpoint.async_save,
+            )
+        except BaseException:
+            self.lock.release()
+            if made_run_dir and os.path.isdir(self.run_dir) and not os.listdir(self.run_dir):
+                os.rmdir(self.run_dir)
+            raise
+        self.rolled_back_to: int | None = None  # a checkpoint.restore_step this run's checkpoints descend from
+
+    def _claim_run_dir(self, allow_config_change: bool) -> None:
+        """Process 0 takes the run dir's lock and checks the config against the saved one (and that the final
+        export may be written); every process raises the same UserError when that fails."""
+        error = None
         if jax.process_index() == 0:
-            save_resolved(cfg, self.run_dir)
-            save_policy_files(self.run_dir, self.policy_path, self.text.tokenizer)  # the run dir stands alone
-        self.store = ckpt.CheckpointStore(
-            cfg.checkpoint_dir, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
-            best_metric=cfg.checkpoint.best_metric, best_mode=cfg.checkpoint.best_mode,
-            async_save=cfg.checkpoint.async_save,
-        )
+            try:
+                self.lock.acquire()
+                try:
+                    check_config_unchanged(self.run_dir, self.cfg, allow_config_change)
+                    if self.cfg.run.export_at_end:
+                        models.check_destination(os.path.join(self.run_dir, EXPORT_DIR))
+                except BaseException:
+                    self.lock.release()
+                    raise
+            except UserError as err:
+                error = err
+            except models.DestinationError as err:
+                error = UserError(f"the run's export folder: {err}")
+        if multihost.global_max_int(int(error is not None)):
+            raise error or UserError(f"process 0 refused the run dir {self.run_dir} (see its message)")
 
     # ------------------------------------------------------------------------------------ setup
     def _check_multihost(self) -> None:
@@ -140,7 +178,7 @@ class Trainer:
 
         tokenizer_path = resolve_model_path(cfg.model.tokenizer_path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise UserError(f"model.tokenizer {tokenizer_path}: cannot load a tokenizer ({err})") from err
         self.text = PolicyText.create(tokenizer, template_settings(cfg), self.model_config.eos_token_id)
@@ -165,7 +203,7 @@ class Trainer:
             settings = RewardSettings(
                 max_length=cfg.reward.max_length, batch_size=cfg.reward.batch_size,
                 truncation_side=cfg.reward.truncation_side, dtype=cfg.runtime.dtype,
-                param_dtype=frozen_param_dtype(cfg.runtime), attention=cfg.runtime.attention,
+                param_dtype=frozen_param_dtype(cfg.runtime), attention=cfg.runtime.attention, label=cfg.reward.label,
             )
             lockstep = self.cfg.reward.batch_size % mesh_lib.batch_split(self.mesh) == 0
             self.scorer = RewardScorer.from_pretrained(rm_path, settings, place=mesh_lib.make_placer(self.mesh),
@@ -212,13 +250,14 @@ class Trainer:
             "params": self.params, "opt_state": self.opt_state,
             "critic_params": self.critic_params, "critic_opt_state": getattr(self, "critic_opt_state", None),
             "data_iter": self.batches.get_state(), "rng": self.key,
-            "meta": {"config_digest": config_digest(self.cfg), "algorithm": self.algorithm},
+            "meta": {"config_digest": config_digest(self.cfg), "algorithm": self.algorithm,
+                     "rolled_back_to": self.rolled_back_to},
         }
 
     def _resume(self) -> None:
         targets = {name: value for name, value in self._items().items() if value is not None and name != "meta"}
         targets["data_iter"] = targets["rng"] = None  # JSON items need no target
-        restored = self.store.restore(targets)
+        restored = self._restore_checkpoint(targets)
         if restored is None:
             return
         items = restored.items
@@ -230,8 +269,42 @@ class Trainer:
         self.step = restored.step
         log.warning("resumed from the checkpoint of step %d in %s", self.step, self.cfg.checkpoint_dir)
 
+    def _restore_checkpoint(self, targets: dict[str, Any]) -> ckpt.Restored | None:
+        """The newest checkpoint, or with checkpoint.restore_step=N step N, the newer ones set aside. A run
+        that already rolled back to N (its newest checkpoint says so) resumes from its newest."""
+        wanted = self.cfg.checkpoint.restore_step
+        newest = self.store.latest_step()
+        if wanted is not None and newest is not None:
+            self.rolled_back_to = self.store.meta(newest).get("rolled_back_to")
+            if self.rolled_back_to != wanted:
+                restored = self.store.restore(targets, step=wanted)
+                later = self.store.set_aside_after(wanted)
+                self.rolled_back_to = wanted
+                log.warning("rolled back to the checkpoint of step %d; the newer ones (%s) are kept as "
+                            "<step>%s", wanted, later, ckpt.ROLLED_BACK_SUFFIX)
+                return restored
+        restored = self.store.restore(targets)
+        if restored is not None and wanted is None:
+            self.rolled_back_to = self.store.meta(restored.step).get("rolled_back_to")
+        return restored
+
     def _save(self, metrics: dict[str, float] | None, final: bool = False) -> None:
-        self.store.save(self.step, self._items(), metrics, final=final)
+        try:
+            self.store.save(self.step, self._items(), metrics, final=final)
+        except ckpt.NonFiniteError as err:
+            raise TrainingError(str(err)) from None
+
+    def _newest_checkpoint(self) -> str:
+        """Which checkpoint a resume starts from, said truthfully (every saved step had finite values)."""
+        try:
+            self.store.wait_until_finished()
+        except UserError:
+            pass
+        step = self.store.latest_step()
+        if step is None:
+            return "no checkpoint has been saved yet"
+        return (f"the newest checkpoint is step {step} in {self.cfg.checkpoint_dir} (saved from a step with a finite "
+                "loss, gradient and update; checkpoint.restore_step=N resumes from an older one)")
 
     # ------------------------------------------------------------------------------------ RL steps
     def _sample_and_score(self, prompts: list) -> tuple[dict, dict, list[dict], float, float]:
@@ -258,8 +331,7 @@ class Trainer:
             bad = np.flatnonzero(~np.isfinite(scored.rewards))
             where = (f"({scored.rewards[bad[0]]}) for rollout {int(bad[0])} of process {jax.process_index()}"
                      if len(bad) else "on another process")
-            raise TrainingError(f"step {self.step + 1}: the reward model gave a non-finite reward {where}; "
-                                "stopping with the last good checkpoint intact")
+            raise TrainingError(f"step {self.step + 1}: the reward model gave a non-finite reward {where}")
         samples = [
             {"step": self.step + 1, "prompt": repeated[i][-1]["content"], "output": texts[i],
              "plan": scored.plans[i], "answer": scored.answers[i], "reward": float(scored.rewards[i]),
@@ -460,7 +532,14 @@ class Trainer:
         return size
 
     def run(self) -> dict[str, Any]:
-        """Trains to the last step, checkpointing and logging; returns a summary (first/last steps' means)."""
+        """Trains to the last step (or a stop signal), checkpointing and logging; returns a summary: the steps'
+        metrics, the export, and "stopped" (the signal's name) when a signal ended it early with a checkpoint."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         with mesh_lib.activation_sharding(self.mesh):
             step_fn = self._prepare()
@@ -471,28 +550,44 @@ class Trainer:
             )
             history: list[dict[str, float]] = []
             metrics: dict[str, float] | None = None
+            stopped = None
             try:
-                while self.step < self.total_steps:
-                    batch = next(self.batches)
-                    metrics, samples = step_fn(list(batch.items))
-                    if not metrics.get("finite", 1.0):
-                        raise TrainingError(
-                            f"step {self.step + 1}: the loss or its gradient is not finite (loss={metrics.get('loss')})"
-                            f"; the update was not applied and the last good checkpoint is intact")
-                    self.step += 1
-                    history.append({"step": self.step, **metrics})
-                    if self.step % cfg.logging.every == 0 or self.step == self.total_steps:
-                        logger.log(self.step, metrics)
-                    if samples:
-                        logger.samples(self.step, samples)
-                    self._save(metrics, final=self.step == self.total_steps)
+                with StopSignals() as signals:
+                    while self.step < self.total_steps:
+                        batch = next(self.batches)
+                        metrics, samples = step_fn(list(batch.items))
+                        if not metrics.get("finite", 1.0):
+                            raise TrainingError(
+                                f"step {self.step + 1}: the loss, gradient or update is not finite "
+                                f"(loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); the update "
+                                "was not applied")
+                        self.step += 1
+                        history.append({"step": self.step, **metrics})
+                        if self.step % cfg.logging.every == 0 or self.step == self.total_steps:
+                            logger.log(self.step, metrics)
+                        if samples:
+                            logger.samples(self.step, samples)
+                        self._save(metrics, final=self.step == self.total_steps)
+                        # every process stops after the same step when any of them got a signal (also one
+                        # that came while the save above waited for the previous one)
+                        stop = multihost.global_max_int(int(signals.requested is not None))
+                        if stop and self.step < self.total_steps:
+                            self._save(metrics, final=True)  # unless saved above
+                            stopped = signals.requested or "a signal to another process"
+                            break
+                    self.store.close()  # the save in flight completes before a stop is reported
+            except TrainingError as err:
+                raise TrainingError(f"{err}; {self._newest_checkpoint()}") from None
             finally:
                 self.store.close()
                 logger.close()
+        if stopped is not None:
+            return {"steps": self.step, "history": history, "export": None, "stopped": stopped,
+                    "checkpoint": self.store.latest_step()}
         export = None
         if cfg.run.export_at_end:
             export = self.export(os.path.join(self.run_dir, EXPORT_DIR))
-        return {"steps": self.step, "history": history, "export": export}
+        return {"steps": self.step, "history": history, "export": export, "stopped": None}
 
     def export(self, out_dir: str) -> str:
         """The current policy as a Hugging Face directory with the policy's tokenizer files."""
@@ -508,15 +603,18 @@ def export_policy(policy, tokenizer, out_dir: str, **save_options) -> str:
         return models.save_pretrained(policy, out_dir, extra_files=files, **save_options)
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Runs `cfg`. A start that fails before its first step removes the run dir if it made it (config.yaml,
-    empty metrics, TensorBoard and checkpoint folders), so no half-made run is left to resume or mistake."""
+def train(cfg: RunConfig, allow_config_change: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) `cfg`; the summary's "stopped" names the signal that stopped it early (None: it ran to
+    the end). A start that fails before its first step removes the run dir if it made it (config.yaml, empty
+    metrics, TensorBoard and checkpoint folders), so no half-made run is left to resume or mistake."""
     run_dir = cfg.run.output_dir
     made_run_dir = not os.path.exists(run_dir)
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, allow_config_change=allow_config_change)
         return trainer.run()
+    except RunDirInUse:
+        raise  # the run dir is another trainer's, even when it made it just now
     except BaseException:
         if made_run_dir and (trainer is None or trainer.step == 0) and os.path.isdir(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)

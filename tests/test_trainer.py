@@ -148,7 +148,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_ca
                 f.truncate(os.path.getsize(path) // 2)
     longer = run_config(tmp_path, "run.export_at_end=false", "run.total_steps=4")
     with caplog.at_level(logging.WARNING):
-        trainer = Trainer(longer)
+        trainer = Trainer(longer, allow_config_change=True)
         trainer._prepare()
     assert trainer.step == 2
     assert "3" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 
 
@@ -17,6 +18,8 @@ def register(subparsers) -> None:
     parser.add_argument("config", nargs="?", default=None, help="YAML file or shipped config name")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rollout.temperature=0.8")
     add_import_option(parser)
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run dir although the config differs from the one it was started with")
     parser.set_defaults(func=run)
 
 
@@ -39,6 +42,7 @@ def _split(config: str | None, overrides: list[str]) -> tuple[str | None, list[s
 def run(args) -> int:
     from rlmt_jax.algorithms import import_variants
     from rlmt_jax.config import resolve
+    from rlmt_jax.stop_signals import EXIT_STOPPED
     from rlmt_jax.trainer import TrainingError, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -46,13 +50,18 @@ def run(args) -> int:
     config, overrides = _split(args.config, args.overrides)
     cfg = resolve(config, overrides)
     try:
-        summary = train(cfg)
+        summary = train(cfg, allow_config_change=args.allow_config_change)
     except TrainingError as err:
         print(f"rlmt-jax train: stopped: {err}", file=sys.stderr)
         return 1
     history = summary["history"]
     if history:
         print(summarize(history))
+    if summary.get("stopped"):
+        print(f"rlmt-jax train: stopped by {summary['stopped']} after step {summary['steps']} with checkpoint step "
+              f"{summary['checkpoint']} in {cfg.checkpoint_dir}; resume with the same command: "
+              f"rlmt-jax train {resume_command(args)}", file=sys.stderr)
+        return EXIT_STOPPED
     print(where_the_run_is(cfg, summary["export"]))
     return 0
 
@@ -73,6 +82,15 @@ def where_the_run_is(cfg, export: str | None) -> str:
     if export:
         lines.append(f"exported the policy to {export} (a Hugging Face directory)")
     return "\n".join(lines)
+
+
+def resume_command(args) -> str:
+    """The arguments that resume this run: the same recipe and overrides."""
+    words = [w for module in args.imports for w in ("--import", module)]
+    words += [w for w in (args.config, *args.overrides) if w is not None]
+    if args.allow_config_change:
+        words.append("--allow-config-change")
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def summarize(history: list[dict], window: int = 10) -> str:

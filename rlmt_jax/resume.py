@@ -1,0 +1,61 @@
+"""Resuming a run dir with the config it was started with: the saved config.yaml against the new one.
+
+Keys that say how to start rather than what to train are not compared: `distributed.*` (each process has
+its own id), `checkpoint.restore_step` (a one-time rollback) and `run.output_dir` (the run dir itself, which
+may have been moved or copied).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import yaml
+
+from rlmt_jax.config import RESOLVED_CONFIG_NAME, SCHEMA, RunConfig, load_resolved
+from rlmt_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+NOT_COMPARED = ("distributed.", "checkpoint.restore_step", "run.output_dir")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def config_changes(run_dir: str | os.PathLike, cfg: RunConfig) -> list[str]:
+    """'key: saved -> new' for every compared key whose value differs from the run dir's config.yaml
+    (none when the run dir has no config.yaml)."""
+    path = os.path.join(os.fspath(run_dir), RESOLVED_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return []
+    try:
+        saved = _flat(SCHEMA.to_dict(load_resolved(run_dir)))
+    except UserError:  # written by another version (a key since removed): compare what it says
+        with open(path) as f:
+            saved = _flat(yaml.safe_load(f) or {})
+    new = _flat(SCHEMA.to_dict(cfg))
+    changes = []
+    for key in sorted(saved.keys() | new.keys()):
+        if key.startswith(NOT_COMPARED) or saved.get(key, "(absent)") == new.get(key, "(absent)"):
+            continue
+        changes.append(f"{key}: {saved.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
+    return changes
+
+
+def check_config_unchanged(run_dir: str | os.PathLike, cfg: RunConfig, allow_change: bool) -> None:
+    """UserError listing the changed keys when `cfg` differs from the run dir's saved config, unless
+    `allow_change` (then a warning lists them)."""
+    changes = config_changes(run_dir, cfg)
+    if not changes:
+        return
+    if not allow_change:
+        raise UserError(f"run dir {run_dir} was started with another config ({'; '.join(changes)}); use another "
+                        "run.output_dir, or pass --allow-config-change to resume with the new settings")
+    log.warning("resuming %s with a changed config: %s", run_dir, "; ".join(changes))

@@ -1,0 +1,145 @@
+"""Runs that are stopped, doubled or restarted differently, as a user (or a spot VM) does it: real processes and
+real signals. SIGTERM stops after the current step with a checkpoint and exit status 3, and the resumed run
+exports the same bytes as an uninterrupted one; a second trainer on a run dir is refused; a changed config on
+resume is refused with the run dir untouched."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlmt_jax.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["run.total_steps=4", "rollout.max_new_tokens=8", "rollout.prompts_per_step=4", "rollout.n=2",
+         "logging.tensorboard=false", "optimizer.micro_batch_size=8", "checkpoint.save_every=1",
+         "checkpoint.keep=4", "checkpoint.async_save=true"]
+
+# `rlmt-jax train` in a process whose first checkpoint commit waits for the test: it touches GATE/saving and
+# holds the save (in orbax's background thread, the training loop goes on) until the test creates GATE/go.
+GATED_TRAIN = """
+import asyncio, os, sys
+from orbax.checkpoint._src.path import atomicity
+
+gate = os.environ.get("TEST_SAVE_GATE")
+original = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def gated_finalize(self, *args, **kwargs):
+    if gate and not os.path.exists(os.path.join(gate, "go")):
+        open(os.path.join(gate, "saving"), "w").close()
+        for _ in range(6000):
+            if os.path.exists(os.path.join(gate, "go")):
+                break
+            await asyncio.sleep(0.05)
+    return await original(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = gated_finalize
+from rlmt_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_training(run_dir, tiny_cache, gate=None, extra=()):
+    env = {**os.environ, "RLMT_JAX_CACHE": str(tiny_cache), "PYTHONPATH": str(REPO_ROOT)}
+    if gate is not None:
+        gate.mkdir(exist_ok=True)
+        env["TEST_SAVE_GATE"] = str(gate)
+    return subprocess.Popen([sys.executable, "-c", GATED_TRAIN, "train", *SHORT, f"run.output_dir={run_dir}", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {path.name} appeared: {process.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def metric_steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported(run_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "export").glob("*.safetensors"))}
+
+
+def tree_of(folder) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_cache):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    process = start_training(run_dir, tiny_cache)
+    _, err = process.communicate(timeout=900)
+    assert process.returncode == 0, err[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, tiny_cache):
+    """A run sent SIGTERM while step 1's checkpoint is being written and step 2 is running."""
+    root = tmp_path_factory.mktemp("interrupted")
+    run_dir, gate = root / "run", root / "gate"
+    process = start_training(run_dir, tiny_cache, gate)
+    wait_for(gate / "saving", process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the handler has run: the save may complete now
+    (gate / "go").touch()
+    out, err = process.communicate(timeout=600)
+    return run_dir, process.returncode, out, err
+
+
+def test_sigterm_mid_step_and_mid_save_finishes_both_saves_and_exits_3_with_a_resume_line(interrupted):
+    run_dir, returncode, _, err = interrupted
+    assert returncode == 3, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rlmt-jax train: stopped by SIGTERM after step 2 with checkpoint step 2 in ")
+    assert last.endswith(f"resume with the same command: rlmt-jax train {' '.join(SHORT)} run.output_dir={run_dir}")
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2"]  # the save in flight completed, then step 2
+    assert all((checkpoints / step / "commit_success.txt").is_file() for step in ("1", "2"))
+    assert metric_steps(run_dir) == [1, 2]
+    assert not (run_dir / "export").exists() and not (run_dir / "run.lock").exists()
+
+
+def test_the_resumed_run_exports_the_same_bytes_and_a_second_trainer_meanwhile_is_refused(
+        interrupted, reference, tiny_cache, tmp_path):
+    run_dir, returncode, _, _ = interrupted
+    assert returncode == 3
+    gate = tmp_path / "gate"
+    first = start_training(run_dir, tiny_cache, gate)
+    wait_for(gate / "saving", first)  # resumed, step 3 trained, its checkpoint held open
+    lock = json.loads((run_dir / "run.lock").read_text())
+    assert lock["pid"] == first.pid
+    second = start_training(run_dir, tiny_cache)
+    _, err = second.communicate(timeout=600)
+    assert second.returncode == 2
+    assert err.strip().splitlines()[-1] == (
+        f"rlmt-jax train: error: run dir {run_dir} is in use by process {first.pid} on this host (since "
+        f"{lock['since']}); wait for it to end, stop it, or use another run.output_dir")
+    (gate / "go").touch()
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert metric_steps(run_dir) == [1, 2, 3, 4]  # each step once: the second trainer wrote nothing
+    assert exported(run_dir) and exported(run_dir) == exported(reference)
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_a_changed_config_on_resume_is_refused_and_the_run_dir_is_untouched(reference, tiny_cache, capsys):
+    before = tree_of(reference)
+    code = main(["train", *SHORT, f"run.output_dir={reference}", "optimizer.lr=0.5", "rollout.temperature=0.7"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "optimizer.lr: 0.002 -> 0.5; rollout.temperature: 1.0 -> 0.7); use another run.output_dir, or " \
+           "pass --allow-config-change" in err
+    assert tree_of(reference) == before
