@@ -101,14 +101,15 @@ def train_step(graphdef, params, opt_state, batch: dict, *, objective, optimizer
     optimizer: AdamWConfig; num_micro_batches must divide the batch rows.
     Returns (params, opt_state, metrics): the objective's metrics (loss parts, KL, entropy, clip
     fractions, approx_kl, ...) plus grad_norm (before clipping), lr (of this update), finite (1/0: the loss,
-    the gradient norm and the update's norm are all finite).
+    the gradient norm and every element of the update are finite).
     """
     loss, grads, metrics = accumulate_gradients(graphdef, params, batch, objective, num_micro_batches)
     grad_norm = optax.tree.norm(grads)
     tx = build_optimizer(optimizer)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    update_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & update_finite
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_params = keep(new_params, params)
     new_opt_state = keep(new_opt_state, opt_state)

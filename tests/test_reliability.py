@@ -143,3 +143,31 @@ def test_a_changed_config_on_resume_is_refused_and_the_run_dir_is_untouched(refe
     assert "optimizer.lr: 0.002 -> 0.5; rollout.temperature: 1.0 -> 0.7); use another run.output_dir, or " \
            "pass --allow-config-change" in err
     assert tree_of(reference) == before
+
+
+def test_restore_step_rolls_back_once_and_retrains_the_same_steps(reference, tiny_cache, tmp_path, caplog):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)  # a moved run dir resumes: run.output_dir is not compared
+    assert main(["train", *SHORT, f"run.output_dir={run_dir}", "checkpoint.restore_step=2"]) == 0
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["1", "2", "3", "3.rolled-back", "4", "4.rolled-back"]
+    assert exported(run_dir) == exported(reference)  # steps 3 and 4 again from step 2: the same weights
+    assert metric_steps(run_dir) == [1, 2, 3, 4]  # the metrics of the steps rolled back are replaced
+    # the same command again (say, after a preemption) resumes from the newest step: no second rollback
+    assert main(["train", *SHORT, f"run.output_dir={run_dir}", "checkpoint.restore_step=2"]) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == names
+    assert metric_steps(run_dir) == [1, 2, 3, 4]
+
+
+def test_a_diverging_run_stops_naming_the_newest_checkpoint_saved_from_finite_values(tiny_cache, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", *SHORT, f"run.output_dir={run_dir}", "optimizer.lr=1e30", "optimizer.schedule=constant",
+                 "optimizer.warmup_ratio=0", "optimizer.grad_clip=null"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, err
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir())
+    assert steps and err.startswith(f"rlmt-jax train: stopped: step {steps[-1] + 1}: ")
+    assert err.endswith(f"the newest checkpoint is step {steps[-1]} in {run_dir / 'checkpoints'} (saved from a step "
+                        "with a finite loss, gradient and update; checkpoint.restore_step=N resumes from an older one)")
