@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import os
@@ -12,6 +13,10 @@ from rlmt_jax.commands import COMMANDS
 from rlmt_jax.config import check_distinct_overrides
 from rlmt_jax.errors import UserError
 from rlmt_jax.host_memory import module_command, relaunch_with_reused_memory
+
+
+# A full, read-only or forbidden disk is the user's to fix: one line naming the file, not a traceback.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"rlmt-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"rlmt-jax {args.command}: error: {err.strerror}{where}", file=sys.stderr)
         return 2
 
 

@@ -61,7 +61,13 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        run_dir = os.path.dirname(self.path)
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise UserError(f"run.output_dir {run_dir}: exists and is not a directory")
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"run.output_dir {run_dir}: cannot be created ({err.strerror})") from None
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

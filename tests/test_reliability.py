@@ -171,3 +171,40 @@ def test_a_diverging_run_stops_naming_the_newest_checkpoint_saved_from_finite_va
     assert steps and err.startswith(f"rlmt-jax train: stopped: step {steps[-1] + 1}: ")
     assert err.endswith(f"the newest checkpoint is step {steps[-1]} in {run_dir / 'checkpoints'} (saved from a step "
                         "with a finite loss, gradient and update; checkpoint.restore_step=N resumes from an older one)")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_one_line(small_disk, tmp_path, capsys, tiny_cache):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(["train", *SHORT, f"run.output_dir={a_file}"]) == 2
+    assert capsys.readouterr().err.strip() == f"rlmt-jax train: error: run.output_dir {a_file}: exists and is not a " \
+                                              "directory"
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    assert main(["train", *SHORT, f"run.output_dir={small_disk / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"rlmt-jax train: error: run.output_dir {small_disk / 'run'}: cannot "
+                                               "be created (Read-only file system)")
+    assert a_file.read_text() == "mine"
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_nothing_half_written(small_disk, tiny_cache):
+    run_dir = small_disk / "run"
+    process = start_training(run_dir, tiny_cache)  # the first checkpoint (a few MiB) does not fit in 1 MiB
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"rlmt-jax train: error: cannot write checkpoint step 1 in {run_dir / 'checkpoints'}: ")
+    assert last.endswith("MiB needed; no earlier checkpoint exists")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == []
+    assert not (run_dir / "run.lock").exists()
