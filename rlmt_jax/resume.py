@@ -1,8 +1,9 @@
 """Resuming a run dir with the config it was started with: the saved config.yaml against the new one.
 
 Keys that say how to start rather than what to train are not compared: `distributed.*` (each process has
-its own id), `checkpoint.restore_step` (a one-time rollback) and `run.output_dir` (the run dir itself, which
-may have been moved or copied).
+its own id), `checkpoint.restore_step` (a one-time rollback), and `run.output_dir` and `checkpoint.dir` (where
+the run lives, which may have been moved or copied). A checkpoint also holds the config it was saved with,
+so a checkpoint dir kept apart from the run dir (gs://, on a fresh VM) is checked the same way on restore.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rlmt_jax.config import RESOLVED_CONFIG_NAME, SCHEMA, RunConfig, load_resolv
 from rlmt_jax.errors import UserError
 
 log = logging.getLogger(__name__)
-NOT_COMPARED = ("distributed.", "checkpoint.restore_step", "run.output_dir")
+NOT_COMPARED = ("distributed.", "checkpoint.restore_step", "run.output_dir", "checkpoint.dir")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -36,11 +37,18 @@ def config_changes(run_dir: str | os.PathLike, cfg: RunConfig) -> list[str]:
     if not os.path.isfile(path):
         return []
     try:
-        saved = _flat(SCHEMA.to_dict(load_resolved(run_dir)))
+        saved = SCHEMA.to_dict(load_resolved(run_dir))
     except UserError:  # written by another version (a key since removed): compare what it says
         with open(path) as f:
-            saved = _flat(yaml.safe_load(f) or {})
-    new = _flat(SCHEMA.to_dict(cfg))
+            saved = yaml.safe_load(f) or {}
+    return config_diff(saved, cfg)
+
+
+def config_diff(saved_config: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """'key: saved -> new' for every compared key whose value differs between a saved config dict (nested, as
+    SCHEMA.to_dict gives it) and `cfg`."""
+    saved = _flat(yaml.safe_load(yaml.safe_dump(saved_config)))  # tuples and lists alike
+    new = _flat(yaml.safe_load(yaml.safe_dump(SCHEMA.to_dict(cfg))))
     changes = []
     for key in sorted(saved.keys() | new.keys()):
         if key.startswith(NOT_COMPARED) or saved.get(key, "(absent)") == new.get(key, "(absent)"):
@@ -49,13 +57,16 @@ def config_changes(run_dir: str | os.PathLike, cfg: RunConfig) -> list[str]:
     return changes
 
 
-def check_config_unchanged(run_dir: str | os.PathLike, cfg: RunConfig, allow_change: bool) -> None:
-    """UserError listing the changed keys when `cfg` differs from the run dir's saved config, unless
-    `allow_change` (then a warning lists them)."""
-    changes = config_changes(run_dir, cfg)
+def check_config_unchanged(run_dir: str | os.PathLike, cfg: RunConfig, allow_change: bool,
+                           saved_config: dict[str, Any] | None = None, what: str = "") -> None:
+    """UserError listing the changed keys when `cfg` differs from the run dir's saved config (or from
+    `saved_config`, the config a checkpoint was saved with, named by `what`), unless `allow_change` (then a
+    warning lists them)."""
+    changes = config_changes(run_dir, cfg) if saved_config is None else config_diff(saved_config, cfg)
     if not changes:
         return
+    source = what or f"run dir {run_dir}"
     if not allow_change:
-        raise UserError(f"run dir {run_dir} was started with another config ({'; '.join(changes)}); use another "
+        raise UserError(f"{source} was started with another config ({'; '.join(changes)}); use another "
                         "run.output_dir, or pass --allow-config-change to resume with the new settings")
-    log.warning("resuming %s with a changed config: %s", run_dir, "; ".join(changes))
+    log.warning("resuming %s with a changed config: %s", source, "; ".join(changes))

@@ -79,6 +79,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, allow_config_change: bool = False):
         """allow_config_change: resume a run dir whose config.yaml differs from `cfg` (else UserError)."""
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
         self.algorithm = cfg.algorithm.name
         self.spec = spec_of(cfg)  # the models, data, batch and objective of the algorithm
         self.run_dir = cfg.run.output_dir
@@ -250,8 +251,8 @@ class Trainer:
             "params": self.params, "opt_state": self.opt_state,
             "critic_params": self.critic_params, "critic_opt_state": getattr(self, "critic_opt_state", None),
             "data_iter": self.batches.get_state(), "rng": self.key,
-            "meta": {"config_digest": config_digest(self.cfg), "algorithm": self.algorithm,
-                     "rolled_back_to": self.rolled_back_to},
+            "meta": {"config_digest": config_digest(self.cfg), "config": SCHEMA.to_dict(self.cfg),
+                     "algorithm": self.algorithm, "rolled_back_to": self.rolled_back_to},
         }
 
     def _resume(self) -> None:
@@ -260,6 +261,10 @@ class Trainer:
         restored = self._restore_checkpoint(targets)
         if restored is None:
             return
+        saved_config = self.store.meta(restored.step).get("config")
+        if saved_config is not None:  # a checkpoint dir kept apart from the run dir (gs://) has its own config
+            check_config_unchanged(self.run_dir, self.cfg, self.allow_config_change, saved_config,
+                                   what=f"the checkpoint of step {restored.step} in {self.cfg.checkpoint_dir}")
         items = restored.items
         self.params, self.opt_state = items["params"], items["opt_state"]
         if self.critic_params is not None:

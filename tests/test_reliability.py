@@ -208,3 +208,16 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_nothing_half_written(sma
     assert last.endswith("MiB needed; no earlier checkpoint exists")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == []
     assert not (run_dir / "run.lock").exists()
+
+
+def test_a_checkpoint_dir_resumed_from_a_new_run_dir_is_checked_against_its_own_config(reference, tiny_cache,
+                                                                                       tmp_path, capsys):
+    # a preempted VM comes back with an empty run dir; its checkpoints live on (gs://) with their config
+    before = tree_of(reference / "checkpoints")
+    args = ["train", *SHORT, f"run.output_dir={tmp_path / 'fresh'}", f"checkpoint.dir={reference / 'checkpoints'}"]
+    assert main([*args, "rollout.temperature=0.7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"rlmt-jax train: error: the checkpoint of step 4 in {reference / 'checkpoints'} was started with "
+                   "another config (rollout.temperature: 1.0 -> 0.7); use another run.output_dir, or pass "
+                   "--allow-config-change to resume with the new settings")
+    assert tree_of(reference / "checkpoints") == before
