@@ -3,8 +3,8 @@
     python tests/multihost_worker.py '{"process_id": 0, "num_processes": 2, "port": 12345,
                                        "runs": [["run.output_dir=...", ...], ...]}'
 
-Each entry of `runs` is the key=value overrides of one `train` on the tiny default config, run one after the
-other in this process. With num_processes > 1 the process joins a JAX cluster on localhost (CPU collectives
+Each entry of `runs` is the key=value overrides of one `train` on the tiny default config (and optionally
+"--allow-config-change"), run one after the other in this process. With num_processes > 1 the process joins a JAX cluster on localhost (CPU collectives
 over gloo) through the run config's `distributed.*` keys. The last line printed is a JSON summary.
 XLA_FLAGS (the simulated devices of this process) is set by the caller.
 
@@ -25,6 +25,9 @@ import jax
 
 def main(spec: dict) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import save_gate  # tests/ is this script's folder: TEST_SAVE_GATE holds a checkpoint commit for the test
+
+    save_gate.install()
     from rlmt_jax.config import resolve
     from rlmt_jax.trainer import train
 
@@ -32,13 +35,17 @@ def main(spec: dict) -> None:
     cluster = [] if processes == 1 else [
         f"distributed.coordinator_address=localhost:{spec['port']}", f"distributed.num_processes={processes}",
         f"distributed.process_id={spec['process_id']}"]
-    steps, seconds = [], []
+    steps, seconds, stopped = [], [], []
     for overrides in spec["runs"]:
         start = time.perf_counter()
-        steps.append(train(resolve(None, [*overrides, *cluster]))["steps"])
+        allow = "--allow-config-change" in overrides  # as `rlmt-jax train --allow-config-change` does
+        overrides = [o for o in overrides if o != "--allow-config-change"]
+        summary = train(resolve(None, [*overrides, *cluster]), allow_config_change=allow)
+        steps.append(summary["steps"])
+        stopped.append(summary["stopped"])
         seconds.append(round(time.perf_counter() - start, 1))
     print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                      "device_count": jax.device_count(), "steps": steps, "seconds": seconds}))
+                      "device_count": jax.device_count(), "steps": steps, "seconds": seconds, "stopped": stopped}))
 
 
 def build_tiny(spec: dict) -> None:

@@ -214,7 +214,7 @@ def runs(tmp_path_factory, tiny_cache):
            "rollout.decode_windows=2", "run.total_steps=2"]
     # three clusters at once: much of a worker's time is single-threaded compiling or waiting for its peer
     two = start(2, [[*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=2"],
-                    [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3"]])
+                    [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3", "--allow-config-change"]])
     one = start(1, [[*grpo, f"run.output_dir={root / 'one'}", "run.total_steps=3"],
                     [*ppo, f"run.output_dir={root / 'ppo_one'}"]])
     others = start(2, [dpo, sft_run, [*ppo, f"run.output_dir={root / 'ppo_two'}"]])
@@ -304,3 +304,28 @@ def test_online_dpo_and_sft_train_on_two_processes(runs):
     assert "reward_accuracy" in read_jsonl(dpo / "metrics.jsonl")[0]
     sft = read_jsonl(runs["root"] / "sft" / "metrics.jsonl")
     assert [r["step"] for r in sft] == [1] and np.isfinite(sft[0]["loss"])
+
+
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step_with_a_checkpoint(tmp_path, tiny_cache,
+                                                                                          monkeypatch):
+    import signal
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("TEST_SAVE_GATE", str(gate))  # step 1's checkpoint commit waits for the test
+    run = [*(o for o in FAST if not o.startswith("checkpoint.async_save")), *FSDP_ACROSS_PROCESSES,
+           f"run.output_dir={tmp_path / 'run'}", "run.total_steps=4", "checkpoint.async_save=true"]
+    workers = start(2, [run])
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (gate / "saving").exists():
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), "no checkpoint was saved"
+        time.sleep(0.05)
+    workers[1].send_signal(signal.SIGTERM)  # process 1 only: process 0 learns it through the stop flag
+    time.sleep(0.5)
+    (gate / "go").touch()
+    summaries = finish(stop=workers)["stop"]
+    assert [s["steps"] for s in summaries] == [[2], [2]]
+    assert [s["stopped"] for s in summaries] == [["a signal to another process"], ["SIGTERM"]]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2"]
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]

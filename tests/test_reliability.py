@@ -20,25 +20,12 @@ SHORT = ["run.total_steps=4", "rollout.max_new_tokens=8", "rollout.prompts_per_s
          "logging.tensorboard=false", "optimizer.micro_batch_size=8", "checkpoint.save_every=1",
          "checkpoint.keep=4", "checkpoint.async_save=true"]
 
-# `rlmt-jax train` in a process whose first checkpoint commit waits for the test: it touches GATE/saving and
-# holds the save (in orbax's background thread, the training loop goes on) until the test creates GATE/go.
+# `rlmt-jax train` in a process whose first checkpoint commit waits for the test (tests/save_gate.py)
 GATED_TRAIN = """
-import asyncio, os, sys
-from orbax.checkpoint._src.path import atomicity
+import sys
+from tests import save_gate
 
-gate = os.environ.get("TEST_SAVE_GATE")
-original = atomicity.AtomicRenameTemporaryPath.finalize
-
-async def gated_finalize(self, *args, **kwargs):
-    if gate and not os.path.exists(os.path.join(gate, "go")):
-        open(os.path.join(gate, "saving"), "w").close()
-        for _ in range(6000):
-            if os.path.exists(os.path.join(gate, "go")):
-                break
-            await asyncio.sleep(0.05)
-    return await original(self, *args, **kwargs)
-
-atomicity.AtomicRenameTemporaryPath.finalize = gated_finalize
+save_gate.install()
 from rlmt_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
