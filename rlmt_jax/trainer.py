@@ -597,7 +597,10 @@ class Trainer:
     def export(self, out_dir: str) -> str:
         """The current policy as a Hugging Face directory with the policy's tokenizer files."""
         policy = nnx.merge(self.graphdef, self.params)
-        return export_policy(policy, self.text.tokenizer, out_dir)
+        try:
+            return export_policy(policy, self.text.tokenizer, out_dir)
+        except models.DestinationError as err:  # the folder changed during the run; the checkpoints hold it
+            raise UserError(f"the run's export: {err}; `rlmt-jax export {self.run_dir} --out NEW` writes it") from None
 
 
 def export_policy(policy, tokenizer, out_dir: str, **save_options) -> str:
