@@ -214,7 +214,8 @@ def _verify_checksums(step: int, saved: Mapping[str, Any] | None, restored: Mapp
     sums |= device_checksums({n: a for n, a in arrays.items() if n not in on_host})[0]
     for name, value in sums.items():
         if list(value) != list(saved[name]):
-            raise ValueError(f"array {name} of step {step} does not match its saved checksum (a changed or damaged file)")
+            raise ValueError(f"array {name} of step {step} does not match its saved checksum "
+                             "(a changed or damaged file)")
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
