@@ -110,7 +110,7 @@ def check_update_step(model_config, chip, args) -> None:
     from flax import nnx
 
     from models import build_model
-    from rlmt_jax.algorithms import GRPOConfig
+    from rlmt_jax.algorithms import AlgorithmConfig
     from rlmt_jax.objectives import PolicyObjective
     from rlmt_jax.optim import AdamWConfig
     from rlmt_jax.train_step import init_optimizer_state, train_step
@@ -134,7 +134,7 @@ def check_update_step(model_config, chip, args) -> None:
         "advantages": jnp.asarray(rng.normal(size=rows), jnp.float32),
     }
     optimizer = AdamWConfig(lr=1e-6)
-    objective = PolicyObjective(GRPOConfig(), logits_chunk_size=512, response_start=prompt)
+    objective = PolicyObjective(AlgorithmConfig(), logits_chunk_size=512, response_start=prompt)
     state = [params, jax.jit(lambda p: init_optimizer_state(p, optimizer))(params)]
 
     def step():

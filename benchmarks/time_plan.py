@@ -72,7 +72,6 @@ def measure(cfg, repeats: int) -> dict[str, float]:
     from models import build_model
     from models.config import ModelConfig
     from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.algorithms.grpo import GRPOConfig
     from rlmt_jax.objectives import PolicyObjective
     from rlmt_jax.optim import AdamWConfig
     from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
@@ -126,7 +125,7 @@ def measure(cfg, repeats: int) -> dict[str, float]:
 
     batch["old_logprobs"] = batch["ref_logprobs"] = compute_logprobs(graphdef, params, batch, temperature=0.7)
     batch["advantages"] = jnp.asarray(rng.normal(size=rows), jnp.float32)
-    objective = PolicyObjective(GRPOConfig(group_size=N, temperature=0.7, kl_coef=0.001))
+    objective = PolicyObjective(cfg.algorithm, temperature=0.7)
     optimizer = AdamWConfig(lr=1e-6)
     state = {"params": jax.tree.map(jnp.copy, params)}
     state["opt"] = init_optimizer_state(state["params"], optimizer)
