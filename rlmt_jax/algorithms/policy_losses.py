@@ -66,6 +66,16 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmCon
     return weighted_sum(_weighted(losses, is_weights), weights), _clip_metrics(clipped, dual, mask, normalizers)
 
 
+def _clipped_without_dual(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig,
+                          normalizers: Normalizers, is_weights, aggregation: str):
+    """The token-level clipped surrogate without a dual clip, aggregated by the paper's fixed rule."""
+    adv = token_advantages(advantages, logprobs.shape)
+    losses, clipped, dual = clipped_policy_losses(logprobs, old_logprobs, adv, config.clip_low, config.clip_high,
+                                                  None)
+    weights = aggregation_weights(mask, aggregation, normalizers)
+    return weighted_sum(_weighted(losses, is_weights), weights), _clip_metrics(clipped, dual, mask, normalizers)
+
+
 @register_policy_loss("dapo")
 def dapo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig, *,
               normalizers: Normalizers, is_weights=None):
@@ -75,11 +85,8 @@ def dapo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig,
     loss = sum(w m max(-A r, -A clip(r, 1 - eps_l, 1 + eps_h))) / N     (no dual clip)
     The paper's numbers: eps_low 0.2, eps_high 0.28; with overlong reward shaping (algorithm.overlong_*).
     """
-    adv = token_advantages(advantages, logprobs.shape)
-    losses, clipped, dual = clipped_policy_losses(logprobs, old_logprobs, adv, config.clip_low, config.clip_high,
-                                                  None)
-    weights = aggregation_weights(mask, "token_mean", normalizers)
-    return weighted_sum(_weighted(losses, is_weights), weights), _clip_metrics(clipped, dual, mask, normalizers)
+    return _clipped_without_dual(logprobs, old_logprobs, advantages, mask, config, normalizers, is_weights,
+                                 "token_mean")
 
 
 @register_policy_loss("drgrpo")
@@ -91,11 +98,8 @@ def drgrpo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfi
     J = 1/G sum_i 1/L sum_t min(r A, clip(r, 1 - eps, 1 + eps) A),   A = r_i - mean(r) (advantage drgrpo)
     loss = sum(w m max(-A r, -A clip(r, 1 - eps_l, 1 + eps_h))) / (L S)   (no dual clip)
     """
-    adv = token_advantages(advantages, logprobs.shape)
-    losses, clipped, dual = clipped_policy_losses(logprobs, old_logprobs, adv, config.clip_low, config.clip_high,
-                                                  None)
-    weights = aggregation_weights(mask, "seq_mean_token_sum_norm", normalizers)
-    return weighted_sum(_weighted(losses, is_weights), weights), _clip_metrics(clipped, dual, mask, normalizers)
+    return _clipped_without_dual(logprobs, old_logprobs, advantages, mask, config, normalizers, is_weights,
+                                 "seq_mean_token_sum_norm")
 
 
 @register_policy_loss("gspo")
