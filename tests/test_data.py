@@ -384,4 +384,4 @@ def test_the_trainer_drops_the_prompts_whose_rendered_tokens_pass_the_limit(tmp_
     trainer.store.close()
     with pytest.raises(UserError, match=r"prompts of builtin:tiny-prompts are longer than data.max_prompt_tokens=70 "
                                         r"\(the first: row \d+, \d+ tokens\) and data.overlong=error"):
-        Trainer(resolve(None, [*overrides, "data.overlong=error"]))
+        Trainer(resolve(None, [*overrides, "data.overlong=error", f"run.output_dir={tmp_path / 'run_error'}"]))

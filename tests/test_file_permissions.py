@@ -79,5 +79,7 @@ def test_save_pretrained_folder_and_files_get_the_umask_modes(tmp_path, mask):
                                      extra_files=[extra], writer=True)
     assert mode(out) == dir_mode
     names = sorted(os.listdir(out))
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    # .rlmt-jax-export: the marker that lets a later export replace this folder (and nothing else)
+    assert names == [".rlmt-jax-export", "config.json", "generation_config.json", "model.safetensors",
+                     "tokenizer.json"]
     assert {name: mode(os.path.join(out, name)) for name in names} == dict.fromkeys(names, file_mode)

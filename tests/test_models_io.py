@@ -115,14 +115,19 @@ def test_save_pretrained_bfloat16_export(tmp_path):
     assert reloaded.model.embed[...].dtype == jnp.bfloat16
 
 
-def test_save_pretrained_replaces_an_existing_export_only_when_complete(tmp_path):
+def test_save_pretrained_replaces_an_earlier_export_but_not_one_with_files_added(tmp_path):
+    from models.hf_io import DestinationError
+
     path, _ = make_checkpoint(tmp_path / "src", "llama3")
     model = models.load_pretrained(path)
     target = tmp_path / "export"
     models.save_pretrained(model, target)
-    (target / "stale.txt").write_text("old")
-    models.save_pretrained(model, target)
-    assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
+    models.save_pretrained(model, target)  # an earlier export of ours: replaced, nothing left beside it
+    assert sorted(os.listdir(tmp_path)) == ["export", "src"]
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationError, match="notes.txt"):
+        models.save_pretrained(model, target)
+    assert (target / "notes.txt").read_text() == "mine" and (target / "model.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["export", "src"]
 
 
