@@ -52,6 +52,7 @@ def build_tiny(spec: dict) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from jax.experimental import multihost_utils
 
+    from models.hf_io import EXPORT_MARKER
     from rlmt_jax.mesh import initialize_distributed
     from rlmt_jax.tiny import VERSION, cache_root, tiny_assets_dir
 
@@ -60,7 +61,7 @@ def build_tiny(spec: dict) -> None:
     existed = (cache_root() / f"tiny-{VERSION}").exists()
     root = tiny_assets_dir()
     files = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(root.rglob("*")) if p.is_file()}
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name != EXPORT_MARKER}  # it names the writer
     print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
                       "cache_existed": existed, "files": files}))
 

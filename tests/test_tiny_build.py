@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from transformers import AutoTokenizer
 
 from models import build_model, save_pretrained
+from models.hf_io import EXPORT_MARKER
 from rlmt_jax import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +27,9 @@ TIMEOUT_S = 180
 
 
 def file_hashes(root: Path) -> dict[str, str]:
+    """Every file's digest, but the export marker's: it names the writing process (pid, host)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != EXPORT_MARKER}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,7 @@ def test_the_tiny_models_are_the_files_save_pretrained_writes(reference, tmp_pat
         "reward/chat_template.jinja", "reward/config.json", "reward/model.safetensors", "reward/tokenizer.json",
         "reward/tokenizer_config.json",
         "tokenizer/chat_template.jinja", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+    assert (reference / "policy" / EXPORT_MARKER).is_file() and (reference / "reward" / EXPORT_MARKER).is_file()
 
 
 FAKE_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
