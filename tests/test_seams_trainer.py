@@ -95,6 +95,14 @@ def run(tmp_path, *overrides):
     return trainer
 
 
+def recorded_run(tmp_path, *overrides):
+    """(trainer, recorder) of a run whose rewards are text_reward and whose updates the recorder keeps."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        recorder = Recorder(monkeypatch, reward_of=text_reward)
+        trainer = run(tmp_path, *overrides)
+    return trainer, recorder
+
+
 def forward(graphdef, params, batch, temperature=1.0):
     """Aligned log-probs and entropies [B, S] (0 at column 0) from the full logits: position t holds token t's."""
     model = nnx.merge(graphdef, params)
@@ -148,10 +156,7 @@ GRPO = ["algorithm.name=grpo", "rollout.n=2", "rollout.temperature=0.7", "rollou
 
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory, tiny_cache):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        recorder = Recorder(monkeypatch, reward_of=text_reward)
-        trainer = run(tmp_path_factory.mktemp("grpo"), *GRPO)
-    return trainer, recorder
+    return recorded_run(tmp_path_factory.mktemp("grpo"), *GRPO)
 
 
 def test_grpo_rewards_are_scored_for_their_own_rows_and_normalised_in_groups_of_rollout_n(grpo_run):
@@ -286,10 +291,7 @@ def gae_by_hand(score, values, mask, gamma, lam):
 
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory, tiny_cache):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        recorder = Recorder(monkeypatch, reward_of=text_reward)
-        trainer = run(tmp_path_factory.mktemp("ppo"), *PPO)
-    return trainer, recorder
+    return recorded_run(tmp_path_factory.mktemp("ppo"), *PPO)
 
 
 def test_ppo_scores_sit_on_the_last_response_token_and_gae_uses_the_run_settings(ppo_run):
@@ -350,9 +352,8 @@ DPO = ["algorithm.name=dpo", "template.mode=none", "template.strict=false", "tem
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("dpo")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        recorder = Recorder(monkeypatch, reward_of=text_reward)
-        trainer = run(tmp, *DPO, f"data.train_path={prompts_file(tmp, 6)}")  # chunks of 4 and 2 (+ 2 fillers)
+    # chunks of 4 and 2 prompts (+ 2 fillers)
+    trainer, recorder = recorded_run(tmp, *DPO, f"data.train_path={prompts_file(tmp, 6)}")
     pairs = [json.loads(line) for line in open(os.path.join(trainer.run_dir, "dpo_pairs.process-0.jsonl"))]
     return trainer, recorder, pairs
 
