@@ -53,3 +53,29 @@ def measure_read_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
     return x.nbytes / best_seconds(lambda: total(x).block_until_ready(), repeats)
+
+
+def decode_weight_shapes() -> list[tuple[int, int]]:
+    """[in, out] of the matmuls one decode step of the benchmark Llama runs: per layer q/k/v, o, gate+up,
+    down; then the lm head."""
+    head_dim = HIDDEN // HEADS
+    layer = [(HIDDEN, (HEADS + 2 * KV_HEADS) * head_dim), (HEADS * head_dim, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
+             (INTERMEDIATE, HIDDEN)]
+    return layer * LAYERS + [(HIDDEN, VOCAB)]
+
+
+def measure_matmul_stream(rows: int, shapes: list[tuple[int, int]], repeats: int = 10) -> float:
+    """Rate at which float32 matmuls of `rows` rows read their weights (`shapes`, each [in, out], chained in
+    one program as a decode step runs them), bytes/s: the memory-bound matmuls of a decode step."""
+    keys = jax.random.split(jax.random.key(2), len(shapes))
+    weights = [jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes)]
+    inputs = [jnp.ones((rows, n_in), jnp.float32) for n_in in sorted({n_in for n_in, _ in shapes})]
+    by_width = {x.shape[1]: x for x in inputs}
+
+    @jax.jit
+    def step(weights, by_width):
+        return [by_width[w.shape[0]] @ w for w in weights]
+
+    jax.block_until_ready(step(weights, by_width))
+    seconds = best_seconds(lambda: jax.block_until_ready(step(weights, by_width)), repeats)
+    return sum(w.nbytes for w in weights) / seconds

@@ -1,7 +1,8 @@
 """The time plan's model (rlmt_jax/time_plan.py) against what this CPU measures, phase by phase, in one run.
 
-The plan is fed this machine's measured float32 matmul peak and read bandwidth (benchmarks/common.py) as the
-chip's figures (no interconnect: one device), and predicts the phases of one GRPO step of the benchmark Llama
+The plan is fed this machine's measured float32 matmul peak, read bandwidth and the share of that bandwidth the
+decode step's matmuls (8 rows x each weight of the model) reach (benchmarks/common.py) as the chip's figures
+(no interconnect: one device), and predicts the phases of one GRPO step of the benchmark Llama
 (vocab 32000, hidden 512, 8 layers, float32, unscanned, no remat): 4 prompts x 2 samples, prompts of 64 tokens,
 64 new tokens (no EOS: every row runs to the end), one reward batch of 8 rows, one micro-batch of 8 sequences of
 128 tokens. Each phase is then timed with the code the trainer runs (best of --repeats, after a warm-up call):
@@ -30,7 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from benchmarks.common import (  # noqa: E402
-    HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, best_seconds, measure_matmul_peak, measure_read_bandwidth,
+    HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, best_seconds, decode_weight_shapes, measure_matmul_peak,
+    measure_matmul_stream, measure_read_bandwidth,
 )
 from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
 
@@ -151,10 +153,12 @@ def main() -> None:
     from rlmt_jax.time_plan import ChipFigures, time_plan
 
     peak, bandwidth = measure_matmul_peak(), measure_read_bandwidth()
-    print(f"this CPU: matmul peak {peak / 1e9:.0f} GFLOP/s (float32), read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    stream = measure_matmul_stream(PROMPTS * N, decode_weight_shapes()) / bandwidth
+    print(f"this CPU: matmul peak {peak / 1e9:.0f} GFLOP/s (float32), read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"decode matmuls read at {stream:.2f} of it")
     with tempfile.TemporaryDirectory() as root:
         cfg = run_config(*write_configs(root))
-        chip = ChipFigures(peak, bandwidth, float("inf"), "this CPU, measured")
+        chip = ChipFigures(peak, bandwidth, float("inf"), "this CPU, measured", stream=stream)
         plan = time_plan(cfg, DeviceSpec.parse("cpu"), chip)
         measured = measure(cfg, args.repeats)
     print(f"{'phase':22s} {'GFLOP':>9s} {'MB read':>9s} {'predicted s':>12s} {'measured s':>11s} {'ratio':>6s}")

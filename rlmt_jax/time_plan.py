@@ -12,7 +12,9 @@ Each phase is counted on one device (the work splits evenly over the devices tha
                reduce-scatters of the gradients, tensor-parallel all-reduces of the activations; ring
                collectives move (n-1)/n of the data
   seconds      max(flops / peak FLOP/s, hbm bytes / HBM bandwidth) + link bytes / link bandwidth
-               + collectives x latency (compute and memory overlap; collectives are counted as not overlapped)
+               + collectives x latency (compute and memory overlap; collectives are counted as not overlapped);
+               a decode step's reads (its weights and KV cache, by matmuls of a few rows each) reach only
+               `stream` of the HBM bandwidth (ChipFigures.stream)
 Decode assumes every response runs to rollout.max_new_tokens (an upper bound: real responses stop earlier).
 Peak figures are the published ones (CHIPS, with sources); a real step reaches a fraction of them.
 """
@@ -36,27 +38,34 @@ class ChipFigures:
     link: float  # interconnect bandwidth a collective gets, bytes/s each way
     source: str
     latency: float = 0.0  # seconds a collective takes however small (not published: an order of magnitude)
+    # Share of `hbm` that memory-bound matmuls of a few rows (a decode step reading its weights and KV cache)
+    # reach. Not a published figure: benchmarks/time_plan.py measures it on this CPU (~0.55),
+    # benchmarks/device_check.py's sampler line on an accelerator.
+    stream: float = 1.0
 
 
 # Published figures. GPU: NVIDIA datasheets (H100 SXM5: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3, NVLink 4 900 GB/s
 # bidirectional; H200 SXM: 989 TFLOP/s, 4.8 TB/s; A100 SXM 80GB: 312 TFLOP/s, 2.039 TB/s, NVLink 3 600 GB/s).
 # TPU: cloud.google.com/tpu/docs/{v4,v5p,v5e,v6e} system architecture pages, per chip (ICI Gbps / 8 = bytes/s).
 # Latency of one small collective: not a published figure; ~10 us over NVLink (NCCL), ~5 us over ICI.
+# stream: not published either; tuned decode kernels are reported at ~70-90% of HBM peak on GPUs and TPUs, so 0.8.
+ACCELERATOR_STREAM = 0.8
+NVLINK_LATENCY, ICI_LATENCY = 10e-6, 5e-6
 CHIPS = {
-    "h100": ChipFigures(989e12, 3.35e12, 450e9,
-                        "NVIDIA H100 SXM5 datasheet: 989 TFLOP/s BF16, 3.35 TB/s, NVLink 900 GB/s", 10e-6),
-    "h200": ChipFigures(989e12, 4.8e12, 450e9,
-                        "NVIDIA H200 SXM datasheet: 989 TFLOP/s BF16, 4.8 TB/s, NVLink 900 GB/s", 10e-6),
+    "h100": ChipFigures(989e12, 3.35e12, 450e9, "NVIDIA H100 SXM5 datasheet: 989 TFLOP/s BF16, 3.35 TB/s, "
+                        "NVLink 900 GB/s", NVLINK_LATENCY, ACCELERATOR_STREAM),
+    "h200": ChipFigures(989e12, 4.8e12, 450e9, "NVIDIA H200 SXM datasheet: 989 TFLOP/s BF16, 4.8 TB/s, "
+                        "NVLink 900 GB/s", NVLINK_LATENCY, ACCELERATOR_STREAM),
     "a100": ChipFigures(312e12, 2.039e12, 300e9, "NVIDIA A100 SXM 80GB datasheet: 312 TFLOP/s BF16, 2.039 TB/s, "
-                        "NVLink 600 GB/s", 10e-6),
-    "v4": ChipFigures(275e12, 1.228e12, 300e9,
-                      "Cloud TPU v4 docs: 275 TFLOP/s BF16, 1228 GB/s HBM, ICI 2400 Gbps", 5e-6),
-    "v5p": ChipFigures(459e12, 2.765e12, 600e9,
-                       "Cloud TPU v5p docs: 459 TFLOP/s BF16, 2765 GB/s HBM, ICI 4800 Gbps", 5e-6),
-    "v5e": ChipFigures(197e12, 819e9, 200e9,
-                       "Cloud TPU v5e docs: 197 TFLOP/s BF16, 819 GB/s HBM, ICI 1600 Gbps", 5e-6),
-    "v6e": ChipFigures(918e12, 1.64e12, 448e9,
-                       "Cloud TPU v6e docs: 918 TFLOP/s BF16, 1640 GB/s HBM, ICI 3584 Gbps", 5e-6),
+                        "NVLink 600 GB/s", NVLINK_LATENCY, ACCELERATOR_STREAM),
+    "v4": ChipFigures(275e12, 1.228e12, 300e9, "Cloud TPU v4 docs: 275 TFLOP/s BF16, 1228 GB/s HBM, ICI 2400 Gbps",
+                      ICI_LATENCY, ACCELERATOR_STREAM),
+    "v5p": ChipFigures(459e12, 2.765e12, 600e9, "Cloud TPU v5p docs: 459 TFLOP/s BF16, 2765 GB/s HBM, ICI 4800 Gbps",
+                       ICI_LATENCY, ACCELERATOR_STREAM),
+    "v5e": ChipFigures(197e12, 819e9, 200e9, "Cloud TPU v5e docs: 197 TFLOP/s BF16, 819 GB/s HBM, ICI 1600 Gbps",
+                       ICI_LATENCY, ACCELERATOR_STREAM),
+    "v6e": ChipFigures(918e12, 1.64e12, 448e9, "Cloud TPU v6e docs: 918 TFLOP/s BF16, 1640 GB/s HBM, ICI 3584 Gbps",
+                       ICI_LATENCY, ACCELERATOR_STREAM),
 }
 
 
@@ -97,8 +106,10 @@ class TimePlan:
 
 
 def _phase(name: str, flops: float, hbm: float, link: float, chip: ChipFigures, how: str,
-           collectives: int = 0) -> PhaseTime:
-    seconds = max(flops / chip.flops, hbm / chip.hbm) + link / chip.link + collectives * chip.latency
+           collectives: int = 0, streamed: bool = False) -> PhaseTime:
+    """streamed: the hbm bytes are read by matmuls of a few rows (a decode step), at chip.stream of the bandwidth."""
+    bandwidth = chip.hbm * (chip.stream if streamed else 1.0)
+    seconds = max(flops / chip.flops, hbm / bandwidth) + link / chip.link + collectives * chip.latency
     return PhaseTime(name, flops, hbm, link, seconds, how)
 
 
@@ -180,7 +191,7 @@ def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = Non
     # per step: 2 all-reduces a layer (tensor > 1), or a gather of every layer's kernels (4 a layer) with FSDP
     per_step = (2 * policy.num_hidden_layers * (r_tensor > 1) if resharded
                 else 4 * policy.num_hidden_layers * (fsdp > 1)) + 1  # + the loop condition's all-reduce
-    step = _phase("decode step", step_flops, step_hbm, sample_link(rows, 1), chip, "", per_step)
+    step = _phase("decode step", step_flops, step_hbm, sample_link(rows, 1), chip, "", per_step, streamed=True)
     phases.append(PhaseTime("rollout decode", step.flops * new, step.hbm_bytes * new, step.link_bytes * new,
                             step.seconds * new,
                             f"{new} steps x {rows} rows, ~{mean_keys:.0f} cache slots read per row per step, "

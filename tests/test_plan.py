@@ -288,3 +288,23 @@ def test_plan_cli_prints_the_time_plan(capsys):
     assert "time per step" in out and "rollout decode" in out and "sequence tokens/s per chip" in out
     assert main(["plan", "grpo_llama31_8b_instruct", "--device-kind", "v6e-64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["time"]["step_seconds"] > 0
+
+
+def test_only_the_decode_step_reads_at_the_streamed_share_of_the_bandwidth():
+    import dataclasses
+
+    from rlmt_jax.time_plan import CHIPS, time_plan
+
+    cfg, spec = resolve("grpo_llama31_8b_instruct", H100_OVERRIDES), DeviceSpec.parse("h100")
+    full = dataclasses.replace(CHIPS["h100"], stream=1.0)
+    half = dataclasses.replace(CHIPS["h100"], stream=0.5)
+    at_full, at_half = time_plan(cfg, spec, full), time_plan(cfg, spec, half)
+    decode = at_full.phase("rollout decode")
+    # the decode step is bound by its reads (weights + KV cache): at half the share its memory term doubles,
+    # its link and latency terms stay
+    memory = decode.hbm_bytes / full.hbm
+    assert memory > decode.flops / full.flops
+    assert at_half.phase("rollout decode").seconds == pytest.approx(decode.seconds + memory, rel=1e-9)
+    for name in ("rollout copy", "rollout prefill", "reward scoring", "old log-probs", "update"):
+        assert at_half.phase(name).seconds == at_full.phase(name).seconds, name
+    assert CHIPS["h100"].stream == 0.8

@@ -134,6 +134,7 @@ def format_time_plan(timing) -> str:
         f"({timing.sequence_tokens:,} prompt + response tokens, {timing.sampled_tokens:,} sampled, every response "
         "at max_new_tokens)",
         "per device: max(FLOPs / peak, HBM bytes / bandwidth) + link bytes / link bandwidth + collectives x latency;"
-        " a real step reaches a fraction of the peaks",
+        f" a decode step reads at {timing.chip.stream:.0%} of the bandwidth; a real step reaches a fraction of the"
+        " peaks",
     ]
     return "\n".join(lines)
