@@ -68,6 +68,27 @@ def run_config(policy: str, reward: str):
     ])
 
 
+def policy_sampler(cfg, dtype: str = "float32"):
+    """(graphdef, float32 params, Sampler in `dtype`, prompts) of the benchmark Llama as the trainer samples it
+    (one device, the decode layout's copy in `dtype`, its KV cache in `dtype`)."""
+    from flax import nnx
+
+    from models import build_model
+    from models.config import ModelConfig
+    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
+
+    with open(os.path.join(cfg.model.policy, "config.json")) as f:
+        policy_cfg = ModelConfig.from_hf_config(json.load(f), dtype=dtype, scan_layers=False, remat="none")
+    graphdef, params = nnx.split(build_model(policy_cfg, nnx.Rngs(0)), nnx.Param)
+    layout = DecodeLayout.of(mesh_lib.make_mesh(mesh_lib.MeshConfig()), cfg.rollout.mesh, dtype)
+    sampler = Sampler(graphdef, SamplingConfig(n=N, max_new_tokens=NEW, temperature=0.7, prompt_buckets=(PROMPT,),
+                                               decode_windows=1, cache_dtype=dtype), layout=layout)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, VOCAB, PROMPT)) for _ in range(PROMPTS)]
+    return graphdef, params, sampler, prompts
+
+
 def measure(cfg, repeats: int) -> dict[str, float]:
     from flax import nnx
 
@@ -76,21 +97,14 @@ def measure(cfg, repeats: int) -> dict[str, float]:
     from rlmt_jax import mesh as mesh_lib
     from rlmt_jax.objectives import PolicyObjective
     from rlmt_jax.optim import AdamWConfig
-    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
     from rlmt_jax.train_step import compute_logprobs, init_optimizer_state, train_step
 
-    with open(os.path.join(cfg.model.policy, "config.json")) as f:
-        policy_cfg = ModelConfig.from_hf_config(json.load(f), dtype="float32", scan_layers=False, remat="none")
+    graphdef, params, sampler, prompts = policy_sampler(cfg)
+    layout = sampler.layout
     with open(os.path.join(cfg.model.reward_model, "config.json")) as f:
         reward_cfg = ModelConfig.from_hf_config(json.load(f), dtype="float32", scan_layers=False, remat="none")
-    graphdef, params = nnx.split(build_model(policy_cfg, nnx.Rngs(0)), nnx.Param)
     reward_graphdef, reward_params = nnx.split(build_model(reward_cfg, nnx.Rngs(1)), nnx.Param)
-    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig())
-    layout = DecodeLayout.of(mesh, cfg.rollout.mesh, "float32")
-    sampler = Sampler(graphdef, SamplingConfig(n=N, max_new_tokens=NEW, temperature=0.7, prompt_buckets=(PROMPT,),
-                                               decode_windows=1), layout=layout)
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, VOCAB, PROMPT)) for _ in range(PROMPTS)]
+    rng = np.random.default_rng(1)
     key = jax.random.key(0)
     out: dict[str, float] = {}
     with mesh_lib.activation_sharding(layout.mesh, layout.rules):
