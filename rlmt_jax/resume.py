@@ -2,7 +2,11 @@
 
 Keys that say how to start rather than what to train are not compared: `distributed.*` (each process has
 its own id), `checkpoint.restore_step` (a one-time rollback), and `run.output_dir` and `checkpoint.dir` (where
-the run lives, which may have been moved or copied). A checkpoint also holds the config it was saved with,
+the run lives, which may have been moved or copied). Nor are those that say how a run is watched and kept
+(`logging.*`, how often and how many checkpoints are saved, the export at the end), nor `run.total_steps` while
+the learning rate is constant without warmup in both configs (the recipe's GRPO/PPO): a run is extended by
+resuming it with a larger `run.total_steps`, and its steps so far are the same as those of a run started with it.
+A cosine or warmup schedule reads `run.total_steps`, so there it is compared. A checkpoint also holds the config it was saved with,
 so a checkpoint dir kept apart from the run dir (gs://, on a fresh VM) is checked the same way on restore.
 """
 
@@ -18,7 +22,13 @@ from rlmt_jax.config import RESOLVED_CONFIG_NAME, SCHEMA, RunConfig, load_resolv
 from rlmt_jax.errors import UserError
 
 log = logging.getLogger(__name__)
-NOT_COMPARED = ("distributed.", "checkpoint.restore_step", "run.output_dir", "checkpoint.dir")
+NOT_COMPARED = ("distributed.", "checkpoint.restore_step", "run.output_dir", "checkpoint.dir", "logging.",
+                "checkpoint.save_every", "checkpoint.keep", "checkpoint.async_save", "run.export_at_end")
+
+
+def _reads_total_steps(flat: dict[str, Any]) -> bool:
+    """Whether the learning-rate schedule of a flattened config depends on run.total_steps."""
+    return flat.get("optimizer.schedule", "constant") != "constant" or flat.get("optimizer.warmup_ratio", 0) != 0
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -49,9 +59,11 @@ def config_diff(saved_config: dict[str, Any], cfg: RunConfig) -> list[str]:
     SCHEMA.to_dict gives it) and `cfg`."""
     saved = _flat(yaml.safe_load(yaml.safe_dump(saved_config)))  # tuples and lists alike
     new = _flat(yaml.safe_load(yaml.safe_dump(SCHEMA.to_dict(cfg))))
+    skipped = NOT_COMPARED if _reads_total_steps(saved) or _reads_total_steps(new) else (*NOT_COMPARED,
+                                                                                         "run.total_steps")
     changes = []
     for key in sorted(saved.keys() | new.keys()):
-        if key.startswith(NOT_COMPARED) or saved.get(key, "(absent)") == new.get(key, "(absent)"):
+        if key.startswith(skipped) or saved.get(key, "(absent)") == new.get(key, "(absent)"):
             continue
         changes.append(f"{key}: {saved.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
     return changes

@@ -540,3 +540,23 @@ def test_no_module_branches_on_the_algorithms_name_outside_the_specs():
                 hits.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
     assert hits == []
     assert branch.search('if cfg.algorithm.name == "sft":') and branch.search('{"grpo": 1}')  # the test can fail
+
+
+def test_resume_compares_what_is_trained_and_total_steps_only_where_the_schedule_reads_it():
+    from rlmt_jax.config import SCHEMA
+    from rlmt_jax.resume import config_diff
+
+    saved = resolve(None, ["run.total_steps=2"])
+    assert saved.optimizer.schedule == "constant" and saved.optimizer.warmup_ratio == 0
+    watched = ["run.total_steps=9", "logging.every=5", "logging.samples_per_step=0", "checkpoint.save_every=3",
+               "checkpoint.keep=1", "checkpoint.async_save=false", "run.export_at_end=false"]
+    assert config_diff(SCHEMA.to_dict(saved), resolve(None, watched)) == []
+    assert config_diff(SCHEMA.to_dict(saved), resolve(None, ["run.total_steps=9", "rollout.temperature=0.5"])) == [
+        f"rollout.temperature: {saved.rollout.temperature!r} -> 0.5"]
+    for schedule in (["optimizer.schedule=cosine"], ["optimizer.warmup_ratio=0.1"]):
+        cosine = resolve(None, ["run.total_steps=2", *schedule])
+        assert config_diff(SCHEMA.to_dict(cosine), resolve(None, ["run.total_steps=9", *schedule])) == [
+            "run.total_steps: 2 -> 9"]
+        # either side's schedule reading it is enough: a change of schedule lists both keys
+        assert "run.total_steps: 2 -> 9" in config_diff(SCHEMA.to_dict(saved), resolve(None, ["run.total_steps=9",
+                                                                                                *schedule]))

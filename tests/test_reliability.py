@@ -132,6 +132,18 @@ def test_a_changed_config_on_resume_is_refused_and_the_run_dir_is_untouched(refe
     assert tree_of(reference) == before
 
 
+def test_a_run_extended_by_a_larger_total_steps_equals_one_started_with_it(reference, tiny_cache, tmp_path, caplog):
+    # the tiny default's learning rate is constant without warmup: run.total_steps changes no step's update,
+    # so a 2-step run resumed with run.total_steps=4 (no --allow-config-change) trains the reference's steps 3, 4
+    run_dir = tmp_path / "extended"
+    short = [*(o for o in SHORT if not o.startswith(("run.total_steps", "checkpoint.save_every"))),
+             f"run.output_dir={run_dir}", "checkpoint.save_every=2", "logging.every=2"]
+    assert main(["train", *short, "run.total_steps=2"]) == 0
+    assert main(["train", *short, "run.total_steps=4"]) == 0
+    assert metric_steps(run_dir) == [2, 4]
+    assert exported(run_dir) == exported(reference)
+
+
 def test_restore_step_rolls_back_once_and_retrains_the_same_steps(reference, tiny_cache, tmp_path, caplog):
     import shutil
 
