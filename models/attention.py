@@ -1,4 +1,4 @@
-"""Causal attention over whole sequences through the platform's kernel: which one, and how our masks map onto it.
+"""Attention through the platform's kernels: which one, and how our masks map onto it.
 
 Implementations (ModelConfig.attention, the run config's `runtime.attention`):
   xla     the blocked path written for XLA:CPU, with its hand-written gradient (layers.causal_self_attention);
@@ -12,9 +12,30 @@ Implementations (ModelConfig.attention, the run config's `runtime.attention`):
 Both kernels see the mask as `CausalTokens`: query t attends to key s when s <= t and token s is real, which is
 the dense mask `causal_mask(attention_mask)` builds, without its [seq, seq] array. They run per device (batch
 and kv heads split by the rules table, models.sharding.per_device), each query head kept with its kv head.
-Decode steps stay on the xla path (grouped_attention over the cache): JAX's TPU decode kernels (paged_attention,
-ragged_paged_attention) read a paged cache, and its GPU one (pallas.ops.gpu.decode_attention.gqa) keys laid out
-[batch, seq, kv_heads, head_dim]; our cache keeps keys transposed per kv head in decode-window blocks.
+
+Decode steps (one query per row against the KV cache):
+  cudnn   JAX's GPU decode kernel (jax.experimental.pallas.ops.gpu.decode_attention, its per-(row, kv head)
+          `decode_attn_unbatched`, Pallas interpret mode off GPU), when the caller vouches that each row
+          attends to one contiguous run of slots (`CacheRows`: the sampler's rows, left-padded prompt then
+          every fed token; see transformer.decode_hidden_states). The kernel masks slot s of a row unless
+          start_idx <= s < kv_seq_len, which is exactly such a run. Any other decode call stays on xla.
+          Keys are kept heads-major [batch, kv_heads, cache_len, head_dim] like values (`key_cache_layout`),
+          chosen when the cache is made (init_cache): the kernel reads a [cache_len, head_dim] matrix per
+          (row, kv head), and with the xla path's transposed keys every step would first copy the whole
+          cache into that layout (gqa's own [batch, seq, kv_heads, head_dim] input would be a second
+          copy: it swaps axes, so we call decode_attn_unbatched under vmap instead, on the cache as it is).
+          Same bytes either way, so the memory plan is unchanged. The sampler's decode windows hand the
+          cache over as blocks (CacheBlocks): each block is one kernel call returning its unnormalised
+          output with the softmax residuals (l = sum of exp, m = max), merged by the log-sum-exp rule
+          (`merge_blocks`), so no block is concatenated or copied. The kernel splits a block into k_splits
+          pieces of power-of-two key tiles, so every block's length must be a multiple of
+          DECODE_SLOT_MULTIPLE: the sampler puts its block boundaries there (`decode_slot_multiple`).
+  xla, splash  grouped_attention over the cache (layers.cached_attention), keys transposed
+          [batch, kv_heads, head_dim, cache_len] so that XLA:CPU runs plain matmuls. JAX's TPU decode
+          kernels (pallas.ops.tpu paged_attention, ragged_paged_attention) read a paged cache and take one
+          length per row (`lengths`, `kv_lens`) counted from the row's slot 0, with no start: our left-padded
+          prompts would attend to their pads, and pages cannot start at each row's first real token (they are
+          page_size aligned), so splash decodes on the xla path.
 """
 
 from __future__ import annotations
@@ -30,12 +51,26 @@ from models.config import ConfigError
 from models.sharding import per_device
 
 KERNELS = ("splash", "cudnn")
+DECODE_KERNELS = ("cudnn",)  # implementations whose decode steps run a kernel over the cache
+# A cache block given to the decode kernel is a multiple of this many slots: the kernel's key tiles are
+# powers of two of at least 16 slots (Triton), and its k_splits pieces of a block at least 16 long.
+DECODE_SLOT_MULTIPLE = 16
+DECODE_KEY_TILE = 128  # the largest key tile (slots) the decode kernel loads at once
+DECODE_SPLITS = 16  # the most pieces one block is split into (each one program; JAX's default)
 
 
 class CausalTokens(NamedTuple):
     """mask[b, t, s] = valid[b, s] and s <= t, kept as its [batch, seq] row of real tokens."""
 
     valid: jax.Array  # [batch, seq] bool
+
+
+class CacheRows(NamedTuple):
+    """The mask of a decode step (one query per row) whose rows each attend to one contiguous run of cache
+    slots: mask[b, 0, s] = start[b] <= s < end[b]."""
+
+    start: jax.Array  # [batch] int32, the row's first attended slot
+    end: jax.Array  # [batch] int32, one past its last (the slot just written)
 
 
 def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
@@ -49,6 +84,22 @@ def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
     if platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
+
+
+def decodes_with_kernel(setting: str, dtype) -> bool:
+    """Whether decode steps of the implementation `setting` resolves to run the decode kernel."""
+    return resolve_attention(setting, dtype) in DECODE_KERNELS
+
+
+def key_cache_layout(setting: str, dtype) -> str:
+    """The KV cache's key layout for `setting`: "bnsk" [batch, kv_heads, cache_len, head_dim] for the decode
+    kernel, else "bnks" [batch, kv_heads, head_dim, cache_len] (module docstring)."""
+    return "bnsk" if decodes_with_kernel(setting, dtype) else "bnks"
+
+
+def decode_slot_multiple(setting: str, dtype) -> int:
+    """What every cache block's length must be a multiple of in decode: DECODE_SLOT_MULTIPLE for the kernel."""
+    return DECODE_SLOT_MULTIPLE if decodes_with_kernel(setting, dtype) else 1
 
 
 def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, implementation: str) -> jax.Array:
@@ -133,3 +184,81 @@ def _splash_kernel(heads: int, seq: int, interpret: bool):
     mask = splash.MultiHeadMask([splash.CausalMask((seq, seq)) for _ in range(heads)])
     with jax.ensure_compile_time_eval():
         return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+
+# ------------------------------------------------------------------------------------------ GPU decode
+def decode_attention(q: jax.Array, key_blocks, value_blocks, rows: CacheRows) -> jax.Array:
+    """One decode step through JAX's GPU decode kernel, per device (batch and kv heads split by the rules).
+
+    q: [batch, 1, heads, head_dim]; key_blocks, value_blocks: consecutive blocks of cache slots, each
+    [batch, kv_heads, width, head_dim] (width a multiple of DECODE_SLOT_MULTIPLE); rows: the slots each row
+    attends to, numbered over all blocks.  -> [batch, 1, heads, head_dim]
+    """
+    b, _, h, hd = q.shape
+    kv = key_blocks[0].shape[1]
+    widths = tuple(block.shape[2] for block in key_blocks)
+    interpret = jax.default_backend() != "gpu"
+    blocks = len(widths)
+
+    def local(q, start, end, *caches):
+        keys, values = caches[:blocks], caches[blocks:]
+        parts, offset = [], 0
+        for k, v, width in zip(keys, values, widths):
+            part_start = jnp.clip(start - offset, 0, width)  # the row's run inside this block, block-local
+            part_end = jnp.clip(end - offset, 0, width)
+            parts.append(_decode_block(q, k, v, part_start, part_end, interpret))
+            offset += width
+        return merge_blocks(parts).astype(q.dtype)
+
+    q_axes = ("batch", "kv_heads", None, "head_dim")
+    cache_axes = ("batch", "kv_heads", "cache_seq", "head_dim")
+    run = per_device(local, (q_axes, ("batch",), ("batch",), *(cache_axes,) * (2 * blocks)), q_axes)
+    end = jnp.broadcast_to(rows.end, rows.start.shape).astype(jnp.int32)
+    out = run(q.reshape(b, kv, h // kv, hd), rows.start.astype(jnp.int32), end, *key_blocks, *value_blocks)
+    return out.reshape(b, 1, h, hd)
+
+
+def _decode_block(q, k, v, start, end, interpret: bool):
+    """The kernel over one block for every (row, kv head): q [batch, kv_heads, group, head_dim], k, v
+    [batch, kv_heads, width, head_dim], start, end [batch] (block-local). -> (out unnormalised
+    [batch, kv_heads, group, head_dim], l [batch, kv_heads, group] = sum of exp(score - m), m = max score);
+    a row with no slot here has out 0, l 0 and m the float32 minimum."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as decode
+
+    width, hd = k.shape[2], k.shape[3]
+    if width % DECODE_SLOT_MULTIPLE:
+        raise ValueError(f"decode attention: a cache block of {width} slots; the kernel needs a multiple of "
+                         f"{DECODE_SLOT_MULTIPLE} (the sampler aligns its blocks, sampling.cache_block_widths)")
+    tile, splits = _decode_tiling(width)
+    kernel = functools.partial(
+        decode.decode_attn_unbatched, sm_scale=1.0 / math.sqrt(hd), block_h=DECODE_SLOT_MULTIPLE, block_k=tile,
+        k_splits=splits, num_warps=None, num_stages=2, grid=None, interpret=interpret, debug=False,
+        return_residuals=True, normalize_output=False)
+    per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None, None))  # one row's start and end for all its heads
+    out, (l, m) = jax.vmap(per_kv_head)(q, k.astype(q.dtype), v.astype(q.dtype), start, end)
+    return out, l, m
+
+
+def _decode_tiling(width: int) -> tuple[int, int]:
+    """(key tile, k_splits) for a block of `width` slots: the largest power-of-two tile (<= DECODE_KEY_TILE)
+    dividing it, then the most pieces (<= DECODE_SPLITS) that are whole tiles."""
+    tile = DECODE_KEY_TILE
+    while width % tile:
+        tile //= 2
+    tiles = width // tile
+    splits = max(d for d in range(1, min(DECODE_SPLITS, tiles) + 1) if tiles % d == 0)
+    return tile, splits
+
+
+def merge_blocks(parts) -> jax.Array:
+    """Attention over several blocks from each block's (out, l, m) (`_decode_block`): with M = max_j m_j,
+    out = sum_j out_j exp(m_j - M) / sum_j l_j exp(m_j - M), in float32 (0 for a row with no slot at all).
+    -> [..., head_dim] float32"""
+    top = functools.reduce(jnp.maximum, [m for _, _, m in parts])
+    total = jnp.zeros_like(top)
+    out = 0.0
+    for part, l, m in parts:
+        weight = jnp.exp(m - top)
+        out = out + part.astype(jnp.float32) * weight[..., None]
+        total = total + l * weight
+    return out / jnp.where(total > 0, total, 1.0)[..., None]

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention import CausalTokens, kernel_attention, resolve_attention
+from models.attention import (CacheRows, CausalTokens, decode_attention, kernel_attention, key_cache_layout,
+                              resolve_attention)
 from models.config import ModelConfig, RopeScaling
 from models.sharding import constrain, param
 
@@ -95,6 +96,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.dtype = jnp.dtype(cfg.dtype)
         self.implementation = resolve_attention(cfg.attention, cfg.dtype)
+        self.key_layout = key_cache_layout(cfg.attention, cfg.dtype)
         self.q_proj = param(_normal(rngs, (d, h, hd), pdt), ("embed", "heads", "head_dim"))
         self.k_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))
         self.v_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))
@@ -142,14 +144,15 @@ class Attention(nnx.Module):
         layer: int | jax.Array | None = None,
     ):
         """x: [batch, seq, embed]; mask: [batch, seq, kv_len] (True = may attend), or for a kernel
-        implementation (models/attention.py) the `CausalTokens` of a causal mask over seq.
+        implementation (models/attention.py) the `CausalTokens` of a causal mask over seq, or for a decode
+        step through the decode kernel the `CacheRows` each row attends to.
 
         Without a cache kv_len = seq. With one, cache = (k, v) in the KVCache layouts, either this layer's
         (layer None) or every layer's (a leading layers axis; `layer` picks one), each an array or the
         `CacheBlocks` of consecutive slots: the new keys and values are written at slots index..index+seq-1
         of the layer (inside the last block), then its kv_len slots (all blocks) are attended to; with a
         `CausalTokens` mask the cache holds nothing before these tokens (a prefill from slot 0), so they attend
-        to each other only, through the kernel.
+        to each other only, through the kernel; with `CacheRows` (seq 1) the decode kernel reads the blocks.
         Returns (out [batch, seq, embed], the updated cache or None).
         """
         if cache is None:
@@ -168,19 +171,22 @@ class Attention(nnx.Module):
         if cache is not None:
             key_blocks, value_blocks = (c.blocks if isinstance(c, CacheBlocks) else (c,) for c in cache)
             # the new tokens go into the last block given, whose first slot is the slots of the others
-            start = sum(block.shape[-1] for block in key_blocks[:-1])
+            start = sum(block.shape[-2] for block in value_blocks[:-1])  # values: [..., slots, head_dim]
             local = index - start if start else index
             # Write, then read what was written: the reads then come after the write in the data flow, which
             # lets XLA update the cache in place inside a decode loop instead of copying it.
-            key_blocks = (*key_blocks[:-1], write_cache(key_blocks[-1], k, layer, local, keys=True))
-            value_blocks = (*value_blocks[:-1], write_cache(value_blocks[-1], v, layer, local, keys=False))
+            key_blocks = (*key_blocks[:-1], write_cache(key_blocks[-1], k, layer, local, self.key_layout))
+            value_blocks = (*value_blocks[:-1], write_cache(value_blocks[-1], v, layer, local, "bnsk"))
 
             def read(block):
                 block = block if layer is None else jax.lax.dynamic_index_in_dim(block, layer, keepdims=False)
                 return block.astype(self.dtype)
 
-            if not isinstance(mask, CausalTokens):
-                out = cached_attention(q, [read(b) for b in key_blocks], [read(b) for b in value_blocks], mask)
+            keys, values = [read(b) for b in key_blocks], [read(b) for b in value_blocks]
+            if isinstance(mask, CacheRows):
+                out = decode_attention(q, keys, values, mask)
+            elif not isinstance(mask, CausalTokens):
+                out = cached_attention(q, keys, values, mask, self.key_layout)
             cache = tuple(CacheBlocks(new) if isinstance(old, CacheBlocks) else new[0]
                           for old, new in zip(cache, (key_blocks, value_blocks)))
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(self.dtype))
@@ -189,12 +195,14 @@ class Attention(nnx.Module):
         return out, cache
 
 
-def write_cache(cache: jax.Array, new: jax.Array, layer, index, keys: bool) -> jax.Array:
+def write_cache(cache: jax.Array, new: jax.Array, layer, index, layout: str) -> jax.Array:
     """Writes new [batch, seq, kv_heads, head_dim] at slots index..index+seq-1 of one layer's cache (layer None)
-    or of layer `layer` of every layer's cache (a leading layers axis).  Layouts (KVCache): keys
-    [batch, kv_heads, head_dim, cache_len], values [batch, kv_heads, cache_len, head_dim]."""
-    new = jnp.transpose(new, (0, 2, 3, 1) if keys else (0, 2, 1, 3)).astype(cache.dtype)
-    start = (0, 0, 0, index) if keys else (0, 0, index, 0)
+    or of layer `layer` of every layer's cache (a leading layers axis).  Layouts (KVCache): "bnks"
+    [batch, kv_heads, head_dim, cache_len] (keys on the xla path), "bnsk" [batch, kv_heads, cache_len,
+    head_dim] (values; keys for the decode kernel)."""
+    transposed = layout == "bnks"
+    new = jnp.transpose(new, (0, 2, 3, 1) if transposed else (0, 2, 1, 3)).astype(cache.dtype)
+    start = (0, 0, 0, index) if transposed else (0, 0, index, 0)
     if layer is None:
         return jax.lax.dynamic_update_slice(cache, new, start)
     return jax.lax.dynamic_update_slice(cache, new[None], (layer, *start))
@@ -218,13 +226,14 @@ class CacheBlocks:
         return cls(blocks)
 
 
-def cached_attention(q: jax.Array, k, v, mask: jax.Array) -> jax.Array:
-    """grouped_attention over one layer's cache: keys [batch, kv_heads, head_dim, cache_len], values
+def cached_attention(q: jax.Array, k, v, mask: jax.Array, k_layout: str = "bnks") -> jax.Array:
+    """grouped_attention over one layer's cache: keys [batch, kv_heads, head_dim, cache_len] ("bnks"), values
     [batch, kv_heads, cache_len, head_dim], so that both products are plain row-major matmuls per (row, kv head),
     q @ k and probs @ v (with keys [cache_len, head_dim] XLA:CPU transposes them on every decode step, which
-    doubled the step's attention time). k and v may be lists of consecutive blocks of slots.
+    doubled the step's attention time). Keys may also be heads-major ("bnsk", the decode kernel's cache when a
+    step does not take the kernel). k and v may be lists of consecutive blocks of slots.
     -> [batch, seq, heads, head_dim]"""
-    return grouped_attention(q, k, v, mask, k_layout="bnks", v_layout="bnsk")
+    return grouped_attention(q, k, v, mask, k_layout=k_layout, v_layout="bnsk")
 
 
 def grouped_attention(q: jax.Array, k, v, mask: jax.Array, k_layout: str = "bsnk", v_layout: str = "bsnk") -> jax.Array:

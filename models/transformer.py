@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import CausalTokens, resolve_attention
+from models.attention import CacheRows, CausalTokens, decodes_with_kernel, key_cache_layout, resolve_attention
 from models.config import ModelConfig
 from models.layers import DecoderBlock, RMSNorm, _normal, rope_inverse_frequencies, rope_tables
 from models.sharding import constrain, param
@@ -22,8 +22,10 @@ _REMAT_POLICIES = {
 class KVCache(NamedTuple):
     """Decode state.  k: [layers, batch, kv_heads, head_dim, cache_len] (keys transposed), v: [layers, batch,
     kv_heads, cache_len, head_dim]: heads-major, so that attention is two plain matmuls per (row, kv head),
-    q @ k and probs @ v.  valid: [batch, cache_len] (slot holds a real token).  Slots are filled left to
-    right; a query at slot i attends to valid slots <= i.
+    q @ k and probs @ v. A model that decodes through the decode kernel keeps keys heads-major like values,
+    [layers, batch, kv_heads, cache_len, head_dim] (models.attention.key_cache_layout).  valid: [batch,
+    cache_len] (slot holds a real token).  Slots are filled left to right; a query at slot i attends to valid
+    slots <= i.
 
     A model whose layers are not scanned also takes k and v as tuples of per-layer arrays (the same layouts
     without the layers axis): in a decode loop on CPU this saves copying each layer's slice out of the stacked
@@ -215,8 +217,10 @@ class CausalLM(_WithDecoder):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         """An empty cache for `batch` rows of up to `max_len` tokens (prompt + response)."""
         cfg = self.config
-        keys = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, max_len)
-        values = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        layers, kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+        values = (layers, batch, kv, max_len, cfg.head_dim)
+        heads_major = key_cache_layout(cfg.attention, cfg.dtype) == "bnsk"
+        keys = values if heads_major else (layers, batch, kv, cfg.head_dim, max_len)
         return KVCache(k=jnp.zeros(keys, dtype), v=jnp.zeros(values, dtype), valid=jnp.zeros((batch, max_len), bool))
 
     def decode(
@@ -243,6 +247,7 @@ class CausalLM(_WithDecoder):
         cache: KVCache,
         index: jax.Array,
         rope: tuple[jax.Array, jax.Array] | None = None,
+        contiguous_rows: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """`decode` without the lm head: -> (final-normed hidden [batch, seq, embed], cache). A sampler that
         needs only the last position's logits applies `lm_logits` to that position alone.
@@ -252,15 +257,23 @@ class CausalLM(_WithDecoder):
         rotation of q and k and so recomputes them per head and per layer, every step.
 
         A prefill from slot 0 (index the Python int 0, several tokens) goes through the attention kernel when
-        the config picks one: the cache holds nothing before these tokens. Decode steps read the cache (xla).
+        the config picks one: the cache holds nothing before these tokens. Decode steps read the cache (xla),
+        or through the decode kernel (models/attention.py) when the config has one and the caller passes
+        contiguous_rows: it vouches that every row's valid slots, the one written now included, are one run
+        ending at `index` (the sampler's: left-padded prompts, then every step fed with mask True). Each row
+        then attends to slots first valid .. index; with a gap in a row the kernel would attend to it.
         """
+        cfg = self.config
         kernel_prefill = (isinstance(index, int) and index == 0 and input_ids.shape[1] > 1
-                          and resolve_attention(self.config.attention, self.config.dtype) != "xla")
+                          and resolve_attention(cfg.attention, cfg.dtype) != "xla")
+        kernel_decode = contiguous_rows and input_ids.shape[1] == 1 and decodes_with_kernel(cfg.attention, cfg.dtype)
         index = jnp.asarray(index, jnp.int32)
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
         cache = cache._replace(valid=valid)
         if kernel_prefill:
             mask = CausalTokens(attention_mask.astype(bool))
+        elif kernel_decode:
+            mask = CacheRows(start=jnp.argmax(valid, axis=1).astype(jnp.int32), end=index + 1)
         else:
             mask = cache_mask(valid, index, input_ids.shape[1])
         return self.model(input_ids, positions, mask, cache, index, rope)

@@ -332,11 +332,12 @@ def kv_cache_bytes(model: nnx.Module, rows: int, slots: int, cache_dtype, mesh: 
     """The sampler's KV cache for `rows` rows of `slots` slots, on one device: k and v (L layers, R rows,
     S slots, K kv heads, Dh) in the cache dtype and the valid mask [R, S], split as the sampler constrains
     them: 2 * L * R * S * K * Dh * c + R * S. Shapes come from `model.init_cache` (jax.eval_shape)."""
-    from rlmt_jax.sampling import KEY_CACHE_AXES, VALUE_CACHE_AXES  # the sampler's layout of k and v
+    from rlmt_jax.sampling import cache_axes  # the sampler's layout of k and v
 
     cache = jax.eval_shape(lambda: model.init_cache(rows, slots, jnp.dtype(cache_dtype)))
+    key_axes, value_axes = cache_axes(model.config)
     kv = sum(math.prod(local_shape(x.shape, axes, mesh)) * itemsize(x.dtype)
-             for x, axes in ((cache.k, KEY_CACHE_AXES), (cache.v, VALUE_CACHE_AXES)))
+             for x, axes in ((cache.k, key_axes), (cache.v, value_axes)))
     return kv + math.prod(local_shape(cache.valid.shape, ("batch", "cache_seq"), mesh))
 
 

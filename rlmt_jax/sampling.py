@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from models.attention import decode_slot_multiple, key_cache_layout
 from models.layers import CacheBlocks
 from models.sharding import constrain
 from models.transformer import KVCache
@@ -46,7 +47,8 @@ CACHE_DTYPES = ("float32", "bfloat16")
 # shorter than MIN_TOKENS_FOR_WINDOWS keep one window (little to save, and a smaller program to compile).
 AUTO_DECODE_WINDOWS = 4
 MIN_TOKENS_FOR_WINDOWS = 128
-# Logical axes of the KV cache the sampler keeps (keys transposed): read by the memory plan too.
+# Logical axes of the KV cache the sampler keeps (keys transposed; heads-major like the values for the decode
+# kernel, see cache_axes): read by the memory plan too.
 KEY_CACHE_AXES = (None, "batch", "kv_heads", "head_dim", "cache_seq")
 VALUE_CACHE_AXES = (None, "batch", "kv_heads", "cache_seq", "head_dim")
 
@@ -121,6 +123,26 @@ class SamplingConfig:
         return tuple(min(width, slots - start) for start in range(0, slots, width))
 
 
+def cache_axes(model_config) -> tuple[tuple, tuple]:
+    """The logical axes of the sampler's key and value caches for a model config (its key layout)."""
+    heads_major = key_cache_layout(model_config.attention, model_config.dtype) == "bnsk"
+    return (VALUE_CACHE_AXES if heads_major else KEY_CACHE_AXES), VALUE_CACHE_AXES
+
+
+def cache_block_widths(config: SamplingConfig, prompt_len: int, multiple: int = 1) -> tuple[int, ...]:
+    """Slots of each cache block: the first holds the prompt and window 0's response slots, each later one its
+    window's (config.response_blocks()). With `multiple` > 1 (the decode kernel's, models.attention
+    .decode_slot_multiple) every block ends at a multiple of it: a window then fills up to its rounded end
+    (the next starts there), and the last block may hold up to multiple - 1 slots that are never written."""
+    ends, end = [], prompt_len
+    for width in config.response_blocks() or (0,):
+        end += width
+        rounded = -(-end // multiple) * multiple
+        if not ends or rounded > ends[-1]:
+            ends.append(rounded)
+    return tuple(stop - start for start, stop in zip((0, *ends[:-1]), ends))
+
+
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise UserError(f"sampling {field}: {message}")
@@ -190,8 +212,11 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 def _last_logits(model, input_ids, positions, mask, cache, index, rope=None, head=None) -> tuple[jax.Array, KVCache]:
     """model.decode with the lm head applied to the last column only.  -> (logits [batch, vocab], cache).
 
-    head: the lm head as [vocab, embed] (`vocab_major_head`), or None for the model's own."""
-    hidden, cache = model.decode_hidden_states(input_ids, positions, mask, cache, index, rope)
+    head: the lm head as [vocab, embed] (`vocab_major_head`), or None for the model's own.
+    Every row's valid slots are one run (contiguous_rows): a prompt left-padded to slot P - 1 by `left_pad`,
+    then every decode step writes its slot with mask True for every row (stopped rows too, fed pads that
+    nothing reads), and a row's n samples copy its prompt's slots; a window's view is a prefix of them."""
+    hidden, cache = model.decode_hidden_states(input_ids, positions, mask, cache, index, rope, contiguous_rows=True)
     if head is None:
         return model.lm_logits(hidden[:, -1:])[:, 0], cache
     logits = jnp.einsum("bd,vd->bv", hidden[:, -1], head)
@@ -359,9 +384,10 @@ class Sampler:
         cache = model.init_cache(batch, prompt_len, jnp.dtype(cfg.cache_dtype))
         last_logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, 0)
 
-        response_slots = cfg.max_new_tokens - 1  # the last response token is never fed back
-        valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, response_slots)))
-        cache = KVCache(k=_blocked(cache.k, KEY_CACHE_AXES, cfg), v=_blocked(cache.v, VALUE_CACHE_AXES, cfg),
+        widths = cache_block_widths(cfg, prompt_len, decode_slot_multiple(model.config.attention, model.config.dtype))
+        valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, sum(widths) - prompt_len)))
+        key_axes, value_axes = cache_axes(model.config)
+        cache = KVCache(k=_blocked(cache.k, key_axes, cfg, widths), v=_blocked(cache.v, value_axes, cfg, widths),
                         valid=valid)
         if not model.config.scan_layers:  # each layer's blocks their own buffers: no slicing in the decode loop
             cache = cache._replace(k=_per_layer_blocks(cache.k), v=_per_layer_blocks(cache.v))
@@ -425,21 +451,21 @@ class Sampler:
                 logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprobs[:, None], column),
             )
 
-        # Window j feeds the tokens written to cache block j (response slots start .. start + width - 1) and
-        # attends to blocks 0..j only. A window whose rows are all done runs no step.
-        s, start = state, 0
-        for j, width in enumerate(cfg.response_blocks()):
-            attended = prompt_len + start + width
+        # Window j feeds the tokens written to cache block j (its response slots) and attends to blocks 0..j
+        # only. A window whose rows are all done runs no step.
+        s, attended = state, 0
+        widths = cache_block_widths(cfg, prompt_len, decode_slot_multiple(model.config.attention, model.config.dtype))
+        for j, width in enumerate(widths if cfg.response_blocks() else ()):
+            attended += width
             full = s.cache
             view = KVCache(k=_first_blocks(full.k, j + 1), v=_first_blocks(full.v, j + 1),
                            valid=full.valid[:, :attended])
-            last_step = start + width  # steps 1.. feed slot prompt_len + step - 1
+            last_step = attended - prompt_len  # steps 1.. feed slot prompt_len + step - 1
             s = jax.lax.while_loop(lambda s, last_step=last_step: unfinished(s) & (s.step <= last_step),
                                    advance, s._replace(cache=view))
             s = s._replace(cache=KVCache(
                 k=_with_first_blocks(full.k, s.cache.k), v=_with_first_blocks(full.v, s.cache.v),
                 valid=full.valid.at[:, :attended].set(s.cache.valid)))
-            start += width
 
         prompt_ids = jnp.repeat(prompt_ids, cfg.n, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, cfg.n, axis=0)
@@ -461,13 +487,13 @@ class Sampler:
         return jax.random.uniform(jax.random.fold_in(key, step), (rows,))
 
 
-def _blocked(prompt_cache: jax.Array, axes: tuple, cfg: SamplingConfig) -> CacheBlocks:
-    """The prefilled cache [layers, prompts, ...] given to its n samples, as one block per decode window:
-    the prompt's slots and the first window's, then each later window's (cfg.response_blocks()), empty."""
+def _blocked(prompt_cache: jax.Array, axes: tuple, cfg: SamplingConfig, widths: tuple[int, ...]) -> CacheBlocks:
+    """The prefilled cache [layers, prompts, ...] given to its n samples, as one block per decode window of
+    `widths` slots (cache_block_widths): the prompt's slots and the first window's, then each later window's,
+    empty."""
     slot_axis = axes.index("cache_seq")
-    widths = cfg.response_blocks() or (0,)
     first = jnp.repeat(prompt_cache, cfg.n, axis=1)
-    pad = [(0, widths[0]) if axis == slot_axis else (0, 0) for axis in range(first.ndim)]
+    pad = [(0, widths[0] - first.shape[slot_axis]) if axis == slot_axis else (0, 0) for axis in range(first.ndim)]
     blocks = [jnp.pad(first, pad)]
     for width in widths[1:]:
         blocks.append(jnp.zeros(first.shape[:slot_axis] + (width,) + first.shape[slot_axis + 1:], first.dtype))

@@ -9,6 +9,7 @@ read by nothing real (and differs between implementations by design).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -117,13 +118,14 @@ def xla_results(checkpoints):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernels' calls (traces), so a test knows its implementation really ran."""
-    calls = {"cudnn": 0, "splash": 0}
-    for name, fn in (("cudnn", attention_lib._dot_product), ("splash", attention_lib._splash)):
-        def counted(*args, _fn=fn, _name=name, **kwargs):
+    """Counts the kernels' calls (traces), so a test knows its implementation really ran ("decode": the GPU
+    decode kernel, once per cache block)."""
+    calls = {"cudnn": 0, "splash": 0, "decode": 0}
+    for name, attr in (("cudnn", "_dot_product"), ("splash", "_splash"), ("decode", "_decode_block")):
+        def counted(*args, _fn=getattr(attention_lib, attr), _name=name, **kwargs):
             calls[_name] += 1
             return _fn(*args, **kwargs)
-        monkeypatch.setattr(attention_lib, "_dot_product" if name == "cudnn" else "_splash", counted)
+        monkeypatch.setattr(attention_lib, attr, counted)
     return calls
 
 
@@ -132,7 +134,7 @@ def kernel_calls(monkeypatch):
 def test_kernel_logits_logprobs_and_gradients_equal_the_xla_path(checkpoints, xla_results, kernel_calls, name,
                                                                  implementation):
     reference = xla_results(name)
-    assert kernel_calls == {"cudnn": 0, "splash": 0}
+    assert kernel_calls == {"cudnn": 0, "splash": 0, "decode": 0}
     ours = forward_and_gradients(load(checkpoints[name], implementation), *padded_batch())
     assert kernel_calls[implementation] > 0
     key, worst = largest_difference(ours, reference)
@@ -165,27 +167,76 @@ def test_kernel_prefill_fills_the_cache_and_predicts_as_the_xla_prefill(checkpoi
         logits, cache = prefill(state, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask), cache)
         step, cache = decode(state, jnp.asarray(ids[:, -1:]), jnp.asarray(positions[:, -1:] + 1),
                              jnp.ones((2, 1), bool), cache, jnp.int32(SEQ))
-        real_keys = np.where(mask[None, :, None, None, :] == 1, np.asarray(cache.k)[..., :SEQ], 0)  # pad slots:
+        keys = np.asarray(cache.k)  # [layers, batch, kv_heads, head_dim, slots], or heads-major for cudnn's decode
+        keys = np.swapaxes(keys, -1, -2) if attention_lib.key_cache_layout(impl, "float32") == "bnsk" else keys
+        real_keys = np.where(mask[None, :, None, None, :] == 1, keys[..., :SEQ], 0)  # pad slots:
         results[impl] = (np.asarray(logits)[mask == 1], real_keys, np.asarray(step))  # never read
     assert kernel_calls[implementation] > 0
     for ours, reference in zip(results[implementation], results["xla"]):
         np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=0)
 
 
-def test_sampler_prefills_through_the_kernel_and_samples_as_with_the_xla_path(checkpoints, kernel_calls):
-    """The sampler's prefill (slot 0) takes the kernel; greedy tokens and their log-probs equal the xla path's."""
-    from rlmt_jax.sampling import Sampler, SamplingConfig
+SAMPLER_PROMPTS = [[5, 9, 17, 33, 2, 8, 11, 90, 3], [40, 41], [7, 7, 7, 90, 12]]  # left-padded to 16
 
-    prompts = [[5, 9, 17, 33, 2, 8], [40, 41], [7, 7, 7, 90]]  # left-padded to the bucket of 8 by the sampler
-    config = SamplingConfig(max_new_tokens=3, temperature=0.0, prompt_buckets=(8,), pad_id=159)
-    rollouts = {}
-    for impl in ("xla", "cudnn"):
-        sampler, params = Sampler.for_model(load(checkpoints["qwen25"], impl), config)
-        rollouts[impl] = sampler(params, prompts, jax.random.key(0))
-    assert kernel_calls["cudnn"] > 0
+
+def sample(path, implementation: str, config, prompts=SAMPLER_PROMPTS):
+    from rlmt_jax.sampling import Sampler
+
+    sampler, params = Sampler.for_model(load(path, implementation), config)
+    return sampler(params, prompts, jax.random.key(0))
+
+
+def test_sampler_with_the_decode_kernel_samples_as_the_xla_path(checkpoints, kernel_calls):
+    """Prefill through the kernel, then decode steps through JAX's GPU decode kernel (interpret mode) over 2
+    cache blocks (decode windows; block ends at multiples of 16: slots 0-31 and 32-47), Llama's GQA 2:1,
+    prompts of 9, 2 and 5 tokens left-padded to 16, n=2 samples each: greedy tokens equal the xla path's and
+    log-probs are within 1e-5. Prompt 1's samples stop on an EOS (a token only they produce, at a step from 3
+    to 7: a stopped row keeps being fed, its slots stay one run) while the others run all 20 tokens, into
+    block 1."""
+    from rlmt_jax.sampling import SamplingConfig, cache_block_widths
+
+    config = SamplingConfig(n=2, max_new_tokens=20, temperature=0.0, prompt_buckets=(16,), pad_id=159,
+                            decode_windows=2)
+    assert cache_block_widths(config, 16, attention_lib.DECODE_SLOT_MULTIPLE) == (32, 16)
+    free = sample(checkpoints["llama3"], "xla", config)
+    others = {t for row in (0, 4) for t in free.response_tokens(row)}
+    eos = next(t for t in free.response_tokens(2)[3:8] if t not in others)
+    config = dataclasses.replace(config, eos_ids=(eos,))
+    rollouts = {impl: sample(checkpoints["llama3"], impl, config) for impl in ("xla", "cudnn")}
+    assert kernel_calls["decode"] > 0 and kernel_calls["cudnn"] > 0
+    lengths = np.asarray(rollouts["xla"].response_lengths)
+    assert 4 <= lengths[2] == lengths[3] <= 8 and lengths[[0, 1, 4, 5]].tolist() == [20] * 4
     np.testing.assert_array_equal(np.asarray(rollouts["cudnn"].tokens), np.asarray(rollouts["xla"].tokens))
+    np.testing.assert_array_equal(np.asarray(rollouts["cudnn"].response_lengths), lengths)
     np.testing.assert_allclose(np.asarray(rollouts["cudnn"].logprobs), np.asarray(rollouts["xla"].logprobs),
                                atol=TOLERANCE, rtol=0)
+
+
+def test_decode_kernel_blocks_merge_to_grouped_attention_over_each_rows_slots():
+    """decode_attention over two blocks (32 + 16 slots) against grouped_attention with the dense mask, rows
+    attending to different runs: one spanning both blocks, one inside each block, one of a single slot at the
+    block edge. Shifting any row's start or end by one slot changes its output (the wiring is pinned)."""
+    from models.layers import grouped_attention
+
+    rng = np.random.default_rng(0)
+    batch, kv, group, hd, widths = 4, 2, 3, 8, (32, 16)
+    q = jnp.asarray(rng.normal(size=(batch, 1, kv * group, hd)), jnp.float32)
+    keys = [jnp.asarray(rng.normal(size=(batch, kv, w, hd)), jnp.float32) for w in widths]
+    values = [jnp.asarray(rng.normal(size=(batch, kv, w, hd)), jnp.float32) for w in widths]
+    run = jax.jit(attention_lib.decode_attention)
+
+    def reference(start, end):
+        slots = np.arange(sum(widths))[None]
+        mask = (slots >= np.asarray(start)[:, None]) & (slots < np.asarray(end)[:, None])
+        return np.asarray(grouped_attention(q, keys, values, jnp.asarray(mask)[:, None], "bnsk", "bnsk"))
+
+    start, end = np.array([3, 20, 33, 31]), np.array([45, 30, 47, 32])
+    ours = np.asarray(run(q, keys, values, attention_lib.CacheRows(jnp.asarray(start), jnp.asarray(end))))
+    np.testing.assert_allclose(ours, reference(start, end), atol=1e-6, rtol=0)
+    for shifted in (start - 1, start + 1):
+        assert np.abs(ours - reference(shifted, end)).max(axis=(1, 2, 3)).min() > 1e-3
+    for shifted in (end - 1, end + 1):
+        assert np.abs(ours - reference(start, shifted)).max(axis=(1, 2, 3)).min() > 1e-3
 
 
 def test_auto_picks_splash_on_tpu_cudnn_on_gpu_in_half_precision_and_xla_elsewhere():
