@@ -278,6 +278,9 @@ def test_kernels_on_eight_devices_equal_the_xla_path_on_one(checkpoints):
     for label, entry in observed["meshes"].items():
         assert entry["per_device"], label  # the kernels ran inside a shard_map
         assert entry["worst"] <= TOLERANCE, (label, entry)
+    sampler = observed["sampler"]  # the decode kernel in a decode layout data=4 x tensor=2
+    assert sampler["tokens_equal"] and sampler["worst_logprob"] <= TOLERANCE, sampler
+    assert [2, 1, 2, 16] in sampler["decode_q_shapes"], sampler  # per device: 8 rows / 4, 2 kv heads / 2
 
 
 def _sharded_worker(path: str) -> dict:
@@ -299,7 +302,39 @@ def _sharded_worker(path: str) -> dict:
         key, worst = largest_difference(ours, reference)
         observed["meshes"][f"{'x'.join(map(str, sizes))} {implementation}"] = {
             "worst": worst, "key": key, "per_device": "shard_map" in jaxpr}
+    observed["sampler"] = _sharded_sampler(path)
     return observed
+
+
+def _sharded_sampler(path: str) -> dict:
+    """The sampler with the decode kernel in a decode layout (data 4 x tensor 2: rows over data, Llama's 2 kv
+    heads over tensor) against the xla path on one device, greedy, 2 windows, n=2 (4 prompts: 8 rows); and the
+    q shapes the kernel was traced with (per device inside the shard_map; the global one when per_device_map
+    evaluates the output's shape)."""
+    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.config import RolloutMeshConfig
+    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
+
+    shapes = set()
+    kernel = attention_lib._decode_block
+
+    def recorded(q, *args, **kwargs):
+        shapes.add(tuple(q.shape))
+        return kernel(q, *args, **kwargs)
+
+    attention_lib._decode_block = recorded
+    prompts = [*SAMPLER_PROMPTS, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]
+    config = SamplingConfig(n=2, max_new_tokens=20, temperature=0.0, prompt_buckets=(16,), pad_id=159,
+                            decode_windows=2)
+    reference = sample(path, "xla", config, prompts)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(4, 2, 1))
+    layout = DecodeLayout.of(mesh, RolloutMeshConfig(data=4, tensor=2), "float32")
+    sampler, params = Sampler.for_model(load(path, "cudnn"), config)
+    sampler = Sampler(sampler.graphdef, config, layout=layout)
+    ours = sampler(params, prompts, jax.random.key(0))
+    return {"tokens_equal": bool(np.array_equal(np.asarray(ours.tokens), np.asarray(reference.tokens))),
+            "worst_logprob": float(np.abs(np.asarray(ours.logprobs) - np.asarray(reference.logprobs)).max()),
+            "decode_q_shapes": sorted(list(shape) for shape in shapes)}
 
 
 if __name__ == "__main__":
