@@ -86,20 +86,22 @@ def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
     return "xla"
 
 
-def decodes_with_kernel(setting: str, dtype) -> bool:
-    """Whether decode steps of the implementation `setting` resolves to run the decode kernel."""
-    return resolve_attention(setting, dtype) in DECODE_KERNELS
+def decodes_with_kernel(cfg) -> bool:
+    """Whether decode steps of ModelConfig `cfg` run the decode kernel: its implementation has one, and the kernel
+    can load its heads (Triton tiles of [slots, head_dim] need a power-of-two head_dim, and its dots >= 16)."""
+    hd = cfg.head_dim
+    return resolve_attention(cfg.attention, cfg.dtype) in DECODE_KERNELS and hd >= 16 and hd & (hd - 1) == 0
 
 
-def key_cache_layout(setting: str, dtype) -> str:
-    """The KV cache's key layout for `setting`: "bnsk" [batch, kv_heads, cache_len, head_dim] for the decode
-    kernel, else "bnks" [batch, kv_heads, head_dim, cache_len] (module docstring)."""
-    return "bnsk" if decodes_with_kernel(setting, dtype) else "bnks"
+def key_cache_layout(cfg) -> str:
+    """The KV cache's key layout for ModelConfig `cfg`: "bnsk" [batch, kv_heads, cache_len, head_dim] for the
+    decode kernel, else "bnks" [batch, kv_heads, head_dim, cache_len] (module docstring)."""
+    return "bnsk" if decodes_with_kernel(cfg) else "bnks"
 
 
-def decode_slot_multiple(setting: str, dtype) -> int:
+def decode_slot_multiple(cfg) -> int:
     """What every cache block's length must be a multiple of in decode: DECODE_SLOT_MULTIPLE for the kernel."""
-    return DECODE_SLOT_MULTIPLE if decodes_with_kernel(setting, dtype) else 1
+    return DECODE_SLOT_MULTIPLE if decodes_with_kernel(cfg) else 1
 
 
 def kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, implementation: str) -> jax.Array:

@@ -96,7 +96,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.dtype = jnp.dtype(cfg.dtype)
         self.implementation = resolve_attention(cfg.attention, cfg.dtype)
-        self.key_layout = key_cache_layout(cfg.attention, cfg.dtype)
+        self.key_layout = key_cache_layout(cfg)
         self.q_proj = param(_normal(rngs, (d, h, hd), pdt), ("embed", "heads", "head_dim"))
         self.k_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))
         self.v_proj = param(_normal(rngs, (d, kv, hd), pdt), ("embed", "kv_heads", "head_dim"))

@@ -219,7 +219,7 @@ class CausalLM(_WithDecoder):
         cfg = self.config
         layers, kv = cfg.num_hidden_layers, cfg.num_key_value_heads
         values = (layers, batch, kv, max_len, cfg.head_dim)
-        heads_major = key_cache_layout(cfg.attention, cfg.dtype) == "bnsk"
+        heads_major = key_cache_layout(cfg) == "bnsk"
         keys = values if heads_major else (layers, batch, kv, cfg.head_dim, max_len)
         return KVCache(k=jnp.zeros(keys, dtype), v=jnp.zeros(values, dtype), valid=jnp.zeros((batch, max_len), bool))
 
@@ -266,7 +266,7 @@ class CausalLM(_WithDecoder):
         cfg = self.config
         kernel_prefill = (isinstance(index, int) and index == 0 and input_ids.shape[1] > 1
                           and resolve_attention(cfg.attention, cfg.dtype) != "xla")
-        kernel_decode = contiguous_rows and input_ids.shape[1] == 1 and decodes_with_kernel(cfg.attention, cfg.dtype)
+        kernel_decode = contiguous_rows and input_ids.shape[1] == 1 and decodes_with_kernel(cfg)
         index = jnp.asarray(index, jnp.int32)
         valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
         cache = cache._replace(valid=valid)

@@ -125,7 +125,7 @@ class SamplingConfig:
 
 def cache_axes(model_config) -> tuple[tuple, tuple]:
     """The logical axes of the sampler's key and value caches for a model config (its key layout)."""
-    heads_major = key_cache_layout(model_config.attention, model_config.dtype) == "bnsk"
+    heads_major = key_cache_layout(model_config) == "bnsk"
     return (VALUE_CACHE_AXES if heads_major else KEY_CACHE_AXES), VALUE_CACHE_AXES
 
 
@@ -384,7 +384,7 @@ class Sampler:
         cache = model.init_cache(batch, prompt_len, jnp.dtype(cfg.cache_dtype))
         last_logits, cache = _last_logits(model, prompt_ids, positions, prompt_mask, cache, 0)
 
-        widths = cache_block_widths(cfg, prompt_len, decode_slot_multiple(model.config.attention, model.config.dtype))
+        widths = cache_block_widths(cfg, prompt_len, decode_slot_multiple(model.config))
         valid = jnp.pad(jnp.repeat(cache.valid, cfg.n, axis=0), ((0, 0), (0, sum(widths) - prompt_len)))
         key_axes, value_axes = cache_axes(model.config)
         cache = KVCache(k=_blocked(cache.k, key_axes, cfg, widths), v=_blocked(cache.v, value_axes, cfg, widths),
@@ -454,7 +454,7 @@ class Sampler:
         # Window j feeds the tokens written to cache block j (its response slots) and attends to blocks 0..j
         # only. A window whose rows are all done runs no step.
         s, attended = state, 0
-        widths = cache_block_widths(cfg, prompt_len, decode_slot_multiple(model.config.attention, model.config.dtype))
+        widths = cache_block_widths(cfg, prompt_len, decode_slot_multiple(model.config))
         for j, width in enumerate(widths if cfg.response_blocks() else ()):
             attended += width
             full = s.cache

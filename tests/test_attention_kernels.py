@@ -168,7 +168,7 @@ def test_kernel_prefill_fills_the_cache_and_predicts_as_the_xla_prefill(checkpoi
         step, cache = decode(state, jnp.asarray(ids[:, -1:]), jnp.asarray(positions[:, -1:] + 1),
                              jnp.ones((2, 1), bool), cache, jnp.int32(SEQ))
         keys = np.asarray(cache.k)  # [layers, batch, kv_heads, head_dim, slots], or heads-major for cudnn's decode
-        keys = np.swapaxes(keys, -1, -2) if attention_lib.key_cache_layout(impl, "float32") == "bnsk" else keys
+        keys = np.swapaxes(keys, -1, -2) if attention_lib.key_cache_layout(model.config) == "bnsk" else keys
         real_keys = np.where(mask[None, :, None, None, :] == 1, keys[..., :SEQ], 0)  # pad slots:
         results[impl] = (np.asarray(logits)[mask == 1], real_keys, np.asarray(step))  # never read
     assert kernel_calls[implementation] > 0
