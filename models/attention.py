@@ -14,28 +14,35 @@ the dense mask `causal_mask(attention_mask)` builds, without its [seq, seq] arra
 and kv heads split by the rules table, models.sharding.per_device), each query head kept with its kv head.
 
 Decode steps (one query per row against the KV cache):
-  cudnn   JAX's GPU decode kernel (jax.experimental.pallas.ops.gpu.decode_attention, its per-(row, kv head)
-          `decode_attn_unbatched`, Pallas interpret mode off GPU), when the caller vouches that each row
-          attends to one contiguous run of slots (`CacheRows`: the sampler's rows, left-padded prompt then
-          every fed token; see transformer.decode_hidden_states). The kernel masks slot s of a row unless
-          start_idx <= s < kv_seq_len, which is exactly such a run. Any other decode call stays on xla.
-          Keys are kept heads-major [batch, kv_heads, cache_len, head_dim] like values (`key_cache_layout`),
-          chosen when the cache is made (init_cache): the kernel reads a [cache_len, head_dim] matrix per
-          (row, kv head), and with the xla path's transposed keys every step would first copy the whole
-          cache into that layout (gqa's own [batch, seq, kv_heads, head_dim] input would be a second
-          copy: it swaps axes, so we call decode_attn_unbatched under vmap instead, on the cache as it is).
-          Same bytes either way, so the memory plan is unchanged. The sampler's decode windows hand the
-          cache over as blocks (CacheBlocks): each block is one kernel call returning its unnormalised
-          output with the softmax residuals (l = sum of exp, m = max), merged by the log-sum-exp rule
-          (`merge_blocks`), so no block is concatenated or copied. The kernel splits a block into k_splits
-          pieces of power-of-two key tiles, so every block's length must be a multiple of
-          DECODE_SLOT_MULTIPLE: the sampler puts its block boundaries there (`decode_slot_multiple`).
+  cudnn   JAX's GPU decode kernel (jax.experimental.pallas.ops.gpu.decode_attention; Pallas interpret mode off
+          GPU), when the caller vouches that each row attends to one contiguous run of slots: the sampler, whose
+          rows are a left-padded prompt then every fed token (transformer.decode_hidden_states passes the run as
+          `CacheRows`; any other decode call, and a head_dim the kernel cannot tile, stay on xla). The kernel
+          attends to slots start_idx <= s < kv_seq_len of a row, exactly such a run: start_idx is the row's
+          first valid slot, kv_seq_len the slot just written + 1, both made block-local per cache block.
+          Layout: keys heads-major [batch, kv_heads, cache_len, head_dim] like values (`key_cache_layout`),
+          chosen once when the cache is made (init_cache). The kernel reads one [cache_len, head_dim] matrix
+          per (row, kv head): with the xla path's transposed keys every step would first copy the whole cache
+          into that layout. For the same reason we call its per-(row, kv head) `decode_attn_unbatched` under
+          vmap on the cache as it is, not its `gqa`, which takes [batch, seq, kv_heads, head_dim] and swaps
+          axes (a copy). Same elements either way: the memory plan is unchanged.
+          Windows: the sampler's decode windows hand the cache over as blocks (CacheBlocks, each its own
+          buffer); each block is one kernel call returning its unnormalised output with the softmax residuals
+          (l = sum of exp, m = max), and the blocks are merged by the log-sum-exp rule (`merge_blocks`), so no
+          block is concatenated or copied. The kernel cuts a block into k_splits pieces of power-of-two key
+          tiles (>= 16), so every block's length is a multiple of DECODE_SLOT_MULTIPLE: the sampler puts its
+          block ends there (`decode_slot_multiple`; the last block then has up to 15 slots never written).
+          It runs per device like the kernels above (batch and kv heads split by the rules). A kernel takes
+          whole arrays, so what XLA would fuse into its dots is a copy here: a cache dtype other than the
+          compute dtype is cast every step (keep rollout.cache_dtype = runtime.dtype), and with scanned layers
+          each step slices its layer out of the stacked cache (unscanned models keep one buffer per layer).
   xla, splash  grouped_attention over the cache (layers.cached_attention), keys transposed
           [batch, kv_heads, head_dim, cache_len] so that XLA:CPU runs plain matmuls. JAX's TPU decode
           kernels (pallas.ops.tpu paged_attention, ragged_paged_attention) read a paged cache and take one
-          length per row (`lengths`, `kv_lens`) counted from the row's slot 0, with no start: our left-padded
-          prompts would attend to their pads, and pages cannot start at each row's first real token (they are
-          page_size aligned), so splash decodes on the xla path.
+          length per row (`lengths`, `kv_lens`) counted from its first page's slot 0, with no start offset:
+          our left-padded rows would attend to their pads (a row's first real token sits anywhere inside a
+          page). Using them would need a cache that writes each row from its own slot 0 (a write position per
+          row, a paged layout) instead of one shared slot per step, so splash decodes on the xla path.
 """
 
 from __future__ import annotations

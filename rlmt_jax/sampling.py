@@ -76,7 +76,8 @@ class SamplingConfig:
         buffer (the first also holds the prompt), and while the loop fills block j its attention reads
         blocks 0..j only, not the whole cache: with 4 windows a step reads on average the prompt and ~5/8 of
         the response slots instead of all of them (most of a step's memory traffic for long responses at
-        scale). Each window is its own loop in the one decode program.
+        scale). Each window is its own loop in the one decode program. With the GPU decode kernel the blocks
+        end at multiples of 16 slots (cache_block_widths).
     """
 
     n: int = 1

@@ -212,6 +212,20 @@ def test_sampler_with_the_decode_kernel_samples_as_the_xla_path(checkpoints, ker
                                atol=TOLERANCE, rtol=0)
 
 
+def test_cache_blocks_end_at_multiples_of_16_for_the_decode_kernel_and_as_the_windows_say_otherwise():
+    from rlmt_jax.sampling import SamplingConfig, cache_block_widths
+
+    config = SamplingConfig(max_new_tokens=41, decode_windows=4)  # response blocks (10, 10, 10, 10)
+    assert cache_block_widths(config, 16) == (26, 10, 10, 10)
+    assert cache_block_widths(config, 16, 16) == (32, 16, 16)  # ends 26, 36, 46, 56 -> 32, 48, 48, 64
+    assert cache_block_widths(SamplingConfig(max_new_tokens=1), 8, 16) == (16,)  # nothing fed back
+    llama = ModelConfig(num_attention_heads=4, num_key_value_heads=2, hidden_size=64, attention="cudnn")
+    assert attention_lib.decode_slot_multiple(llama) == 16 and attention_lib.key_cache_layout(llama) == "bnsk"
+    narrow = dataclasses.replace(llama, head_dim=8)  # the kernel's tiles need a head_dim >= 16
+    assert attention_lib.decode_slot_multiple(narrow) == 1 and attention_lib.key_cache_layout(narrow) == "bnks"
+    assert attention_lib.key_cache_layout(dataclasses.replace(llama, attention="splash")) == "bnks"
+
+
 def test_decode_kernel_blocks_merge_to_grouped_attention_over_each_rows_slots():
     """decode_attention over two blocks (32 + 16 slots) against grouped_attention with the dense mask, rows
     attending to different runs: one spanning both blocks, one inside each block, one of a single slot at the
