@@ -210,14 +210,17 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return ids, mask
 
 
-def _last_logits(model, input_ids, positions, mask, cache, index, rope=None, head=None) -> tuple[jax.Array, KVCache]:
+def _last_logits(model, input_ids, positions, mask, cache, index, rope=None, head=None,
+                 decode_step=False) -> tuple[jax.Array, KVCache]:
     """model.decode with the lm head applied to the last column only.  -> (logits [batch, vocab], cache).
 
     head: the lm head as [vocab, embed] (`vocab_major_head`), or None for the model's own.
-    Every row's valid slots are one run (contiguous_rows): a prompt left-padded to slot P - 1 by `left_pad`,
-    then every decode step writes its slot with mask True for every row (stopped rows too, fed pads that
-    nothing reads), and a row's n samples copy its prompt's slots; a window's view is a prefix of them."""
-    hidden, cache = model.decode_hidden_states(input_ids, positions, mask, cache, index, rope, contiguous_rows=True)
+    decode_step: a step of the decode loop, whose rows' valid slots are each one run (decode_hidden_states'
+    contiguous_rows): a prompt left-padded to slot P - 1 by `left_pad`, a row's n samples copying its slots,
+    then every step writing its slot with mask True for every row (stopped rows too, fed pads that nothing
+    reads); a window's view is a prefix of them."""
+    hidden, cache = model.decode_hidden_states(input_ids, positions, mask, cache, index, rope,
+                                               contiguous_rows=decode_step)
     if head is None:
         return model.lm_logits(hidden[:, -1:])[:, 0], cache
     logits = jnp.einsum("bd,vd->bv", hidden[:, -1], head)
@@ -434,7 +437,7 @@ class Sampler:
             feed_mask = jnp.ones((rows, 1), bool)
             rope = tuple(jax.lax.dynamic_slice_in_dim(t, s.step - 1, 1, axis=1) for t in (rope_cos, rope_sin))
             logits, cache = _last_logits(model, s.last[:, None], s.positions[:, None], feed_mask, s.cache, slot, rope,
-                                         head)
+                                         head, decode_step=True)
             tokens, logprobs = choose_next_token(
                 logits, self._uniform(key, s.step, rows), cfg.temperature, cfg.top_k, cfg.top_p
             )
