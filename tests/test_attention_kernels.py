@@ -226,6 +226,20 @@ def test_cache_blocks_end_at_multiples_of_16_for_the_decode_kernel_and_as_the_wi
     assert attention_lib.key_cache_layout(dataclasses.replace(llama, attention="splash")) == "bnks"
 
 
+def test_decode_kernel_lowers_to_triton_for_a_gpu_at_real_shapes(monkeypatch):
+    """Lowered for CUDA (no GPU needed): the kernel's tiles are shapes Triton takes (power-of-two loads), for
+    Llama-8B's heads (32 of 128 over 8 kv heads) in bfloat16 and blocks of 2048 and 1296 (= 16 x 81) slots."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # not interpret mode
+    q = jax.ShapeDtypeStruct((2, 1, 32, 128), jnp.bfloat16)
+    blocks = [jax.ShapeDtypeStruct((2, 8, width, 128), jnp.bfloat16) for width in (2048, 1296)]
+    rows = jax.ShapeDtypeStruct((2,), jnp.int32)
+    step = jax.jit(lambda q, k, v, start, end: attention_lib.decode_attention(q, k, v, attention_lib.CacheRows(
+        start, end)))
+    text = step.trace(q, blocks, blocks, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # one kernel per block
+    assert attention_lib._decode_tiling(2048) == (128, 16) and attention_lib._decode_tiling(1296) == (16, 9)
+
+
 def test_decode_kernel_blocks_merge_to_grouped_attention_over_each_rows_slots():
     """decode_attention over two blocks (32 + 16 slots) against grouped_attention with the dense mask, rows
     attending to different runs: one spanning both blocks, one inside each block, one of a single slot at the
