@@ -214,7 +214,7 @@ def runs(tmp_path_factory, tiny_cache):
            "rollout.decode_windows=2", "run.total_steps=2"]
     # three clusters at once: much of a worker's time is single-threaded compiling or waiting for its peer
     two = start(2, [[*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=2"],
-                    [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3", "--allow-config-change"]])
+                    [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3"]])  # extended: no flag needed
     one = start(1, [[*grpo, f"run.output_dir={root / 'one'}", "run.total_steps=3"],
                     [*ppo, f"run.output_dir={root / 'ppo_one'}"]])
     others = start(2, [dpo, sft_run, [*ppo, f"run.output_dir={root / 'ppo_two'}"]])
