@@ -93,11 +93,13 @@ def resolve_attention(setting: str, dtype, platform: str | None = None) -> str:
     return "xla"
 
 
-def decodes_with_kernel(cfg) -> bool:
-    """Whether decode steps of ModelConfig `cfg` run the decode kernel: its implementation has one, and the kernel
-    can load its heads (Triton tiles of [slots, head_dim] need a power-of-two head_dim, and its dots >= 16)."""
+def decodes_with_kernel(cfg, platform: str | None = None) -> bool:
+    """Whether decode steps of ModelConfig `cfg` run the decode kernel on `platform` (default: JAX's default
+    backend): its implementation has one, and the kernel can load its heads (Triton tiles of [slots, head_dim]
+    need a power-of-two head_dim, and its dots >= 16)."""
     hd = cfg.head_dim
-    return resolve_attention(cfg.attention, cfg.dtype) in DECODE_KERNELS and hd >= 16 and hd & (hd - 1) == 0
+    implementation = resolve_attention(cfg.attention, cfg.dtype, platform)
+    return implementation in DECODE_KERNELS and hd >= 16 and hd & (hd - 1) == 0
 
 
 def key_cache_layout(cfg) -> str:

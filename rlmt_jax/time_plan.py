@@ -7,7 +7,8 @@ Each phase is counted on one device (the work splits evenly over the devices tha
   flops        matmuls 2 x params x tokens (x3 with the backward, x4 with full remat), attention scores and
                values 4 x layers x rows x queries x keys x heads x head_dim (causal: half the keys)
   hbm bytes    the weights each device reads (once per forward or decode step), the KV cache a decode step
-               reads, the optimizer's reads and writes
+               reads (the GPU decode kernel: each row's slots so far; the xla path: every slot of the decode
+               windows so far), the optimizer's reads and writes
   link bytes   what each device receives or sends over the interconnect: FSDP all-gathers of the weights and
                reduce-scatters of the gradients, tensor-parallel all-reduces of the activations; ring
                collectives move (n-1)/n of the data
@@ -26,7 +27,9 @@ import math
 
 from rlmt_jax.algorithms.specs import spec_of
 from rlmt_jax.config import RunConfig, frozen_param_dtype
-from rlmt_jax.memory_plan import DeviceSpec, itemsize, plan_mesh, plan_rollout_mesh, run_models, update_shape
+from models.attention import decodes_with_kernel
+from rlmt_jax.memory_plan import (DEVICE_PLATFORMS, DeviceSpec, itemsize, plan_mesh, plan_rollout_mesh, run_models,
+                                  update_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +183,16 @@ def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = Non
     # decode: every step each device reads its weights and the cache slots its rows attend to (decode windows)
     from rlmt_jax.sampling import SamplingConfig
 
-    blocks = SamplingConfig(max_new_tokens=new, decode_windows=cfg.rollout.decode_windows).response_blocks()
-    attended, filled = 0.0, 0
-    for width in blocks:
-        filled += width
-        attended += width * (prompt_len + filled)
-    mean_keys = attended / max(sum(blocks), 1)
+    if decodes_with_kernel(dataclasses.replace(policy, attention=cfg.runtime.attention, dtype=cfg.runtime.dtype),
+                           DEVICE_PLATFORMS[device.kind]):
+        mean_keys = prompt_len + (new + 1) / 2  # the decode kernel reads each row's slots up to the one written
+    else:  # the xla path reads every slot of the windows so far, filled or not
+        blocks = SamplingConfig(max_new_tokens=new, decode_windows=cfg.rollout.decode_windows).response_blocks()
+        attended, filled = 0.0, 0
+        for width in blocks:
+            filled += width
+            attended += width * (prompt_len + filled)
+        mean_keys = attended / max(sum(blocks), 1)
     step_flops = (2 * weights * rows + _attention_flops(policy, rows, 1, mean_keys)) / n_dev
     step_hbm = weight_share + rows * mean_keys * kv_per_slot / n_dev
     # per step: 2 all-reduces a layer (tensor > 1), or a gather of every layer's kernels (4 a layer) with FSDP

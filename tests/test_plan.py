@@ -308,3 +308,21 @@ def test_only_the_decode_step_reads_at_the_streamed_share_of_the_bandwidth():
     for name in ("rollout copy", "rollout prefill", "reward scoring", "old log-probs", "update"):
         assert at_half.phase(name).seconds == at_full.phase(name).seconds, name
     assert CHIPS["h100"].stream == 0.8
+
+
+def test_the_gpu_decode_kernel_reads_each_rows_slots_so_far_and_the_xla_path_its_windows():
+    from rlmt_jax.sampling import SamplingConfig
+    from rlmt_jax.time_plan import time_plan
+
+    spec = DeviceSpec.parse("h100")
+    kernel = time_plan(resolve("grpo_llama31_8b_instruct", H100_OVERRIDES), spec).phase("rollout decode")
+    xla = time_plan(resolve("grpo_llama31_8b_instruct", [*H100_OVERRIDES, "runtime.attention=xla"]), spec)
+    xla = xla.phase("rollout decode")
+    # xla: 4 windows (the last token needs no slot), window j reads the 1024 prompt slots and windows 0..j
+    assert SamplingConfig(max_new_tokens=4096).response_blocks() == (1024, 1024, 1024, 1023)
+    xla_keys = (1024 * (2048 + 3072 + 4096) + 1023 * (1024 + 4095)) / 4095
+    kernel_keys = 1024 + 4097 / 2  # step t of 4096 reads slots up to prompt + t: 1024 + (1 + ... + 4096) / 4096
+    kv_per_slot = 2 * 32 * 8 * 128 * 2  # layers x kv heads x head_dim, keys and values, bfloat16
+    assert xla.hbm_bytes - kernel.hbm_bytes == pytest.approx(
+        4096 * 512 * (xla_keys - kernel_keys) * kv_per_slot / 8, rel=1e-9)
+    assert "~3072 cache slots" in kernel.how and "~3583 cache slots" in xla.how
