@@ -164,7 +164,7 @@ class RewardScorer:
         num_labels = model.config.num_labels
         if num_labels != 1 and settings.label is None or not 0 <= settings.score_index < num_labels:
             raise UserError(f"{name}: has num_labels={num_labels}; a reward model gives one score per answer "
-                            "(num_labels 1), or set reward.label to the label that is the reward")
+                            "(num_labels 1), or set reward.label (score: --label) to the label that is the reward")
         self.graphdef, self.state = nnx.split(model)
         self._forward = jax.jit(self._scores)
 

@@ -143,3 +143,37 @@ def test_failed_write_leaves_neither_partial_nor_temporary_file(tmp_path, previo
         write_jsonl_atomic(previous_output, [{"ok": 1}, {"not json": {1, 2}}])
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
     assert previous_output.read_text() == "previous results\n"
+
+
+def test_a_two_label_reward_model_is_scored_on_the_label_given(tiny_cache, tmp_path, capsys):
+    import dataclasses
+
+    from flax import nnx
+
+    import models
+    from rlmt_jax.rewards import RewardScorer, RewardSettings
+    from rlmt_jax.tiny import tiny_assets_dir
+
+    assets = tiny_assets_dir()
+    config = dataclasses.replace(models.ModelConfig.from_pretrained(assets / "reward"), num_labels=2)
+    rm_dir = tmp_path / "two_labels"
+    models.save_pretrained(models.build_model(config, nnx.Rngs(3)), rm_dir, writer=True,
+                           extra_files=sorted((assets / "tokenizer").iterdir()))
+    write_jsonl(tmp_path / "in.jsonl", ROWS)
+    assert score(rm_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl") == 2
+    assert "has num_labels=2" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+
+    rewards = {}
+    for label in ("LABEL_0", "1"):
+        assert score(rm_dir, tmp_path / "in.jsonl", tmp_path / f"{label}.jsonl", "--label", label) == 0
+        rewards[label] = [json.loads(line)["reward"] for line in (tmp_path / f"{label}.jsonl").read_text().splitlines()]
+    # what training scores with reward.label: the same rows through RewardScorer, per label
+    settings = RewardSettings(max_length=256, batch_size=2)
+    conversations = [json.loads(line) for line in (tmp_path / "1.jsonl").read_text().splitlines()]
+    prompts = [[{"role": "user", "content": r["messages"][0]["content"] if "messages" in r else r["prompt"]}]
+               for r in conversations]
+    answers = [r["answer"] for r in conversations]
+    for label, index in (("LABEL_0", "0"), ("1", "1")):
+        scorer = RewardScorer.from_pretrained(rm_dir, dataclasses.replace(settings, label=index))
+        np.testing.assert_allclose(rewards[label], scorer.score(prompts, answers)[0], atol=1e-5, rtol=0)
+    assert not np.allclose(rewards["LABEL_0"], rewards["1"])

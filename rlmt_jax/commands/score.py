@@ -51,6 +51,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--truncation-side", choices=("right", "left"), default="right")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--label", help="the label that is the reward, by name (config.json id2label) or index, "
+                        "for a reward model with more than one (as reward.label in training)")
     parser.set_defaults(func=run)
 
 
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     rows = read_rows(input_path)
     template = TemplateSettings(mode=args.mode, strict=args.strict)
     settings = RewardSettings(
-        max_length=args.max_length, truncation_side=args.truncation_side, batch_size=args.batch_size, dtype=args.dtype
+        max_length=args.max_length, truncation_side=args.truncation_side, batch_size=args.batch_size, dtype=args.dtype,
+        label=args.label,
     )
     policy_tokenizer = None
     if args.policy_tokenizer:
