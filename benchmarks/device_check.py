@@ -296,7 +296,15 @@ def main(argv=None) -> int:
     print(f"device_check: {len(jax.devices())} x {jax.devices()[0].device_kind} ({platform}), peak figures: "
           f"{chip.name}; model {params / 1e6:.1f}M params, compute in {args.dtype}", flush=True)
     check_update_step(model_config, chip, args)
-    ours = check_sampler(model_config, chip, args)
+    try:
+        ours = check_sampler(model_config, chip, args)
+    except Exception as err:  # noqa: BLE001  a kernel this device cannot compile: say so, time the xla path
+        if resolved_attention(model_config) == "xla":
+            raise
+        print(f"device_check what=sampler_failed attention={resolved_attention(model_config)} "
+              f"error={type(err).__name__}: {' '.join(str(err).split())[:400]}; again with attention=xla", flush=True)
+        model_config = model_config.replace(attention="xla")
+        ours = check_sampler(model_config, chip, args)
     if args.skip_transformers:
         print("device_check what=transformers_generate skipped: --skip-transformers", flush=True)
     else:

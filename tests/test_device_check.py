@@ -27,3 +27,20 @@ def test_smoke_run_prints_every_figure_with_its_reference_and_ratio(capsys):
 def test_without_an_accelerator_it_refuses_unless_asked_for_the_smoke_size(capsys):
     assert device_check.main([]) == 2
     assert "JAX sees no accelerator" in capsys.readouterr().err
+
+
+def test_a_sampler_kernel_that_fails_on_the_device_is_reported_and_the_xla_path_timed(monkeypatch, capsys):
+    calls = []
+
+    def sampler(model_config, chip, args):
+        calls.append(device_check.resolved_attention(model_config))
+        if len(calls) == 1:
+            raise RuntimeError("Triton compilation failed:\n  out of shared memory")
+        return {4: 1.0, 8: 1.0}
+
+    monkeypatch.setattr(device_check, "check_update_step", lambda *a: None)
+    monkeypatch.setattr(device_check, "check_sampler", sampler)
+    assert device_check.main(["--smoke", "--attention", "cudnn", "--skip-transformers"]) == 0
+    assert calls == ["cudnn", "xla"]
+    assert ("device_check what=sampler_failed attention=cudnn error=RuntimeError: Triton compilation failed: out of "
+            "shared memory; again with attention=xla") in capsys.readouterr().out
