@@ -1,8 +1,22 @@
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the session, shared by the processes tests start (rlmt_jax/compile_cache.py):
+# many tests compile the same tiny programs, and a cached one loads in milliseconds.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlmt-jax-tests-xla-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+else:
+    _SESSION_XLA_CACHE = None
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_XLA_CACHE:
+        shutil.rmtree(_SESSION_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -193,12 +193,14 @@ def run(args: argparse.Namespace) -> int:
 
     from rlmt_jax import mesh as mesh_lib
     from rlmt_jax import multihost
+    from rlmt_jax.compile_cache import enable_compilation_cache
     from rlmt_jax.config import MeshConfig
     from rlmt_jax.jsonl import write_records_atomic
     from rlmt_jax.rollouts import PolicyText
     from rlmt_jax.sampling import Sampler, SamplingConfig, default_prompt_buckets
     from rlmt_jax.templates import split_output
 
+    enable_compilation_cache()
     rows = read_prompts(Path(args.input))
     output = Path(args.output)
     partial = output.with_name(output.name + PARTIAL_SUFFIX)

@@ -41,6 +41,7 @@ def _split(config: str | None, overrides: list[str]) -> tuple[str | None, list[s
 
 def run(args) -> int:
     from rlmt_jax.algorithms import import_variants
+    from rlmt_jax.compile_cache import enable_compilation_cache
     from rlmt_jax.config import resolve
     from rlmt_jax.stop_signals import EXIT_STOPPED
     from rlmt_jax.trainer import TrainingError, train
@@ -49,6 +50,7 @@ def run(args) -> int:
     import_variants(args.imports)
     config, overrides = _split(args.config, args.overrides)
     cfg = resolve(config, overrides)
+    enable_compilation_cache()
     try:
         summary = train(cfg, allow_config_change=args.allow_config_change)
     except TrainingError as err:
