@@ -126,6 +126,11 @@ class RolloutConfig:
     # only. null: 4 from max_new_tokens >= 128 on, else 1 (rlmt_jax.sampling.SamplingConfig.decode_windows).
     decode_windows: int | None = None
     mesh: RolloutMeshConfig = field(default_factory=RolloutMeshConfig)
+    # DAPO's dynamic sampling: a registered group filter (rlmt_jax.algorithms.group_filters; `varied` drops the
+    # groups whose rewards are all equal) and more rounds of prompts_per_step prompts until prompts_per_step
+    # groups are kept, at most max_sampling_rounds rounds (then dropped groups fill the step). null: off
+    group_filter: str | None = None
+    max_sampling_rounds: int = 10
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The algorithms' math as pure jnp functions, research variants registered by name, and each
 algorithm's spec (the models, data, batch and objective it needs).
 
-    from rlmt_jax.algorithms import register_policy_loss, register_advantage, register_kl_estimator
+    from rlmt_jax.algorithms import register_policy_loss, register_advantage, register_kl_estimator, \
+        register_group_filter
 """
 
 from rlmt_jax.algorithms.advantages import compute_advantages, group_advantages, overlong_penalty
@@ -23,14 +24,17 @@ from rlmt_jax.algorithms.common import (
     weighted_sum,
 )
 from rlmt_jax.algorithms.dpo import PairSelection, PreferencePair, build_preference_pairs, dpo_loss, sequence_logprobs
+from rlmt_jax.algorithms.group_filters import choose_groups, varied_groups
 from rlmt_jax.algorithms.policy_losses import actor_loss, sequence_advantages, token_advantages
 from rlmt_jax.algorithms.ppo import gae_advantages, last_token_rewards, value_loss
 from rlmt_jax.algorithms.registry import (
     ADVANTAGES,
+    GROUP_FILTERS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
     import_variants,
     register_advantage,
+    register_group_filter,
     register_kl_estimator,
     register_policy_loss,
 )
@@ -52,6 +56,7 @@ __all__ = [
     "ADVANTAGES",
     "AGGREGATIONS",
     "ALGORITHM_NAMES",
+    "GROUP_FILTERS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "SPECS",
@@ -69,6 +74,7 @@ __all__ = [
     "aggregate",
     "aggregation_weights",
     "build_preference_pairs",
+    "choose_groups",
     "chunked_sequence_logprobs_and_entropy",
     "clipped_policy_losses",
     "compute_advantages",
@@ -86,6 +92,7 @@ __all__ = [
     "masked_whiten",
     "overlong_penalty",
     "register_advantage",
+    "register_group_filter",
     "register_kl_estimator",
     "register_policy_loss",
     "rollout_correction",
@@ -97,5 +104,6 @@ __all__ = [
     "spec_of",
     "token_advantages",
     "value_loss",
+    "varied_groups",
     "weighted_sum",
 ]

@@ -1,6 +1,6 @@
-"""Research variants by name: policy losses, advantage estimators and KL estimators, each a pure jnp
-function registered under one name that the config selects (`algorithm.policy_loss`,
-`algorithm.advantage`, `algorithm.kl_estimator`).
+"""Research variants by name: policy losses, advantage estimators, KL estimators and group filters, each a
+pure jnp function registered under one name that the config selects (`algorithm.policy_loss`,
+`algorithm.advantage`, `algorithm.kl_estimator`, `rollout.group_filter`).
 
     @register_policy_loss("mine")
     def my_loss(logprobs, old_logprobs, advantages, mask, config, *, normalizers, is_weights=None):
@@ -16,6 +16,8 @@ rlmt_jax.algorithms.settings.AlgorithmConfig):
                 -> (advantages [batch] or [batch, seq], returns [batch, seq] | None)
                 Rows are groups of `group_size` consecutive samples of one prompt (rollout.n).
   KL estimator: fn(logprobs, ref_logprobs) -> per-token estimate of KL(pi || pi_ref)
+  group filter: fn(rewards [groups, n]) -> keep [groups] bool   (`rollout.group_filter`, DAPO's dynamic
+                sampling: the trainer samples more prompts until the step has enough kept groups)
 
 A user's module registers its own with the same decorators and is imported by
 `rlmt-jax train ... --import my_variants` (or listed under the `rlmt_jax.variants` entry point group).
@@ -81,6 +83,7 @@ class Registry:
 POLICY_LOSSES = Registry("policy loss", "algorithm.policy_loss")
 ADVANTAGES = Registry("advantage estimator", "algorithm.advantage")
 KL_ESTIMATORS = Registry("KL estimator", "algorithm.kl_estimator")
+GROUP_FILTERS = Registry("group filter", "rollout.group_filter")
 
 
 def register_policy_loss(name: str) -> Callable[[Callable], Callable]:
@@ -98,6 +101,12 @@ def register_advantage(name: str, *, needs_critic: bool = False, min_group_size:
 def register_kl_estimator(name: str) -> Callable[[Callable], Callable]:
     """Decorator: `fn(logprobs, ref_logprobs) -> [batch, seq]` becomes `algorithm.kl_estimator=name`."""
     return KL_ESTIMATORS.register(name)
+
+
+def register_group_filter(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: `fn(rewards [groups, n]) -> [groups] bool` (True: train on the group) becomes
+    `rollout.group_filter=name`."""
+    return GROUP_FILTERS.register(name)
 
 
 _entry_points_loaded = False

@@ -144,10 +144,21 @@ def spec_of(cfg: RunConfig | AlgorithmConfig) -> AlgorithmSpec:
 
 def check_variants(cfg: RunConfig, check: Check) -> None:
     """The registered names the config selects exist, and fit the algorithm (an advantage that reads a
-    critic's values needs an algorithm that trains one; group advantages need rollout.n samples)."""
-    from rlmt_jax.algorithms.registry import KL_ESTIMATORS, POLICY_LOSSES, load_entry_points
+    critic's values needs an algorithm that trains one; group advantages and group filters need rollout.n
+    samples; a group filter needs an algorithm that samples every step)."""
+    from rlmt_jax.algorithms.registry import GROUP_FILTERS, KL_ESTIMATORS, POLICY_LOSSES, load_entry_points
 
-    spec, algo = spec_of(cfg), cfg.algorithm
+    spec, algo, rollout = spec_of(cfg), cfg.algorithm, cfg.rollout
+    check(rollout.max_sampling_rounds >= 1, "rollout.max_sampling_rounds",
+          f"must be >= 1 (1: sample once, never again), got {rollout.max_sampling_rounds}")
+    if rollout.group_filter is not None:
+        load_entry_points()
+        GROUP_FILTERS.entry(rollout.group_filter)
+        samplers = ", ".join(name for name, s in SPECS.items() if s.loop == "rollouts")
+        check(spec.loop == "rollouts", "rollout.group_filter",
+              f"needs an algorithm that samples groups every step ({samplers}), not {algo.name}: set it null")
+        check(rollout.n >= 2, "rollout.group_filter",
+              f"needs groups of rollout.n >= 2 samples (a group of one always has equal rewards), got n={rollout.n}")
     if spec.loop != "rollouts":
         return
     load_entry_points()
