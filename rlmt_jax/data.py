@@ -355,6 +355,11 @@ class BatchIterator:
         return Batch(step=step, epoch=step // self.steps_per_epoch, indices=indices,
                      items=tuple(self.records[i] for i in indices))
 
+    @property
+    def exhausted(self) -> bool:
+        """Every batch of the epochs has been taken (never with epochs=None)."""
+        return self.num_steps is not None and self._next_step >= self.num_steps
+
     def _identity(self) -> dict[str, Any]:
         return {"num_records": self.num_records, "global_batch_size": self.global_batch_size,
                 "seed": self.seed, "epochs": self.epochs}

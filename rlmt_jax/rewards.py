@@ -131,7 +131,8 @@ def lockstep_batches(local: Mapping[int, list[list[int]]], buckets: Sequence[int
 
 @dataclasses.dataclass(frozen=True)
 class RewardBatch:
-    """Scored rollouts.  rewards, valid, truncated: [n]; metrics: means over the batch."""
+    """Scored rollouts.  rewards, valid, truncated, plan_tokens, answer_tokens: [n]; metrics: over the batch
+    (`reward_metrics`)."""
 
     rewards: np.ndarray
     answers: list[str]
@@ -139,6 +140,21 @@ class RewardBatch:
     valid: np.ndarray
     truncated: np.ndarray
     metrics: dict[str, float]
+    plan_tokens: np.ndarray
+    answer_tokens: np.ndarray
+
+
+def reward_metrics(rewards: np.ndarray, valid: np.ndarray, truncated: np.ndarray, plan_tokens: np.ndarray,
+                   answer_tokens: np.ndarray) -> dict[str, float]:
+    """Means over rows (reward_truncated: how many RM inputs were cut).  All [rows]."""
+    return {
+        "format_valid_rate": float(valid.mean()) if len(valid) else 0.0,
+        "plan_tokens_mean": float(plan_tokens.mean()) if len(plan_tokens) else 0.0,
+        "answer_tokens_mean": float(answer_tokens.mean()) if len(answer_tokens) else 0.0,
+        "reward_truncated": float(truncated.sum()),
+        "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+        "reward_std": float(rewards.std()) if len(rewards) else 0.0,
+    }
 
 
 class RewardScorer:
@@ -276,21 +292,15 @@ class RewardScorer:
         counter = length_tokenizer or self.tokenizer
         plan_tokens = token_counts(counter, [s.plan for s in splits])
         answer_tokens = token_counts(counter, answers)
-        metrics = {
-            "format_valid_rate": float(valid.mean()) if len(valid) else 0.0,
-            "plan_tokens_mean": float(plan_tokens.mean()) if len(plan_tokens) else 0.0,
-            "answer_tokens_mean": float(answer_tokens.mean()) if len(answer_tokens) else 0.0,
-            "reward_truncated": float(truncated.sum()),
-            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "reward_std": float(rewards.std()) if len(rewards) else 0.0,
-        }
         return RewardBatch(
             rewards=rewards,
             answers=answers,
             plans=[s.plan for s in splits],
             valid=valid,
             truncated=truncated,
-            metrics=metrics,
+            metrics=reward_metrics(rewards, valid, truncated, plan_tokens, answer_tokens),
+            plan_tokens=plan_tokens,
+            answer_tokens=answer_tokens,
         )
 
 

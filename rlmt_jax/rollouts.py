@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlmt_jax.errors import UserError
-from rlmt_jax.sampling import Rollout
+from rlmt_jax.rewards import RewardBatch, reward_metrics
+from rlmt_jax.sampling import STOP_LENGTH, Rollout
 from rlmt_jax.templates import (
     ZERO_EOS_BY_FAMILY,
     TemplateSettings,
@@ -70,8 +71,13 @@ class PolicyText:
 
     def encode(self, conversations: Sequence[Conversation]) -> tuple[list[list[int]], int]:
         """Prompt ids (left-truncated to the limit) and how many prompts were truncated."""
+        ids, truncated = self.encode_each(conversations)
+        return ids, int(truncated.sum())
+
+    def encode_each(self, conversations: Sequence[Conversation]) -> tuple[list[list[int]], np.ndarray]:
+        """Prompt ids (left-truncated to the limit) and which prompts were truncated: [prompts] bool."""
         encoded = [encode_prompt(self.tokenizer, c, self.settings.max_prompt_tokens) for c in conversations]
-        return [e.ids for e in encoded], sum(e.truncated for e in encoded)
+        return [e.ids for e in encoded], np.array([e.truncated for e in encoded], bool)
 
     def decode_responses(self, rollout: Rollout) -> list[str]:
         """The text of every response, special tokens kept (EOS text is removed by the splitter)."""
@@ -112,10 +118,92 @@ def _gap_stats(trainer_logprobs, sampler_logprobs, mask):
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    lengths = np.asarray(rollout.response_lengths)
-    stopped_by_length = np.asarray(rollout.stop_reason) == 1
+    return length_metrics(np.asarray(rollout.response_lengths), np.asarray(rollout.stop_reason) == STOP_LENGTH)
+
+
+def length_metrics(response_tokens: np.ndarray, length_stopped: np.ndarray) -> dict[str, float]:
+    """Response lengths and how many stopped at the length limit.  Both [rows]."""
     return {
-        "response_tokens_mean": float(lengths.mean()),
-        "response_tokens_max": float(lengths.max()),
-        "length_stop_rate": float(stopped_by_length.mean()),
+        "response_tokens_mean": float(response_tokens.mean()),
+        "response_tokens_max": float(response_tokens.max()),
+        "length_stop_rate": float(length_stopped.mean()),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredRollouts:
+    """This process's scored rollouts as numpy: rows = groups x n, the n samples of one prompt consecutive.
+
+    arrays: the RL batch (`rl_batch`) and sampler_logprobs [rows, prompt_len + max_new_tokens], rewards [rows];
+    prompt_len: the column where every response starts; prompts, texts, plans, answers: [rows] (the row's
+    prompt conversation, decoded output, plan, answer); stats: [rows] numbers the step's metrics are made of.
+    """
+
+    arrays: dict[str, np.ndarray]
+    prompt_len: int
+    n: int
+    prompts: list
+    texts: list[str]
+    plans: list[str]
+    answers: list[str]
+    stats: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, rollout: Rollout, texts: Sequence[str], scored: RewardBatch, prompts: Sequence[Conversation],
+           prompt_truncated: np.ndarray) -> ScoredRollouts:
+        """texts: [rows] the decoded outputs; prompts, prompt_truncated: [groups] (whether the prompt was cut
+        to the prompt limit)."""
+        n = rollout.group_size
+        arrays = {k: np.asarray(v) for k, v in rl_batch(rollout).items()}
+        arrays["sampler_logprobs"] = np.asarray(rollout.logprobs)
+        arrays["rewards"] = np.asarray(scored.rewards)
+        stats = {
+            "format_valid": np.asarray(scored.valid), "reward_truncated": np.asarray(scored.truncated),
+            "plan_tokens": np.asarray(scored.plan_tokens), "answer_tokens": np.asarray(scored.answer_tokens),
+            "response_tokens": np.asarray(rollout.response_lengths),
+            "length_stopped": np.asarray(rollout.stop_reason) == STOP_LENGTH,
+            "prompt_truncated": np.repeat(np.asarray(prompt_truncated, bool), n),
+        }
+        return cls(arrays, rollout.prompt_len, n, [p for p in prompts for _ in range(n)], list(texts),
+                   list(scored.plans), list(scored.answers), stats)
+
+    @property
+    def group_rewards(self) -> np.ndarray:
+        """[groups, n]"""
+        return self.arrays["rewards"].reshape(-1, self.n)
+
+    def take_groups(self, groups: Sequence[int]) -> ScoredRollouts:
+        """These groups' rows, in the order given."""
+        rows = np.asarray([g * self.n + i for g in groups for i in range(self.n)], np.int64)
+        pick = lambda items: [items[r] for r in rows]  # noqa: E731
+        return ScoredRollouts({k: v[rows] for k, v in self.arrays.items()}, self.prompt_len, self.n,
+                              pick(self.prompts), pick(self.texts), pick(self.plans), pick(self.answers),
+                              {k: v[rows] for k, v in self.stats.items()})
+
+    @staticmethod
+    def concat(parts: Sequence[ScoredRollouts], prompt_len: int, pad_id: int) -> ScoredRollouts:
+        """The parts' rows in order, every part's [rows, seq] arrays left-padded to `prompt_len` prompt columns
+        (tokens with pad_id, masks, positions and log-probs with 0: the padding is never attended)."""
+        def padded(part: ScoredRollouts, name: str) -> np.ndarray:
+            array = part.arrays[name]
+            if array.ndim == 1:
+                return array
+            width = prompt_len - part.prompt_len
+            return np.pad(array, ((0, 0), (width, 0)), constant_values=pad_id if name == "tokens" else 0)
+
+        first = parts[0]
+        return ScoredRollouts(
+            {k: np.concatenate([padded(p, k) for p in parts]) for k in first.arrays}, prompt_len, first.n,
+            [x for p in parts for x in p.prompts], [x for p in parts for x in p.texts],
+            [x for p in parts for x in p.plans], [x for p in parts for x in p.answers],
+            {k: np.concatenate([p.stats[k] for p in parts]) for k in first.stats})
+
+    def metrics(self) -> dict[str, float]:
+        """This process's reward, format and length metrics over its rows (`multihost.global_metrics` makes
+        them global; prompts_truncated and reward_truncated are counts)."""
+        s = self.stats
+        metrics = reward_metrics(self.arrays["rewards"], s["format_valid"], s["reward_truncated"], s["plan_tokens"],
+                                 s["answer_tokens"])
+        metrics.update(length_metrics(s["response_tokens"], s["length_stopped"]))
+        metrics["prompts_truncated"] = float(s["prompt_truncated"][:: self.n].sum())
+        return metrics

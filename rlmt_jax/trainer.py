@@ -29,7 +29,14 @@ import models
 from rlmt_jax import checkpoint as ckpt
 from rlmt_jax import mesh as mesh_lib
 from rlmt_jax import multihost
-from rlmt_jax.algorithms import build_preference_pairs, compute_advantages, rollout_correction, spec_of
+from rlmt_jax.algorithms import (
+    GROUP_FILTERS,
+    build_preference_pairs,
+    choose_groups,
+    compute_advantages,
+    rollout_correction,
+    spec_of,
+)
 from rlmt_jax.config import SCHEMA, RunConfig, frozen_param_dtype, save_resolved, to_yaml
 from rlmt_jax.data import BatchIterator, fit_prompt_limit, load_train_records, prompt_lengths, train_batches
 from rlmt_jax.errors import UserError
@@ -38,7 +45,7 @@ from rlmt_jax.metrics import MetricsLogger
 from rlmt_jax.optim import AdamWConfig
 from rlmt_jax.rewards import RewardScorer, RewardSettings
 from rlmt_jax.resume import check_config_unchanged
-from rlmt_jax.rollouts import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
+from rlmt_jax.rollouts import PolicyText, ScoredRollouts, logprob_gap, template_settings
 from rlmt_jax.run_dir import save_policy_files
 from rlmt_jax.run_lock import RunDirInUse, RunLock
 from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
@@ -312,13 +319,13 @@ class Trainer:
                 "loss, gradient and update; checkpoint.restore_step=N resumes from an older one)")
 
     # ------------------------------------------------------------------------------------ RL steps
-    def _sample_and_score(self, prompts: list) -> tuple[dict, dict, list[dict], float, float]:
-        """Samples and scores this process's prompts -> (its rows of the RL batch, numpy, with `rewards` and
-        `sampler_logprobs`; the rollout and reward metrics over all processes; samples of its rows; timings)."""
+    def _sample_and_score(self, prompts: list) -> tuple[ScoredRollouts, float, float]:
+        """Samples and scores this process's prompts -> (its scored rollouts, seconds sampling, seconds scoring).
+        A non-finite reward on any process stops the step on every process."""
         cfg = self.cfg
         n = cfg.rollout.n
         start = time.perf_counter()
-        prompt_ids, truncated = self.text.encode(prompts)
+        prompt_ids, truncated = self.text.encode_each(prompts)
         self.key, sample_key = jax.random.split(self.key)
         rollout = self.sampler(self.params, prompt_ids, sample_key)  # this process's rows
         jax.block_until_ready(rollout.tokens)
@@ -329,32 +336,63 @@ class Trainer:
             repeated, texts, self.text.settings, self.text.eos_texts, length_tokenizer=self.text.tokenizer,
             format_penalty=cfg.template.format_penalty,
         )
-        metrics = multihost.global_metrics(
-            {**scored.metrics, **rollout_metrics(rollout), "prompts_truncated": float(truncated)},
-            rows=len(texts), sums=SUMMED_METRICS)
-        if not math.isfinite(metrics["reward_mean"]):  # every process sees it and stops
-            bad = np.flatnonzero(~np.isfinite(scored.rewards))
+        bad = np.flatnonzero(~np.isfinite(scored.rewards))
+        if multihost.global_max_int(len(bad)):  # every process sees it and stops
             where = (f"({scored.rewards[bad[0]]}) for rollout {int(bad[0])} of process {jax.process_index()}"
                      if len(bad) else "on another process")
             raise TrainingError(f"step {self.step + 1}: the reward model gave a non-finite reward {where}")
-        samples = [
-            {"step": self.step + 1, "prompt": repeated[i][-1]["content"], "output": texts[i],
-             "plan": scored.plans[i], "answer": scored.answers[i], "reward": float(scored.rewards[i]),
-             "format_valid": bool(scored.valid[i])}
-            for i in range(min(cfg.logging.samples_per_step, len(texts)))
+        return ScoredRollouts.of(rollout, texts, scored, prompts, truncated), sampled - start, \
+            time.perf_counter() - sampled
+
+    def _training_groups(self, prompts: list) -> tuple[ScoredRollouts, dict[str, float], float, float]:
+        """The scored groups this step trains on: this process's prompts' groups; with rollout.group_filter
+        (DAPO's dynamic sampling) the first len(prompts) groups the filter keeps, sampled in rounds of the next
+        batches of the data iterator (so its saved state counts every batch a step used) while any process
+        has fewer and rounds are left (rollout.max_sampling_rounds, the data), then dropped groups if still
+        short. -> (the groups, their sampling metrics, seconds sampling, seconds scoring)."""
+        rollout = self.cfg.rollout
+        scored, t_sample, t_score = self._sample_and_score(prompts)
+        if rollout.group_filter is None:
+            return scored, {}, t_sample, t_score
+        keep_of = GROUP_FILTERS(rollout.group_filter)
+        rounds = [scored]
+        keeps = [np.asarray(keep_of(jnp.asarray(scored.group_rewards)), bool)]
+        needed = len(prompts)
+        while (len(rounds) < rollout.max_sampling_rounds and not self.batches.exhausted
+               and multihost.global_max_int(int(sum(int(k.sum()) for k in keeps) < needed))):
+            scored, sample_s, score_s = self._sample_and_score(list(next(self.batches).items))
+            rounds.append(scored)
+            keeps.append(np.asarray(keep_of(jnp.asarray(scored.group_rewards)), bool))
+            t_sample, t_score = t_sample + sample_s, t_score + score_s
+        chosen, filled = choose_groups(keeps, needed)  # kept groups first, then fills
+        everything = ScoredRollouts.concat(rounds, max(r.prompt_len for r in rounds), self.text.pad_id)
+        training = everything.take_groups([r * needed + g for r, g in chosen])  # every round: `needed` groups
+        kept, sampled, fills = multihost.all_gather(
+            np.asarray([sum(int(k.sum()) for k in keeps), sum(len(k) for k in keeps), filled], np.int64)).sum(0)
+        return training, {"sampling_rounds": float(len(rounds)), "groups_kept_fraction": float(kept / sampled),
+                          "groups_filled": float(fills)}, t_sample, t_score
+
+    def _samples(self, scored: ScoredRollouts) -> list[dict]:
+        """The first logging.samples_per_step rows of this process's training batch, for samples.jsonl."""
+        return [
+            {"step": self.step + 1, "prompt": scored.prompts[i][-1]["content"], "output": scored.texts[i],
+             "plan": scored.plans[i], "answer": scored.answers[i], "reward": float(scored.arrays["rewards"][i]),
+             "format_valid": bool(scored.stats["format_valid"][i])}
+            for i in range(min(self.cfg.logging.samples_per_step, len(scored.texts)))
         ]
-        batch = rl_batch(rollout)
-        batch["sampler_logprobs"] = rollout.logprobs
-        batch["rewards"] = scored.rewards
-        metrics["prompt_len"] = rollout.prompt_len
-        return batch, metrics, samples, sampled - start, time.perf_counter() - sampled
 
     def _rl_step(self, prompts: list) -> tuple[dict[str, float], list[dict]]:
+        """One RL update on this process's prompts. Its reward, format and length metrics and its samples are
+        of the groups it trains on (with a group filter, not of the groups it dropped)."""
         cfg = self.cfg
-        local, info, samples, t_sample, t_score = self._sample_and_score(prompts)
+        scored, sampling, t_sample, t_score = self._training_groups(prompts)
+        info = multihost.global_metrics(scored.metrics(), rows=len(scored.texts), sums=SUMMED_METRICS)
+        info.update(sampling)
+        samples = self._samples(scored)
+        local = dict(scored.arrays)
         start = time.perf_counter()
         # every response starts at the bucket's prompt length: the prompt's logits are never made
-        start_column = int(info.pop("prompt_len"))
+        start_column = scored.prompt_len
         objective = dataclasses.replace(self.objective, response_start=start_column)
         batch = self.hosts.put(local)  # global arrays: process 0's rows, then process 1's, ...
         rewards = batch.pop("rewards")
@@ -558,7 +596,8 @@ class Trainer:
             stopped = None
             try:
                 with StopSignals() as signals:
-                    while self.step < self.total_steps:
+                    # dynamic sampling (rollout.group_filter) takes more batches than steps: the data may end first
+                    while self.step < self.total_steps and not self.batches.exhausted:
                         batch = next(self.batches)
                         metrics, samples = step_fn(list(batch.items))
                         if not metrics.get("finite", 1.0):
@@ -567,16 +606,21 @@ class Trainer:
                                 f"(loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); the update "
                                 "was not applied")
                         self.step += 1
+                        last = self.step == self.total_steps or self.batches.exhausted
                         history.append({"step": self.step, **metrics})
-                        if self.step % cfg.logging.every == 0 or self.step == self.total_steps:
+                        if self.step % cfg.logging.every == 0 or last:
                             logger.log(self.step, metrics)
                         if samples:
                             logger.samples(self.step, samples)
-                        self._save(metrics, final=self.step == self.total_steps)
+                        self._save(metrics, final=last)
+                        if last and self.step < self.total_steps:
+                            log.warning("the data ran out after step %d of %d: dynamic sampling "
+                                        "(rollout.group_filter) took more than one batch for some steps",
+                                        self.step, self.total_steps)
                         # every process stops after the same step when any of them got a signal (also one
                         # that came while the save above waited for the previous one)
                         stop = multihost.global_max_int(int(signals.requested is not None))
-                        if stop and self.step < self.total_steps:
+                        if stop and not last:
                             self._save(metrics, final=True)  # unless saved above
                             stopped = signals.requested or "a signal to another process"
                             break

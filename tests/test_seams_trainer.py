@@ -203,6 +203,18 @@ def test_grpo_samples_and_metrics_are_those_of_the_scored_rows(grpo_run):
         assert row["logprob_diff_max"] < 1e-4
 
 
+def test_grpo_without_a_group_filter_trains_each_step_on_the_next_batch_as_drawn(grpo_run):
+    from rlmt_jax.data import train_batches
+
+    trainer, rec = grpo_run
+    assert trainer.cfg.rollout.group_filter is None  # the default: no dynamic sampling
+    drawn = [[p[-1]["content"] for p in batch.items] for batch in train_batches(trainer.cfg, trainer.records)]
+    assert [[p[-1]["content"] for p in s.prompts[::2]] for s in rec.scorings] == drawn[:2]  # every group trained
+    assert trainer.batches.get_state()["next_step"] == 2  # one batch a step
+    metrics = [json.loads(line) for line in open(os.path.join(trainer.run_dir, "metrics.jsonl"))]
+    assert not {"sampling_rounds", "groups_kept_fraction", "groups_filled"} & set(metrics[0])
+
+
 def test_grpo_samples_only_tokens_inside_the_run_top_k_and_top_p(grpo_run):
     trainer, rec = grpo_run
     for update in rec.updates[::2]:  # the policy that sampled the step's rollout
