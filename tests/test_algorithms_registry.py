@@ -9,7 +9,14 @@ import textwrap
 
 import pytest
 
-from rlmt_jax.algorithms import ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, import_variants, register_policy_loss
+from rlmt_jax.algorithms import (
+    ADVANTAGES,
+    GROUP_FILTERS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    import_variants,
+    register_policy_loss,
+)
 from rlmt_jax.algorithms import registry
 from rlmt_jax.cli import main
 from rlmt_jax.errors import UserError
@@ -41,7 +48,7 @@ def centred(scores, mask, config, *, group_size, values=None):
 @pytest.fixture
 def clean_registries(monkeypatch):
     """Registrations made by a test are undone after it (other tests list the registered names)."""
-    for reg in (POLICY_LOSSES, ADVANTAGES, KL_ESTIMATORS):
+    for reg in (POLICY_LOSSES, ADVANTAGES, KL_ESTIMATORS, GROUP_FILTERS):
         monkeypatch.setattr(reg, "_entries", dict(reg._entries))
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
 
@@ -132,13 +139,13 @@ def test_every_variant_line_of_the_readme_resolves_on_its_recipe_to_the_named_fu
 
     lines = [line.split("  #")[0].split() for line in readme_variants_section().splitlines()
              if line.startswith("rlmt-jax train") and "--import" not in line]
-    assert len(lines) == 7
+    assert len(lines) == 8
     chosen = set()
     for words in lines:
         cfg = resolve(words[2], words[3:])
         assert cfg.algorithm.policy_loss in POLICY_LOSSES and cfg.algorithm.advantage in ADVANTAGES
-        chosen |= {cfg.algorithm.policy_loss, cfg.algorithm.advantage}
-    assert chosen == {"ppo_clip", "grpo", "drgrpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp"}
+        chosen |= {cfg.algorithm.policy_loss, cfg.algorithm.advantage, cfg.rollout.group_filter}
+    assert chosen == {"ppo_clip", "grpo", "drgrpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "varied", None}
 
 
 def test_the_readme_example_module_registers_a_loss_that_runs(tmp_path, clean_registries):
