@@ -205,6 +205,8 @@ def test_the_data_iterator_state_counts_every_batch_and_the_run_ends_with_the_da
     # run.total_steps=3, but two steps took the 4 batches of the one epoch: the run ends there, checkpointed
     assert summary["steps"] == 2 and len(recorded.batches) == 2
     assert trainer.batches.get_state()["next_step"] == 4
+    saved = os.path.join(trainer.run_dir, "checkpoints", "1", "data_iter", "process_0-of-1.json")
+    assert json.loads(open(saved).read())["next_step"] == 2  # step 1 took batches 0 and 1
     assert sorted(os.listdir(os.path.join(trainer.run_dir, "checkpoints"))) == ["1", "2"]
 
 
