@@ -32,12 +32,14 @@ print(json.dumps({"path": str(path) if path else None, "hits": len(hits)}))
 """
 
 
-def run(cache_root: Path, **env_extra) -> dict:
+def run(cache_root: Path, stderr: list | None = None, **env_extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE",
                                                                     "JAX_ENABLE_COMPILATION_CACHE"))}
     env.update(RLMT_JAX_CACHE=str(cache_root), PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **env_extra)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    if stderr is not None:
+        stderr.append(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -58,3 +60,12 @@ def test_jax_settings_move_the_cache_or_turn_it_off(tmp_path):
     moved = tmp_path / "elsewhere"
     assert run(tmp_path / "root", JAX_COMPILATION_CACHE_DIR=str(moved))["path"] == str(moved)
     assert len(entries(moved)) == 1 and not (tmp_path / "root" / "xla").exists()
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_warning_and_no_cache(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    stderr = []
+    assert run(not_a_folder, stderr) == {"path": None, "hits": 0}
+    assert stderr[0].count("compiled programs are not cached: cannot make") == 1
+    assert "persistent compilation cache" not in stderr[0]  # no warning from JAX at each compile
