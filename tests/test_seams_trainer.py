@@ -125,11 +125,11 @@ def optimizer_settings(opt):
 
 
 def actor_loss_by_hand(lp, old, ref, entropy, adv, mask, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-                       token_mean=True):
-    """k2 KL; token-mean aggregation, or seq-mean-token-sum (the sum over a row's tokens, mean over rows):
-    (loss, pg, kl, entropy)."""
+                       norm_length=None):
+    """k2 KL; token-mean aggregation, or with norm_length L Dr. GRPO's seq-mean-token-sum-norm (a row's token
+    sum / L, mean over rows): (loss, pg, kl, entropy)."""
     m = mask.astype(np.float64)
-    m = m / m.sum() if token_mean else m / (m.sum(axis=1) > 0).sum()
+    m = m / m.sum() if norm_length is None else m / (norm_length * (m.sum(axis=1) > 0).sum())
     ratio = np.exp(lp - old)
     losses = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - clip_low, 1 + clip_high))
     losses = np.where(adv < 0, np.minimum(losses, -adv * dual_clip), losses)
@@ -148,7 +148,7 @@ def response_start(mask):
 # ----------------------------------------------------------------------------------------------- GRPO
 GRPO = ["algorithm.name=grpo", "rollout.n=2", "rollout.temperature=0.7", "rollout.top_k=6", "rollout.top_p=0.5",
         "run.total_steps=2",
-        "algorithm.update_epochs=2", "algorithm.aggregation=seq_mean_token_sum", "algorithm.kl_estimator=k2",
+        "algorithm.update_epochs=2", "algorithm.aggregation=seq_mean_token_sum_norm", "algorithm.kl_estimator=k2",
         "algorithm.kl_coef=0.05", "algorithm.entropy_coef=0.01", "algorithm.clip_low=0.01", "algorithm.clip_high=0.05",
         "algorithm.dual_clip=3.0", "algorithm.grpo.eps=0.01", "optimizer.lr=1e-3", "optimizer.weight_decay=0.03",
         "optimizer.betas=[0.8,0.99]", "optimizer.eps=1e-7", "optimizer.grad_clip=0.5"]
@@ -246,7 +246,7 @@ def test_grpo_log_probs_and_the_loss_use_the_run_settings(grpo_run):
         np.testing.assert_allclose(batch["ref_logprobs"] * mask, ref * mask, atol=2e-5)
         adv = np.broadcast_to(batch["advantages"][:, None], mask.shape)
         loss, pg, kl, ent = actor_loss_by_hand(lp, batch["old_logprobs"], batch["ref_logprobs"], entropy, adv, mask,
-                                               0.01, 0.05, 3.0, 0.05, 0.01, token_mean=False)
+                                               0.01, 0.05, 3.0, 0.05, 0.01, norm_length=12)  # max_new_tokens
         got = update.metrics
         np.testing.assert_allclose([got["pg_loss"], got["kl"], got["entropy"], got["loss"]], [pg, kl, ent, loss],
                                    rtol=1e-4, atol=1e-6)
