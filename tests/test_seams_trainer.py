@@ -54,9 +54,10 @@ class Scoring:
 
 
 class Recorder:
-    """Records every train_step and every reward scoring of a run; `reward_of(text)` replaces the RM's."""
+    """Records every train_step and every reward scoring of a run; `reward_of(text)` replaces the RM's rewards,
+    `valid_of(text)` its format verdicts."""
 
-    def __init__(self, monkeypatch, reward_of=None):
+    def __init__(self, monkeypatch, reward_of=None, valid_of=None):
         self.updates: list[Update] = []
         self.scorings: list[Scoring] = []
         real_step, real_score = trainer_lib.train_step, RewardScorer.score_outputs
@@ -74,6 +75,8 @@ class Recorder:
             scored_rewards = scored.rewards.copy()
             if reward_of is not None:
                 scored = dataclasses.replace(scored, rewards=np.array([reward_of(o) for o in outputs], np.float32))
+            if valid_of is not None:
+                scored = dataclasses.replace(scored, valid=np.array([valid_of(o) for o in outputs], bool))
             self.scorings.append(Scoring(list(prompts), list(outputs), scored.rewards.copy(), scored.valid.copy(),
                                          list(scored.plans), list(scored.answers), scored_rewards))
             return scored
@@ -95,10 +98,10 @@ def run(tmp_path, *overrides):
     return trainer
 
 
-def recorded_run(tmp_path, *overrides):
+def recorded_run(tmp_path, *overrides, valid_of=None):
     """(trainer, recorder) of a run whose rewards are text_reward and whose updates the recorder keeps."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        recorder = Recorder(monkeypatch, reward_of=text_reward)
+        recorder = Recorder(monkeypatch, reward_of=text_reward, valid_of=valid_of)
         trainer = run(tmp_path, *overrides)
     return trainer, recorder
 
@@ -354,24 +357,55 @@ def test_ppo_critic_and_actor_losses_and_optimizers_use_the_run_settings(ppo_run
 
 
 # ----------------------------------------------------------------------------------------------- DPO
+MIN_VALID, MAX_PAIR_TOKENS = 3, 5000  # not the defaults (4, 8192)
 DPO = ["algorithm.name=dpo", "template.mode=none", "template.strict=false", "template.format_penalty=null",
-       "rollout.n=4", "rollout.temperature=1.0", "algorithm.dpo.min_valid=2", "algorithm.dpo.batch_size=4",
+       "rollout.n=4", "rollout.temperature=1.0", f"algorithm.dpo.min_valid={MIN_VALID}",
+       f"algorithm.dpo.max_pair_tokens={MAX_PAIR_TOKENS}", "algorithm.dpo.batch_size=4",
        "algorithm.dpo.epochs=2", "run.total_steps=2", "algorithm.dpo.beta=0.5",
        "algorithm.dpo.label_smoothing=0.1", "optimizer.lr=1e-3", "optimizer.schedule=cosine",
        "optimizer.warmup_ratio=0.0", "optimizer.weight_decay=0.02"]
 
 
+def text_valid(text: str) -> bool:
+    """A hand-made format verdict (template mode none parses every answer): about 4 answers in 5."""
+    return sum(map(ord, text)) % 5 != 0
+
+
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("dpo")
-    # chunks of 4 and 2 prompts (+ 2 fillers)
-    trainer, recorder = recorded_run(tmp, *DPO, f"data.train_path={prompts_file(tmp, 6)}")
+    selections = []  # the arguments the trainer gives build_preference_pairs
+    real = trainer_lib.build_preference_pairs
+
+    def build_preference_pairs(scores, valid, lengths, **settings):
+        selections.append((scores, valid, lengths, settings))
+        return real(scores, valid, lengths, **settings)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(trainer_lib, "build_preference_pairs", build_preference_pairs)
+        # chunks of 4 and 2 prompts (+ 2 fillers)
+        trainer, recorder = recorded_run(tmp, *DPO, f"data.train_path={prompts_file(tmp, 6)}", valid_of=text_valid)
     pairs = [json.loads(line) for line in open(os.path.join(trainer.run_dir, "dpo_pairs.process-0.jsonl"))]
-    return trainer, recorder, pairs
+    return trainer, recorder, pairs, selections
+
+
+def test_dpo_pair_selection_gets_the_run_settings_and_each_samples_prompt_plus_response_length(dpo_run):
+    trainer, rec, pairs, selections = dpo_run
+    assert [settings for *_, settings in selections] == [
+        {"min_valid": MIN_VALID, "max_pair_tokens": MAX_PAIR_TOKENS}] * 2
+    # one entry per prompt of the chunk (4, then 2: the fillers are not scored), n = 4 samples each
+    assert [len(scores) for scores, *_ in selections] == [4, 2]
+    for (scores, valid, _, _), scoring in zip(selections, rec.scorings):
+        np.testing.assert_array_equal(np.asarray(scores).ravel(), scoring.rewards)
+        np.testing.assert_array_equal(np.asarray(valid).ravel(), scoring.valid)
+    lengths = {(tuple(p["prompt_ids"]), len(p["chosen_ids"])) for p in pairs}
+    lengths = [len(prompt) + response for prompt, response in lengths]  # the tokens the DPO step trains on
+    passed = [n for _, _, rows, _ in selections for row in rows for n in row]
+    assert set(lengths) <= set(passed)
 
 
 def test_dpo_pairs_are_the_best_and_worst_scored_answers_of_each_prompt(dpo_run):
-    trainer, rec, pairs = dpo_run
+    trainer, rec, pairs, _ = dpo_run
     # every prompt of the data is sampled and scored n = 4 times, in order; the filler prompts are not scored
     scored = [p[-1]["content"] for s in rec.scorings for p in s.prompts]
     assert scored == [p for p in PROMPTS[:6] for _ in range(4)]
@@ -381,7 +415,7 @@ def test_dpo_pairs_are_the_best_and_worst_scored_answers_of_each_prompt(dpo_run)
         for g in range(len(scoring.outputs) // 4):
             rewards, valid = scoring.rewards[4 * g:4 * g + 4], scoring.valid[4 * g:4 * g + 4]
             kept = [i for i in range(4) if valid[i]]
-            if len(kept) < 2 or max(rewards[kept]) == min(rewards[kept]):
+            if len(kept) < MIN_VALID or max(rewards[kept]) == min(rewards[kept]):
                 continue
             best = max(kept, key=lambda i: (rewards[i], -i))
             worst = min(kept, key=lambda i: (rewards[i], i))
@@ -390,10 +424,13 @@ def test_dpo_pairs_are_the_best_and_worst_scored_answers_of_each_prompt(dpo_run)
     got = [(decode(p["chosen_ids"]), decode(p["rejected_ids"]), p["chosen_score"], p["rejected_score"])
            for p in pairs]
     assert len(got) >= 4 and got == expected
+    # min_valid decided: a prompt with MIN_VALID valid answers made a pair, one with MIN_VALID - 1 did not
+    valid_counts = [int(s.valid[4 * g:4 * g + 4].sum()) for s in rec.scorings for g in range(len(s.outputs) // 4)]
+    assert {MIN_VALID - 1, MIN_VALID} <= set(valid_counts), valid_counts
 
 
 def test_dpo_batches_hold_chosen_then_rejected_with_their_reference_log_probs(dpo_run):
-    trainer, rec, pairs = dpo_run
+    trainer, rec, pairs, _ = dpo_run
     assert len(rec.updates) == 2
     by_chosen = {tuple(p["prompt_ids"] + p["chosen_ids"]): p for p in pairs}
     reference = rec.updates[0].params
@@ -425,7 +462,7 @@ def test_dpo_batches_hold_chosen_then_rejected_with_their_reference_log_probs(dp
 
 
 def test_one_dpo_update_raises_the_margin_of_exactly_its_pairs(dpo_run):
-    trainer, rec, _ = dpo_run
+    trainer, rec, _, _ = dpo_run
     first, second = rec.updates
     b = first.batch
     count, _, seq = b["tokens"].shape
@@ -440,24 +477,38 @@ def test_one_dpo_update_raises_the_margin_of_exactly_its_pairs(dpo_run):
 
 
 # ----------------------------------------------------------------------------------------------- SFT
-def test_sft_learns_only_the_assistant_tokens_with_the_run_schedule(tmp_path, tiny_cache, monkeypatch):
+def test_sft_learns_only_the_assistant_tokens_cut_at_max_seq_tokens_with_the_run_schedule(tmp_path, tiny_cache,
+                                                                                           monkeypatch):
+    from rlmt_jax.sequences import sft_tokens
+
+    cap = 96  # algorithm.sft.max_seq_tokens: conversations (80 to 122 tokens) longer than it are cut on the right
     data = tmp_path / "sft.jsonl"
-    answers = [f"<think>\nPlan {i}.\n</think>\n\nAnswer {i}." for i in range(8)]
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answers[i]}]}) + "\n"
-        for i in range(8)))
+    answers = [f"<think>\nPlan {i}.\n</think>\n\nAnswer" + " and more" * (3 * i) for i in range(8)]
+    conversations = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answers[i]}]
+                     for i in range(8)]
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
     rec = Recorder(monkeypatch)
     trainer = run(tmp_path, "algorithm.name=sft", f"data.train_path={data}", "data.epochs=1",
                   "algorithm.sft.batch_size=4", "algorithm.sft.epochs=1", "run.total_steps=null", "optimizer.lr=1e-3",
                   "optimizer.schedule=cosine", "optimizer.warmup_ratio=0.5", "optimizer.betas=[0.9,0.95]",
-                  "template.format_penalty=null")
+                  "template.format_penalty=null", f"algorithm.sft.max_seq_tokens={cap}")
     assert len(rec.updates) == 2
     tokenizer = trainer.text.tokenizer
+    full = {}  # the first `cap` tokens of each conversation -> (its answer, all its tokens and assistant mask)
+    for answer, conversation in zip(answers, conversations):
+        ids, mask = sft_tokens(tokenizer, conversation)
+        full[tuple(ids[:cap])] = (answer, ids, mask)
+    assert len(full) == 8  # every conversation's first `cap` tokens are its own
+    assert min(len(ids) for _, ids, _ in full.values()) < cap < max(len(ids) for _, ids, _ in full.values())
     for update in rec.updates:
         b = update.batch
-        for row, mask in zip(b["tokens"], b["loss_mask"]):
-            learned = tokenizer.decode(row[mask > 0].tolist(), skip_special_tokens=False)
-            assert learned in {a + "<|eot_id|>" for a in answers}
+        assert b["tokens"].shape[1] == cap
+        for row, attention, loss_mask in zip(b["tokens"], b["attention_mask"], b["loss_mask"]):
+            answer, ids, mask = full[tuple(row[attention > 0].tolist())]  # the conversation, cut at the cap
+            np.testing.assert_array_equal(loss_mask[:len(ids)], [0, *mask[1:cap]])
+            learned = tokenizer.decode(row[loss_mask > 0].tolist(), skip_special_tokens=False)
+            whole = answer + "<|eot_id|>"
+            assert learned == whole if len(ids) <= cap else (whole.startswith(learned) and learned != whole)
         lp, _ = forward(update.graphdef, update.params, b)
         m = b["loss_mask"]
         np.testing.assert_allclose(update.metrics["loss"], -np.sum(lp * m) / m.sum(), rtol=1e-5)
