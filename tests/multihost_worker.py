@@ -4,7 +4,8 @@
                                        "runs": [["run.output_dir=...", ...], ...]}'
 
 Each entry of `runs` is the key=value overrides of one `train` on the tiny default config (and optionally
-"--allow-config-change"), run one after the other in this process. With num_processes > 1 the process joins a JAX cluster on localhost (CPU collectives
+"--allow-config-change", and "--import=MODULE_OR_FILE" as `rlmt-jax train --import`), run one after the other
+in this process. With num_processes > 1 the process joins a JAX cluster on localhost (CPU collectives
 over gloo) through the run config's `distributed.*` keys. The last line printed is a JSON summary.
 XLA_FLAGS (the simulated devices of this process) is set by the caller.
 
@@ -28,6 +29,7 @@ def main(spec: dict) -> None:
     import save_gate  # tests/ is this script's folder: TEST_SAVE_GATE holds a checkpoint commit for the test
 
     save_gate.install()
+    from rlmt_jax.algorithms import import_variants
     from rlmt_jax.config import resolve
     from rlmt_jax.trainer import train
 
@@ -39,7 +41,8 @@ def main(spec: dict) -> None:
     for overrides in spec["runs"]:
         start = time.perf_counter()
         allow = "--allow-config-change" in overrides  # as `rlmt-jax train --allow-config-change` does
-        overrides = [o for o in overrides if o != "--allow-config-change"]
+        import_variants([o.split("=", 1)[1] for o in overrides if o.startswith("--import=")], entry_points=False)
+        overrides = [o for o in overrides if not o.startswith(("--allow-config-change", "--import="))]
         summary = train(resolve(None, [*overrides, *cluster]), allow_config_change=allow)
         steps.append(summary["steps"])
         stopped.append(summary["stopped"])

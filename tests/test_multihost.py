@@ -212,12 +212,17 @@ def runs(tmp_path_factory, tiny_cache):
     # PPO also samples with two decode windows
     ppo = [*FAST, *FSDP_ACROSS_PROCESSES, "algorithm.name=ppo", "rollout.n=1", "algorithm.kl_coef=0.0",
            "rollout.decode_windows=2", "run.total_steps=2"]
+    # dynamic sampling where process 1 keeps no group (tests/uneven_group_filter.py): it is short after every
+    # round, so both processes sample all rounds (no deadlock), then process 1 fills its share with dropped groups
+    dynamic = [*FAST, *FSDP_ACROSS_PROCESSES, f"run.output_dir={root / 'dynamic'}", "run.total_steps=1",
+               "rollout.group_filter=process_zero_only", "rollout.max_sampling_rounds=2",
+               f"--import={ROOT / 'tests' / 'uneven_group_filter.py'}"]
     # three clusters at once: much of a worker's time is single-threaded compiling or waiting for its peer
     two = start(2, [[*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=2"],
                     [*grpo, f"run.output_dir={root / 'two'}", "run.total_steps=3"]])  # extended: no flag needed
     one = start(1, [[*grpo, f"run.output_dir={root / 'one'}", "run.total_steps=3"],
                     [*ppo, f"run.output_dir={root / 'ppo_one'}"]])
-    others = start(2, [dpo, sft_run, [*ppo, f"run.output_dir={root / 'ppo_two'}"]])
+    others = start(2, [dpo, sft_run, [*ppo, f"run.output_dir={root / 'ppo_two'}"], dynamic])
     return {**finish(two=two, one=one, others=others), "root": root}
 
 
@@ -248,7 +253,7 @@ def test_two_processes_form_one_cluster_of_four_devices(runs):
             (0, 2, 4), (1, 2, 4)]
     assert runs["one"][0]["device_count"] == 4
     assert [s["steps"] for s in runs["two"]] == [[2, 3]] * 2  # GRPO 2 steps, the same run resumed to 3
-    assert [s["steps"] for s in runs["others"]] == [[1, 1, 2]] * 2  # DPO 1 step, SFT 1 step, PPO 2 steps
+    assert [s["steps"] for s in runs["others"]] == [[1, 1, 2, 1]] * 2  # DPO, SFT, PPO 2 steps, dynamic sampling
 
 
 def test_grpo_on_two_processes_equals_one_process_step_by_step(runs):
@@ -329,3 +334,10 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step_with_a_c
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["1", "2"]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_dynamic_sampling_keeps_the_processes_in_lockstep_when_one_is_short(runs):
+    (row,) = read_jsonl(runs["root"] / "dynamic" / "metrics.jsonl")
+    # 2 rounds of 2 prompts a process: process 0 kept its 4 groups (trains 2), process 1 none (fills 2)
+    assert (row["sampling_rounds"], row["groups_kept_fraction"], row["groups_filled"]) == (2.0, 0.5, 2.0)
+    assert np.isfinite(row["loss"])
