@@ -25,8 +25,10 @@ def sft_tokens(tokenizer, conversation: Sequence[dict], where: str = "conversati
 
     Each assistant turn's tokens are those the template adds between the conversation up to it rendered with
     the generation prompt, and the conversation including it: exactly what the policy writes at RL time,
-    its end-of-turn token included. Segments are tokenized separately (the template's boundaries are special
-    tokens), so prompt ids equal those the policy sees when it is prompted.
+    its end-of-turn token included. Whitespace the template puts after that token (Qwen's "\n" after
+    <|im_end|>) stays in the ids but is not learned: the policy stops at the token and never writes it.
+    Segments are tokenized separately (the template's boundaries are special tokens), so prompt ids equal
+    those the policy sees when it is prompted.
     """
     ids: list[int] = []
     mask: list[int] = []
@@ -40,10 +42,14 @@ def sft_tokens(tokenizer, conversation: Sequence[dict], where: str = "conversati
         if not prefix.startswith(rendered) or not full.startswith(prefix):
             raise UserError(f"{where}: the chat template does not render turn {turn} as a continuation of the "
                             "turns before it, so assistant tokens cannot be found")
-        prompt_part = tokenizer(prefix[len(rendered):], add_special_tokens=False)["input_ids"]
-        answer_part = tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]
-        ids += prompt_part + answer_part
-        mask += [0] * len(prompt_part) + [1] * len(answer_part)
+        answer = full[len(prefix):]
+        written = answer.rstrip()
+        if not written.endswith(tuple(tokenizer.all_special_tokens)):  # no end-of-turn token: learn it all
+            written = answer
+        prompt_part, answer_part, after = (tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                                           for text in (prefix[len(rendered):], written, answer[len(written):]))
+        ids += prompt_part + answer_part + after
+        mask += [0] * len(prompt_part) + [1] * len(answer_part) + [0] * len(after)
         rendered = full
     if not any(mask):
         raise UserError(f"{where}: has no assistant turn to learn from")

@@ -49,8 +49,12 @@ def test_sft_mask_covers_exactly_each_assistant_turn_and_its_end_of_turn(llama_t
 def test_sft_mask_with_the_qwen_template(qwen_tokenizer):
     ids, mask = sft_tokens(qwen_tokenizer, TWO_TURNS)
     learned, prompts = masked_segments(qwen_tokenizer, ids, mask)
-    assert [t.rstrip("\n") for t in learned] == ["Hello you<|im_end|>", "Because.<|im_end|>"]
-    assert prompts[1].endswith("<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n")
+    # the "\n" the template puts after <|im_end|> is not learned: the policy stops at <|im_end|>
+    assert learned == ["Hello you<|im_end|>", "Because.<|im_end|>"]
+    assert ids[-1] == qwen_tokenizer.convert_tokens_to_ids("\u010a") and mask[-1] == 0  # "\n", byte-level BPE
+    assert prompts[1] == "\n<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen_tokenizer.decode(ids, skip_special_tokens=False) == qwen_tokenizer.apply_chat_template(
+        TWO_TURNS, tokenize=False)
     assert "You are Qwen" in prompts[0] and prompts[0].endswith("Hi there<|im_end|>\n<|im_start|>assistant\n")
 
 
