@@ -48,8 +48,8 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from benchmarks.common import (  # noqa: E402
-    HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, best_seconds, make_hf_model, measure_matmul_peak,
-    measure_read_bandwidth,
+    HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, best_seconds, decode_weight_shapes, make_hf_model,
+    measure_matmul_peak, measure_read_bandwidth,
 )
 from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
 
@@ -59,9 +59,7 @@ TEMPERATURE = 0.7
 
 def step_weight_params() -> int:
     """Parameters a decode step streams through matmuls: every layer's projections and the lm head."""
-    head_dim = HIDDEN // HEADS
-    per_layer = HIDDEN * head_dim * (2 * HEADS + 2 * KV_HEADS) + 3 * HIDDEN * INTERMEDIATE
-    return LAYERS * per_layer + HIDDEN * VOCAB
+    return sum(n_in * n_out for n_in, n_out in decode_weight_shapes())
 
 
 def decode_limit(batch: int, bandwidth: float, peak: float) -> tuple[float, float, float]:

@@ -131,17 +131,20 @@ def lockstep_batches(local: Mapping[int, list[list[int]]], buckets: Sequence[int
 
 @dataclasses.dataclass(frozen=True)
 class RewardBatch:
-    """Scored rollouts.  rewards, valid, truncated, plan_tokens, answer_tokens: [n]; metrics: over the batch
-    (`reward_metrics`)."""
+    """Scored rollouts.  rewards, valid, truncated, plan_tokens, answer_tokens: [n]."""
 
     rewards: np.ndarray
     answers: list[str]
     plans: list[str]
     valid: np.ndarray
     truncated: np.ndarray
-    metrics: dict[str, float]
     plan_tokens: np.ndarray
     answer_tokens: np.ndarray
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Over the batch (`reward_metrics`)."""
+        return reward_metrics(self.rewards, self.valid, self.truncated, self.plan_tokens, self.answer_tokens)
 
 
 def reward_metrics(rewards: np.ndarray, valid: np.ndarray, truncated: np.ndarray, plan_tokens: np.ndarray,
@@ -298,7 +301,6 @@ class RewardScorer:
             plans=[s.plan for s in splits],
             valid=valid,
             truncated=truncated,
-            metrics=reward_metrics(rewards, valid, truncated, plan_tokens, answer_tokens),
             plan_tokens=plan_tokens,
             answer_tokens=answer_tokens,
         )
