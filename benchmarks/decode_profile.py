@@ -31,7 +31,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from benchmarks.time_plan import NEW, policy_sampler, run_config, write_configs  # noqa: E402
-from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
+from rlmt_jax.scale.host_memory import relaunch_with_reused_memory  # noqa: E402
 
 _OP_NAME = re.compile(r'^\s*%([\w.\-]+) = .*op_name="([^"]*)"')
 
@@ -53,7 +53,7 @@ def group_of(name: str, op_name: str) -> str:
 
 def profile(dtype: str) -> tuple[dict[str, float], float]:
     """({group: ms per decode step}, wall ms per decode step) of one traced sampler call in `dtype`."""
-    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.scale import mesh as mesh_lib
 
     with tempfile.TemporaryDirectory() as root:
         cfg = run_config(*write_configs(root))

@@ -111,9 +111,9 @@ def check_update_step(model_config, chip, args) -> None:
 
     from models import build_model
     from rlmt_jax.algorithms import AlgorithmConfig
-    from rlmt_jax.objectives import PolicyObjective
-    from rlmt_jax.optim import AdamWConfig
-    from rlmt_jax.train_step import init_optimizer_state, train_step
+    from rlmt_jax.algorithms.objectives import PolicyObjective
+    from rlmt_jax.training.optim import AdamWConfig
+    from rlmt_jax.training.train_step import init_optimizer_state, train_step
 
     cfg = model_config.replace(dtype=args.dtype, param_dtype="float32", remat=args.remat, scan_layers=True)
     graphdef, params = nnx.split(nnx.jit(lambda: build_model(cfg, nnx.Rngs(0)))(), nnx.Param)
@@ -185,7 +185,7 @@ def check_sampler(model_config, chip, args) -> dict[int, float]:
     from flax import nnx
 
     from models import build_model
-    from rlmt_jax.sampling import Sampler, SamplingConfig
+    from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
 
     cfg = model_config.replace(dtype=args.dtype, param_dtype=args.dtype, scan_layers=True)
     graphdef, params = nnx.split(nnx.jit(lambda: build_model(cfg, nnx.Rngs(1)))())

@@ -23,7 +23,7 @@ decode, nothing else), timed with jax (our layouts: q|k|v and gate|up fused, voc
 the weights at well under the read bandwidth above, so this floor, not the limit, is what a sampler built on
 them can approach; the gap between it and our step is attention, sampling and per-op overhead.
 
-The script starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/host_memory.py;
+The script starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/scale/host_memory.py;
 both samplers get them; RLMT_JAX_HOST_MEMORY=default keeps glibc's).
 
 bfloat16 rows (--dtypes, default both): our sampler as the trainer runs it with runtime.dtype=bfloat16 (the float32
@@ -51,7 +51,7 @@ from benchmarks.common import (  # noqa: E402
     HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, best_seconds, decode_weight_shapes, make_hf_model,
     measure_matmul_peak, measure_read_bandwidth,
 )
-from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
+from rlmt_jax.scale.host_memory import relaunch_with_reused_memory  # noqa: E402
 
 PROMPT, NEW = 64, 128
 TEMPERATURE = 0.7
@@ -135,9 +135,9 @@ def bench_ours(model_dir: str, prompts: list[list[int]], repeats: int, cache_dty
     """float32: the sampler on the float32 params. bfloat16: as the trainer samples with runtime.dtype=bfloat16,
     float32 params copied into the decode layout (one device) in bfloat16 at every call, a bfloat16 cache."""
     import models
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.config import RolloutMeshConfig
-    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.settings.config import RolloutMeshConfig
+    from rlmt_jax.rollout.sampling import DecodeLayout, Sampler, SamplingConfig
 
     model = models.load_pretrained(model_dir, dtype=dtype)
     config = SamplingConfig(
@@ -202,7 +202,7 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     bandwidth, peak = measure_read_bandwidth(), measure_matmul_peak()
-    from rlmt_jax.sampling import SamplingConfig
+    from rlmt_jax.rollout.sampling import SamplingConfig
 
     windows = SamplingConfig(max_new_tokens=NEW, decode_windows=args.decode_windows).windows
     print(f"our sampler: {windows} decode window(s), {args.cache_dtype} cache")

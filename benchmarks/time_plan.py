@@ -1,4 +1,4 @@
-"""The time plan's model (rlmt_jax/time_plan.py) against what this CPU measures, phase by phase, in one run.
+"""The time plan's model (rlmt_jax/plans/time_plan.py) against what this CPU measures, phase by phase, in one run.
 
 The plan is fed this machine's measured float32 matmul peak, read bandwidth and the share of that bandwidth the
 decode step's matmuls (8 rows x each weight of the model) reach (benchmarks/common.py) as the chip's figures
@@ -34,7 +34,7 @@ from benchmarks.common import (  # noqa: E402
     HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, LAYERS, VOCAB, best_seconds, decode_weight_shapes, measure_matmul_peak,
     measure_matmul_stream, measure_read_bandwidth,
 )
-from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
+from rlmt_jax.scale.host_memory import relaunch_with_reused_memory  # noqa: E402
 
 PROMPTS, N, PROMPT, NEW, REWARD_BATCH = 4, 2, 64, 64, 8
 
@@ -57,7 +57,7 @@ def write_configs(root: str) -> tuple[str, str]:
 
 
 def run_config(policy: str, reward: str):
-    from rlmt_jax.config import resolve
+    from rlmt_jax.settings.config import resolve
 
     return resolve(None, [
         f"model.policy={policy}", f"model.reward_model={reward}", "runtime.dtype=float32", "runtime.remat=none",
@@ -75,8 +75,8 @@ def policy_sampler(cfg, dtype: str = "float32"):
 
     from models import build_model
     from models.config import ModelConfig
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.rollout.sampling import DecodeLayout, Sampler, SamplingConfig
 
     with open(os.path.join(cfg.model.policy, "config.json")) as f:
         policy_cfg = ModelConfig.from_hf_config(json.load(f), dtype=dtype, scan_layers=False, remat="none")
@@ -94,10 +94,10 @@ def measure(cfg, repeats: int) -> dict[str, float]:
 
     from models import build_model
     from models.config import ModelConfig
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.objectives import PolicyObjective
-    from rlmt_jax.optim import AdamWConfig
-    from rlmt_jax.train_step import compute_logprobs, init_optimizer_state, train_step
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.algorithms.objectives import PolicyObjective
+    from rlmt_jax.training.optim import AdamWConfig
+    from rlmt_jax.training.train_step import compute_logprobs, init_optimizer_state, train_step
 
     graphdef, params, sampler, prompts = policy_sampler(cfg)
     layout = sampler.layout
@@ -163,8 +163,8 @@ def main() -> None:
     args = parser.parse_args()
     relaunch_with_reused_memory([os.path.abspath(__file__), *sys.argv[1:]])
 
-    from rlmt_jax.memory_plan import DeviceSpec
-    from rlmt_jax.time_plan import ChipFigures, time_plan
+    from rlmt_jax.plans.memory_plan import DeviceSpec
+    from rlmt_jax.plans.time_plan import ChipFigures, time_plan
 
     peak, bandwidth = measure_matmul_peak(), measure_read_bandwidth()
     stream = measure_matmul_stream(PROMPTS * N, decode_weight_shapes()) / bandwidth

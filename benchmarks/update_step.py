@@ -15,7 +15,7 @@ MFU = model FLOPs / time / matmul peak, with model FLOPs per token = 6 * N + 12 
 are made; the attention term counts the full seq x seq score matrix, as PaLM's appendix does) and the
 peak measured in the same run as the best float32 2048^3 matmul rate of jax (at start and end, best).
 Steps of the two sides alternate, so both see the same share of a machine others may be using. The script
-starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/host_memory.py; both sides
+starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/scale/host_memory.py; both sides
 get them; RLMT_JAX_HOST_MEMORY=default keeps glibc's), and prints each side's page faults per step.
 
 Last line, for scripts: update_step ours_tok_s=... torch_tok_s=... ratio=... mfu=...
@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from benchmarks.common import HIDDEN, LAYERS, VOCAB, make_hf_model, measure_matmul_peak  # noqa: E402
-from rlmt_jax.host_memory import relaunch_with_reused_memory  # noqa: E402
+from rlmt_jax.scale.host_memory import relaunch_with_reused_memory  # noqa: E402
 
 
 def make_batch(batch: int, seq: int, prompt: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -72,9 +72,9 @@ def bench_ours(model_dir, batch_np, args, grpo_config):
     from flax import nnx
 
     from models import load_pretrained
-    from rlmt_jax.objectives import PolicyObjective
-    from rlmt_jax.optim import AdamWConfig
-    from rlmt_jax.train_step import compute_logprobs, init_optimizer_state, train_step
+    from rlmt_jax.algorithms.objectives import PolicyObjective
+    from rlmt_jax.training.optim import AdamWConfig
+    from rlmt_jax.training.train_step import compute_logprobs, init_optimizer_state, train_step
 
     model = load_pretrained(model_dir, remat=args.remat, scan_layers=args.scan_layers)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--no-skip-prompt-logits", dest="skip_prompt_logits", action="store_false",
                         help="make logits for prompt positions too (both sides)")
     args = parser.parse_args()
-    # Both sides run in this one process with the host-memory settings `rlmt-jax` uses (rlmt_jax/host_memory.py).
+    # Both sides run in this one process with the host-memory settings `rlmt-jax` uses (rlmt_jax/scale/host_memory.py).
     relaunch_with_reused_memory([os.path.abspath(__file__), *sys.argv[1:]])
 
     from rlmt_jax.algorithms import AlgorithmConfig

@@ -2,7 +2,7 @@
 
 No torch, no pickle, no remote code: tensors are read one at a time from safetensors as numpy arrays
 (bfloat16 through ml_dtypes), converted to our layout, and handed to a `place` callback that puts them on
-device (by default the default device; rlmt_jax/mesh.py passes one that shards them as they are read).
+device (by default the default device; rlmt_jax/scale/mesh.py passes one that shards them as they are read).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Logical-axis hooks: models name their axes; rlmt_jax/mesh.py decides where they go.
+"""Logical-axis hooks: models name their axes; rlmt_jax/scale/mesh.py decides where they go.
 
 Parameters carry `logical_axes` metadata (see `param`). Activations pass through `constrain(x, axes)`, which
 does nothing unless a rules function is installed with `use_activation_sharding`, so the models stay free of

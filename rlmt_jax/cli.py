@@ -10,9 +10,9 @@ import os
 import sys
 
 from rlmt_jax.commands import COMMANDS
-from rlmt_jax.config import check_distinct_overrides
-from rlmt_jax.errors import UserError
-from rlmt_jax.host_memory import module_command, relaunch_with_reused_memory
+from rlmt_jax.settings.config import check_distinct_overrides
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.scale.host_memory import module_command, relaunch_with_reused_memory
 
 
 # A full, read-only or forbidden disk is the user's to fix: one line naming the file, not a traceback.

@@ -3,7 +3,7 @@ import shutil
 import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One persistent compilation cache for the session, shared by the processes tests start (rlmt_jax/compile_cache.py):
+# One persistent compilation cache for the session, shared by the processes tests start (rlmt_jax/scale/compile_cache.py):
 # many tests compile the same tiny programs, and a cached one loads in milliseconds.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _SESSION_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlmt-jax-tests-xla-")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fixtures_tokenizers import load_tokenizer
 
-from rlmt_jax.toy_tokenizer import ToyTokenizerSpec, build_toy_tokenizer
+from rlmt_jax.inputs.toy_tokenizer import ToyTokenizerSpec, build_toy_tokenizer
 
 
 def save_tiny_reward_model(path, tokenizer_dir, family: str = "llama3", seed: int = 0):

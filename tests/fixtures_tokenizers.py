@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlmt_jax.toy_tokenizer import ToyTokenizerSpec, build_toy_tokenizer
+from rlmt_jax.inputs.toy_tokenizer import ToyTokenizerSpec, build_toy_tokenizer
 
 
 def load_tokenizer(path):

@@ -30,8 +30,8 @@ def main(spec: dict) -> None:
 
     save_gate.install()
     from rlmt_jax.algorithms import import_variants
-    from rlmt_jax.config import resolve
-    from rlmt_jax.trainer import train
+    from rlmt_jax.settings.config import resolve
+    from rlmt_jax.trainer.loop import train
 
     processes = spec["num_processes"]
     cluster = [] if processes == 1 else [
@@ -56,8 +56,8 @@ def build_tiny(spec: dict) -> None:
     from jax.experimental import multihost_utils
 
     from models.hf_io import EXPORT_MARKER
-    from rlmt_jax.mesh import initialize_distributed
-    from rlmt_jax.tiny import VERSION, cache_root, tiny_assets_dir
+    from rlmt_jax.scale.mesh import initialize_distributed
+    from rlmt_jax.inputs.tiny import VERSION, cache_root, tiny_assets_dir
 
     initialize_distributed(f"localhost:{spec['port']}", spec["num_processes"], spec["process_id"])
     multihost_utils.sync_global_devices("build the tiny models")  # start together, so the builds overlap

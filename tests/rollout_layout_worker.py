@@ -37,10 +37,10 @@ def main() -> dict:
 
     from hlo_collectives import while_loop_collectives
     from models import ModelConfig, build_model
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.config import RolloutMeshConfig
-    from rlmt_jax.multihost import HostRows
-    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.settings.config import RolloutMeshConfig
+    from rlmt_jax.scale.multihost import HostRows
+    from rlmt_jax.rollout.sampling import DecodeLayout, Sampler, SamplingConfig
 
     def model(scan: bool, dtype: str):
         # the tiny default's shapes: vocab 768, embed 64, mlp 192, 4 heads of 16 with 2 kv heads, 2 layers

@@ -30,13 +30,13 @@ def main() -> dict:
     from flax import nnx
 
     from models import ModelConfig, build_model, load_pretrained, save_pretrained
-    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.scale import mesh as mesh_lib
     from rlmt_jax.algorithms import AlgorithmConfig
-    from rlmt_jax.multihost import HostRows
-    from rlmt_jax.objectives import PolicyObjective
-    from rlmt_jax.optim import AdamWConfig
-    from rlmt_jax.rewards import RewardScorer, RewardSettings
-    from rlmt_jax.train_step import init_optimizer_state, train_step
+    from rlmt_jax.scale.multihost import HostRows
+    from rlmt_jax.algorithms.objectives import PolicyObjective
+    from rlmt_jax.training.optim import AdamWConfig
+    from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings
+    from rlmt_jax.training.train_step import init_optimizer_state, train_step
 
     # vocab 128, embed 32, 4 heads of 8 with 2 kv heads, mlp 64: every dim splits 2, 4 and 8 ways
     policy_cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -156,7 +156,7 @@ def _greedy(policy, place) -> list:
     import jax
     import numpy as np
 
-    from rlmt_jax.sampling import Sampler, SamplingConfig
+    from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
 
     # two decode windows: the cache blocks are placed on the mesh like the single cache
     config = SamplingConfig(n=2, max_new_tokens=6, temperature=0.0, eos_ids=(5,), pad_id=0, prompt_buckets=(8,),

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-import rlmt_jax.trainer as trainer_module
-from rlmt_jax.config import resolve
-from rlmt_jax.trainer import train
+import rlmt_jax.trainer.loop as trainer_module
+from rlmt_jax.settings.config import resolve
+from rlmt_jax.trainer.loop import train
 
 ONE_STEP = [
     "rollout.n=2", "rollout.prompts_per_step=4", "rollout.max_new_tokens=12", "rollout.prompt_buckets=[]",

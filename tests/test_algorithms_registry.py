@@ -19,7 +19,7 @@ from rlmt_jax.algorithms import (
 )
 from rlmt_jax.algorithms import registry
 from rlmt_jax.cli import main
-from rlmt_jax.errors import UserError
+from rlmt_jax.core.errors import UserError
 from tests.test_cli import SHORT
 
 USER_MODULE = '''
@@ -135,7 +135,7 @@ def readme_variants_section() -> str:
 
 
 def test_every_variant_line_of_the_readme_resolves_on_its_recipe_to_the_named_functions():
-    from rlmt_jax.config import resolve
+    from rlmt_jax.settings.config import resolve
 
     lines = [line.split("  #")[0].split() for line in readme_variants_section().splitlines()
              if line.startswith("rlmt-jax train") and "--import" not in line]

@@ -18,7 +18,7 @@ from rlmt_jax.algorithms import (
     compute_advantages,
     overlong_penalty,
 )
-from rlmt_jax.train_step import join_micro_batches, split_micro_batches
+from rlmt_jax.training.train_step import join_micro_batches, split_micro_batches
 
 B, S, L = 8, 7, 10.0  # rows, columns, Dr. GRPO's constant length
 LENGTHS = [6, 4, 2, 5, 1, 3, 6, 0]  # counted tokens per row (columns 1..n; row 7 is padding)
@@ -277,8 +277,8 @@ def test_model_gradients_of_gspo_are_equal_for_1_2_and_4_micro_batches():
     # test_train_step).
     from tests.test_train_step import T, rl_batch, tiny_policy
 
-    from rlmt_jax.objectives import PolicyObjective
-    from rlmt_jax.train_step import accumulate_gradients, compute_logprobs
+    from rlmt_jax.algorithms.objectives import PolicyObjective
+    from rlmt_jax.training.train_step import accumulate_gradients, compute_logprobs
 
     graphdef, params = tiny_policy()
     data = rl_batch()

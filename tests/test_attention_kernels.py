@@ -180,7 +180,7 @@ SAMPLER_PROMPTS = [[5, 9, 17, 33, 2, 8, 11, 90, 3], [40, 41], [7, 7, 7, 90, 12]]
 
 
 def sample(path, implementation: str, config, prompts=SAMPLER_PROMPTS):
-    from rlmt_jax.sampling import Sampler
+    from rlmt_jax.rollout.sampling import Sampler
 
     sampler, params = Sampler.for_model(load(path, implementation), config)
     return sampler(params, prompts, jax.random.key(0))
@@ -193,7 +193,7 @@ def test_sampler_with_the_decode_kernel_samples_as_the_xla_path(checkpoints, ker
     log-probs are within 1e-5. Prompt 1's samples stop on an EOS (a token only they produce, at a step from 3
     to 7: a stopped row keeps being fed, its slots stay one run) while the others run all 20 tokens, into
     block 1."""
-    from rlmt_jax.sampling import SamplingConfig, cache_block_widths
+    from rlmt_jax.rollout.sampling import SamplingConfig, cache_block_widths
 
     config = SamplingConfig(n=2, max_new_tokens=20, temperature=0.0, prompt_buckets=(16,), pad_id=159,
                             decode_windows=2)
@@ -213,7 +213,7 @@ def test_sampler_with_the_decode_kernel_samples_as_the_xla_path(checkpoints, ker
 
 
 def test_cache_blocks_end_at_multiples_of_16_for_the_decode_kernel_and_as_the_windows_say_otherwise():
-    from rlmt_jax.sampling import SamplingConfig, cache_block_widths
+    from rlmt_jax.rollout.sampling import SamplingConfig, cache_block_widths
 
     config = SamplingConfig(max_new_tokens=41, decode_windows=4)  # response blocks (10, 10, 10, 10)
     assert cache_block_widths(config, 16) == (26, 10, 10, 10)
@@ -286,8 +286,8 @@ def test_cudnn_on_a_gpu_in_float32_names_the_settings_to_change(monkeypatch):
 def test_an_unknown_attention_setting_names_the_key():
     with pytest.raises(ConfigError, match="attention: 'flash'"):
         ModelConfig(attention="flash")
-    from rlmt_jax.config import resolve
-    from rlmt_jax.errors import UserError
+    from rlmt_jax.settings.config import resolve
+    from rlmt_jax.core.errors import UserError
 
     assert resolve(None, ["runtime.attention=splash"]).runtime.attention == "splash"
     with pytest.raises(UserError, match="runtime.attention"):
@@ -315,7 +315,7 @@ def _sharded_worker(path: str) -> dict:
     """Logits, log-probs and gradients of the kernels (under remat=full) on meshes (data, fsdp, tensor), against
     the xla path on one device: cudnn on 2x2x2 (batch over data x fsdp, kv heads over tensor), splash on 1x2x4
     (tensor 4 does not divide the 2 kv heads: each device keeps whole heads)."""
-    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.scale import mesh as mesh_lib
 
     batch = padded_batch()
     reference = forward_and_gradients(load(path, "xla"), *batch)
@@ -339,9 +339,9 @@ def _sharded_sampler(path: str) -> dict:
     heads over tensor) against the xla path on one device, greedy, 2 windows, n=2 (4 prompts: 8 rows); and the
     q shapes the kernel was traced with (per device inside the shard_map; the global one when per_device_map
     evaluates the output's shape)."""
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.config import RolloutMeshConfig
-    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.settings.config import RolloutMeshConfig
+    from rlmt_jax.rollout.sampling import DecodeLayout, Sampler, SamplingConfig
 
     shapes = set()
     kernel = attention_lib._decode_block

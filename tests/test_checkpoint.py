@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rlmt_jax.checkpoint import (
+from rlmt_jax.run.checkpoint import (
     COMMIT_MARKER,
     CheckpointStore,
     CheckpointWriteError,
@@ -26,7 +26,7 @@ from rlmt_jax.checkpoint import (
     rng_from_json,
     rng_to_json,
 )
-from rlmt_jax.errors import UserError
+from rlmt_jax.core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_one_before_with_a_warning
     with CheckpointStore.for_run(tmp_path, keep=3, async_save=False) as store:
         save_steps(store, [1, 2])
         truncate_largest_file(tmp_path / "checkpoints" / "2" / "params")
-        with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="rlmt_jax.run.checkpoint"):
             restored = store.restore(abstract_run_items())
         assert restored.step == 1
         assert_trees_equal(restored.items["params"], policy_params(1))
@@ -246,7 +246,7 @@ def test_step_dir_without_commit_marker_is_never_taken_as_a_checkpoint_and_is_sa
     (ckpts / "2" / COMMIT_MARKER).unlink()
     reader = CheckpointStore.for_run(tmp_path, read_only=True)  # a reader only ignores it
     assert reader.latest_step() == 1 and (ckpts / "2").is_dir()
-    with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rlmt_jax.run.checkpoint"):
         store = CheckpointStore.for_run(tmp_path, save_every=2, async_save=False)
     assert any("uncommitted checkpoint step dir" in r.getMessage() and r.getMessage().endswith("saves that step again")
                for r in caplog.records)
@@ -264,7 +264,7 @@ import os, sys
 import jax
 from flax import nnx
 from orbax.checkpoint._src.path import atomicity
-from rlmt_jax.checkpoint import CheckpointStore
+from rlmt_jax.run.checkpoint import CheckpointStore
 
 store = CheckpointStore.for_run(sys.argv[1], async_save=True)
 params = {"w": jax.numpy.arange(4096.0).reshape(64, 64)}
@@ -289,7 +289,7 @@ def test_killed_writer_leftover_is_ignored_and_cleaned(tmp_path, caplog):
     leftovers = [p.name for p in ckpts.iterdir() if p.name.startswith("2.orbax-checkpoint-tmp")]
     assert len(leftovers) == 1
 
-    with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rlmt_jax.run.checkpoint"):
         store = CheckpointStore.for_run(tmp_path, async_save=False)
     assert any("unfinished checkpoint write of step 2" in r.getMessage() for r in caplog.records)
     assert store.all_steps() == [1]
@@ -361,7 +361,7 @@ def test_a_flipped_byte_in_a_params_file_is_caught_by_its_checksum_and_restore_f
     assert "params/w" in meta["checksums"] and "opt_state/1.0.mu.w" in meta["checksums"]  # item/path of each array
     data = max((tmp_path / "checkpoints" / "2" / "params").rglob("d/*"), key=lambda p: p.stat().st_size)
     flip_one_byte(data)  # the file still decodes: one float of w has its lowest mantissa bit flipped
-    with caplog.at_level(logging.WARNING, logger="rlmt_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rlmt_jax.run.checkpoint"):
         store = CheckpointStore.for_run(tmp_path, keep=3, async_save=False)
         restored = store.restore({"params": jax.eval_shape(lambda: weights(0))})
     assert restored.step == 1
@@ -396,8 +396,8 @@ def test_a_symlinked_step_dir_is_refused_when_the_store_opens(tmp_path):
 FAILING_DISK = """
 import json, subprocess, sys
 import jax
-import rlmt_jax.checkpoint as ckpt
-from rlmt_jax.checkpoint import CheckpointStore, CheckpointWriteError
+import rlmt_jax.run.checkpoint as ckpt
+from rlmt_jax.run.checkpoint import CheckpointStore, CheckpointWriteError
 
 mount, case = sys.argv[1], sys.argv[2]
 store = CheckpointStore(mount + "/checkpoints", save_every=1, keep=3, async_save=True)
@@ -475,7 +475,7 @@ SHARDED_RESTORE = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from rlmt_jax.checkpoint import CheckpointStore
+from rlmt_jax.run.checkpoint import CheckpointStore
 
 assert jax.device_count() == 8, jax.devices()
 w = jnp.arange(16 * 32, dtype=jnp.float32).reshape(16, 32)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, jax, jax.numpy as jnp
 from jax._src import monitoring
-from rlmt_jax.compile_cache import enable_compilation_cache
+from rlmt_jax.scale.compile_cache import enable_compilation_cache
 
 hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)

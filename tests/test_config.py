@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlmt_jax.config import (
+from rlmt_jax.settings.config import (
     RunConfig,
     find_config,
     from_dict,
@@ -19,7 +19,7 @@ from rlmt_jax.config import (
     shipped_configs,
     to_yaml,
 )
-from rlmt_jax.errors import UserError
+from rlmt_jax.core.errors import UserError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = (
@@ -152,7 +152,7 @@ def test_rlhf_baseline_is_the_grpo_run_without_a_plan():
 
 
 def test_paper_config_mesh_fills_a_v5p_64_and_an_8xh100_host():
-    from rlmt_jax.mesh import resolve_mesh_shape
+    from rlmt_jax.scale.mesh import resolve_mesh_shape
 
     cfg = resolve("grpo_llama31_8b_instruct")
     assert resolve_mesh_shape(cfg.mesh, 32) == ((1, 32, 1), (1, 1, 1))
@@ -431,7 +431,7 @@ def test_recipes_resolve_to_the_numbers_they_resolved_to_before_the_algorithm_re
     # section became the loss config (dumped before config.py changed).
     import json
 
-    from rlmt_jax.config import SCHEMA
+    from rlmt_jax.settings.config import SCHEMA
 
     old = flat(json.loads(RESOLVED_RECIPES.read_text())[name])
     now = flat(json.loads(json.dumps(SCHEMA.to_dict(resolve(REPO_CONFIGS / name)))))  # tuples -> lists
@@ -543,8 +543,8 @@ def test_no_module_branches_on_the_algorithms_name_outside_the_specs():
 
 
 def test_resume_compares_what_is_trained_and_total_steps_only_where_the_schedule_reads_it():
-    from rlmt_jax.config import SCHEMA
-    from rlmt_jax.resume import config_diff
+    from rlmt_jax.settings.config import SCHEMA
+    from rlmt_jax.run.resume import config_diff
 
     saved = resolve(None, ["run.total_steps=2"])
     assert saved.optimizer.schedule == "constant" and saved.optimizer.warmup_ratio == 0

@@ -7,8 +7,8 @@ import json
 import datasets
 import pytest
 
-from rlmt_jax.data import BatchIterator, load_conversations, load_prompts
-from rlmt_jax.errors import UserError
+from rlmt_jax.inputs.data import BatchIterator, load_conversations, load_prompts
+from rlmt_jax.core.errors import UserError
 
 HELLO = [{"role": "user", "content": "Hello?"}]
 TWO_TURNS = [
@@ -291,8 +291,8 @@ def test_default_shard_is_this_jax_process():
 
 
 def test_tiny_default_gives_25_steps_an_epoch_of_8_prompts_for_2_epochs():
-    from rlmt_jax.config import resolve
-    from rlmt_jax.data import load_train_records, train_batches
+    from rlmt_jax.settings.config import resolve
+    from rlmt_jax.inputs.data import load_train_records, train_batches
 
     cfg = resolve(None)
     records = load_train_records(cfg)
@@ -303,8 +303,8 @@ def test_tiny_default_gives_25_steps_an_epoch_of_8_prompts_for_2_epochs():
 
 
 def test_sft_batches_use_the_sft_batch_size_and_epochs(tmp_path):
-    from rlmt_jax.config import from_dict
-    from rlmt_jax.data import load_train_records, train_batches
+    from rlmt_jax.settings.config import from_dict
+    from rlmt_jax.inputs.data import load_train_records, train_batches
 
     answer = [{"role": "assistant", "content": "<think>\nplan\n</think>\n\nanswer"}]
     path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": HELLO + answer}] * 10)
@@ -339,7 +339,7 @@ def test_a_data_error_found_after_the_checkpoint_store_opens_ends_in_one_line(tm
                              f"run.output_dir={tmp_path / 'run'}", "logging.tensorboard=false"],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("WARNING:rlmt_jax.trainer:removed")]
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("WARNING:rlmt_jax.trainer.loop:removed")]
     assert lines == ["rlmt-jax train: error: the data has 2 rows, fewer than one batch of 8"]
 
 
@@ -350,10 +350,10 @@ PROMPTS = [[{"role": "user", "content": c}] for c in ("a", "bb", "ccc", "dddd")]
 
 
 def test_overlong_prompts_are_kept_dropped_or_an_error_and_counted_once(caplog):
-    from rlmt_jax.data import fit_prompt_limit
+    from rlmt_jax.inputs.data import fit_prompt_limit
 
     lengths = [5, 12, 8, 30]
-    with caplog.at_level("WARNING", logger="rlmt_jax.data"):
+    with caplog.at_level("WARNING", logger="rlmt_jax.inputs.data"):
         assert fit_prompt_limit(PROMPTS, lengths, 10, "truncate_left", "p.jsonl") == PROMPTS
         assert fit_prompt_limit(PROMPTS, lengths, 10, "drop", "p.jsonl") == [PROMPTS[0], PROMPTS[2]]
     assert [r.getMessage() for r in caplog.records] == [
@@ -369,10 +369,10 @@ def test_overlong_prompts_are_kept_dropped_or_an_error_and_counted_once(caplog):
 
 
 def test_the_trainer_drops_the_prompts_whose_rendered_tokens_pass_the_limit(tmp_path, tiny_cache):
-    from rlmt_jax.config import resolve
-    from rlmt_jax.data import load_prompts
-    from rlmt_jax.templates import encode_prompt
-    from rlmt_jax.trainer import Trainer
+    from rlmt_jax.settings.config import resolve
+    from rlmt_jax.inputs.data import load_prompts
+    from rlmt_jax.inputs.templates import encode_prompt
+    from rlmt_jax.trainer.loop import Trainer
 
     overrides = ["data.max_prompt_tokens=70", f"run.output_dir={tmp_path / 'run'}", "rollout.prompt_buckets=[]",
                  "logging.tensorboard=false"]

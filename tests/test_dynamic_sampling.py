@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import rlmt_jax.trainer as trainer_lib
+import rlmt_jax.trainer.loop as trainer_lib
 from rlmt_jax.algorithms import GROUP_FILTERS, choose_groups, varied_groups
-from rlmt_jax.config import resolve
-from rlmt_jax.data import train_batches
-from rlmt_jax.errors import UserError
-from rlmt_jax.rewards import RewardScorer
-from rlmt_jax.rollouts import ScoredRollouts
+from rlmt_jax.settings.config import resolve
+from rlmt_jax.inputs.data import train_batches
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.rollout.rewards import RewardScorer
+from rlmt_jax.rollout.scored import ScoredRollouts
 
 PROMPTS = [f"Fact {i}?" for i in range(16)]
 N = 2

@@ -10,10 +10,10 @@ from flax import nnx
 
 import models
 from models.hf_io import process_umask
-from rlmt_jax.config import resolve, save_resolved
-from rlmt_jax.files import atomic_write
-from rlmt_jax.jsonl import write_jsonl_atomic
-from rlmt_jax.metrics import truncate_jsonl
+from rlmt_jax.settings.config import resolve, save_resolved
+from rlmt_jax.core.files import atomic_write
+from rlmt_jax.core.jsonl import write_jsonl_atomic
+from rlmt_jax.run.metrics import truncate_jsonl
 
 MODES = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700), 0o027: (0o640, 0o750)}
 

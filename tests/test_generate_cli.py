@@ -12,13 +12,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from models.hf_io import process_umask
-from rlmt_jax import tiny
-from rlmt_jax.checkpoint import params_only
+from rlmt_jax.inputs import tiny
+from rlmt_jax.run.checkpoint import params_only
 from rlmt_jax.cli import main
-from rlmt_jax.config import resolve
-from rlmt_jax.sampling import Sampler
-from rlmt_jax.templates import KNOWN_EOS_TEXTS, TemplateSettings, split_output
-from rlmt_jax.trainer import train
+from rlmt_jax.settings.config import resolve
+from rlmt_jax.rollout.sampling import Sampler
+from rlmt_jax.inputs.templates import KNOWN_EOS_TEXTS, TemplateSettings, split_output
+from rlmt_jax.trainer.loop import train
 
 SHORT = ["run.total_steps=2", "rollout.max_new_tokens=8", "rollout.prompts_per_step=4", "rollout.n=2",
          "checkpoint.async_save=false", "logging.tensorboard=false", "optimizer.micro_batch_size=8"]
@@ -102,9 +102,9 @@ def test_a_run_dir_made_before_policy_copies_exports_with_its_model_folder(run_c
 def test_generate_loads_the_runs_newest_checkpoint(run_copy):
     import jax
 
-    from rlmt_jax import mesh as mesh_lib
+    from rlmt_jax.scale import mesh as mesh_lib
     from rlmt_jax.commands.generate import load_policy
-    from rlmt_jax.config import MeshConfig
+    from rlmt_jax.settings.config import MeshConfig
 
     policy = load_policy(run_copy, None, "float32", mesh_lib.make_mesh(MeshConfig()))
     assert policy.generator == "my-run" and policy.weights.endswith("step 2")
@@ -178,7 +178,7 @@ def test_generate_resumes_after_the_rows_already_done(run_copy, prompts_file, ge
 def test_score_reads_generates_json_output(run_copy, generated, prompts_file, tmp_path):
     from transformers import AutoTokenizer
 
-    from rlmt_jax.templates import eos_texts_of
+    from rlmt_jax.inputs.templates import eos_texts_of
 
     reward = tiny.resolve_model_path("builtin:tiny-reward")
     out = tmp_path / "scored.json"

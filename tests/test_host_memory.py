@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from rlmt_jax.host_memory import GLIBC_TUNABLES, runs_on_cpu, wants_relaunch
+from rlmt_jax.scale.host_memory import GLIBC_TUNABLES, runs_on_cpu, wants_relaunch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_a_relaunched_script_runs_once_with_the_tunables(tmp_path):
     script = tmp_path / "report.py"
     script.write_text(
         "import os, sys\n"
-        "from rlmt_jax.host_memory import relaunch_with_reused_memory\n"
+        "from rlmt_jax.scale.host_memory import relaunch_with_reused_memory\n"
         "print('start', flush=True)\n"
         "relaunch_with_reused_memory([__file__, *sys.argv[1:]])\n"
         "print('args', sys.argv[1:], 'tunables', os.environ.get('GLIBC_TUNABLES'))\n"

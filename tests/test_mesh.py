@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.mesh import (
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.scale.mesh import (
     MESH_AXES,
     MeshConfig,
     device_grid,
@@ -19,7 +19,7 @@ from rlmt_jax.mesh import (
     make_mesh,
     resolve_mesh_shape,
 )
-from rlmt_jax.mesh import _multihost_env as multihost_env
+from rlmt_jax.scale.mesh import _multihost_env as multihost_env
 
 
 def abstract_mesh(data: int, fsdp: int, tensor: int) -> jax.sharding.AbstractMesh:
@@ -203,7 +203,7 @@ def test_every_param_of_every_model_head_has_a_rule_and_vectors_stay_replicated(
     from flax import nnx
 
     from models import CausalLM, ModelConfig, RewardModel, ValueModel
-    from rlmt_jax.mesh import param_shardings
+    from rlmt_jax.scale.mesh import param_shardings
 
     mesh = make_mesh()  # one device: the specs are checked on an abstract (2, 2, 2) mesh below
     abstract_222 = abstract_mesh(2, 2, 2)
@@ -223,7 +223,7 @@ def test_placer_reads_a_lazy_safetensors_slice(tmp_path):
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from rlmt_jax.mesh import make_placer
+    from rlmt_jax.scale.mesh import make_placer
 
     weight = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
     save_file({"lm_head.weight": weight}, str(tmp_path / "model.safetensors"))

@@ -39,8 +39,8 @@ def _observe() -> dict:
     import optax
     from flax import nnx
 
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.errors import UserError
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.core.errors import UserError
 
     class Tiny(nnx.Module):
         def __init__(self, rngs: nnx.Rngs):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from rlmt_jax.metrics import MetricsLogger, jsonable, progress_line, scalar, truncate_jsonl
+from rlmt_jax.run.metrics import MetricsLogger, jsonable, progress_line, scalar, truncate_jsonl
 
 
 def read_jsonl(path):
@@ -225,7 +225,7 @@ def test_progress_in_a_log_file_is_one_plain_line_per_step(tmp_path):
 def test_eta_leaves_out_the_compiling_first_step_and_passes_over_a_slow_later_one(tmp_path, monkeypatch):
     # step 1 compiles (100 s), steps then take 1 s, step 5 compiles a new prompt bucket (40 s)
     clock = iter([0.0, 100.0, 101.0, 102.0, 103.0, 143.0, 144.0])
-    monkeypatch.setattr("rlmt_jax.metrics.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("rlmt_jax.run.metrics.time.monotonic", lambda: next(clock))
     stream = io.StringIO()
     logger = MetricsLogger(tmp_path, next_step=1, total_steps=100, tensorboard=False, is_writer=True,
                            stream=stream)

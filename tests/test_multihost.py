@@ -27,12 +27,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from models import ModelConfig, build_model
-from rlmt_jax.config import MeshConfig, resolve
-from rlmt_jax.errors import UserError
-from rlmt_jax.mesh import make_mesh
-from rlmt_jax.multihost import HostRows, all_gather, combine_metrics, global_max_int, global_metrics
-from rlmt_jax.sampling import Sampler, SamplingConfig
-from rlmt_jax.tiny import tiny_assets_dir
+from rlmt_jax.settings.config import MeshConfig, resolve
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.scale.mesh import make_mesh
+from rlmt_jax.scale.multihost import HostRows, all_gather, combine_metrics, global_max_int, global_metrics
+from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
+from rlmt_jax.inputs.tiny import tiny_assets_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -81,7 +81,7 @@ def test_a_batch_that_cannot_split_between_processes_is_refused(monkeypatch):
 
 
 def test_trainer_refuses_prompts_per_step_that_do_not_split_between_processes(monkeypatch):
-    from rlmt_jax.trainer import Trainer
+    from rlmt_jax.trainer.loop import Trainer
 
     cfg = resolve(None, ["rollout.prompts_per_step=3", "optimizer.micro_batch_size=4"])
     trainer = types.SimpleNamespace(cfg=cfg, algorithm="grpo", mesh=make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))

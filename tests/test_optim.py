@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.optim import (
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.training.optim import (
     DPO_ADAMW,
     GRPO_ADAMW,
     PPO_CRITIC_ADAMW,

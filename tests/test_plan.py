@@ -8,9 +8,9 @@ import pytest
 
 from models import ModelConfig
 from rlmt_jax.cli import main
-from rlmt_jax.config import resolve
-from rlmt_jax.errors import UserError
-from rlmt_jax.memory_plan import GIB, DeviceSpec, LocalDims, attention_bytes, layer_activation_bytes, memory_plan
+from rlmt_jax.settings.config import resolve
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.plans.memory_plan import GIB, DeviceSpec, LocalDims, attention_bytes, layer_activation_bytes, memory_plan
 
 # Llama-3.1-8B by hand: embed and lm_head 128256 x 4096; per layer q and o 4096 x 4096, k and v 4096 x 1024,
 # gate, up, down 4096 x 14336, two norms of 4096; 32 layers; a final norm.
@@ -239,7 +239,7 @@ H100_OVERRIDES = ["mesh.fsdp=8", "optimizer.micro_batch_size=8", "reward.batch_s
 def test_time_plan_of_the_recipe_has_finite_positive_phases_and_the_decode_layout_is_far_faster(device, overrides):
     import math
 
-    from rlmt_jax.time_plan import time_plan
+    from rlmt_jax.plans.time_plan import time_plan
 
     spec = DeviceSpec.parse(device)
     layout = time_plan(resolve("grpo_llama31_8b_instruct", overrides), spec)
@@ -293,7 +293,7 @@ def test_plan_cli_prints_the_time_plan(capsys):
 def test_only_the_decode_step_reads_at_the_streamed_share_of_the_bandwidth():
     import dataclasses
 
-    from rlmt_jax.time_plan import CHIPS, time_plan
+    from rlmt_jax.plans.time_plan import CHIPS, time_plan
 
     cfg, spec = resolve("grpo_llama31_8b_instruct", H100_OVERRIDES), DeviceSpec.parse("h100")
     full = dataclasses.replace(CHIPS["h100"], stream=1.0)
@@ -311,8 +311,8 @@ def test_only_the_decode_step_reads_at_the_streamed_share_of_the_bandwidth():
 
 
 def test_the_gpu_decode_kernel_reads_each_rows_slots_so_far_and_the_xla_path_its_windows():
-    from rlmt_jax.sampling import SamplingConfig
-    from rlmt_jax.time_plan import time_plan
+    from rlmt_jax.rollout.sampling import SamplingConfig
+    from rlmt_jax.plans.time_plan import time_plan
 
     spec = DeviceSpec.parse("h100")
     kernel = time_plan(resolve("grpo_llama31_8b_instruct", H100_OVERRIDES), spec).phase("rollout decode")

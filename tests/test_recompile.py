@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlmt_jax.config import MeshConfig, resolve
-from rlmt_jax.mesh import make_mesh, place_unplaced_params
-from rlmt_jax.trainer import Trainer, train
+from rlmt_jax.settings.config import MeshConfig, resolve
+from rlmt_jax.scale.mesh import make_mesh, place_unplaced_params
+from rlmt_jax.trainer.loop import Trainer, train
 
 FAST = [
     "rollout.n=2", "rollout.prompts_per_step=4", "rollout.max_new_tokens=8", "rollout.prompt_buckets=[]",

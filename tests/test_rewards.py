@@ -5,9 +5,9 @@ import pytest
 from fixtures_reward_models import llama_rm_dir, qwen_rm_dir, torch_scores  # noqa: F401  (fixtures)
 from fixtures_tokenizers import qwen_tokenizer, qwen_tokenizer_dir  # noqa: F401
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.rewards import RewardScorer, RewardSettings, bucket_for, right_pad, truncate
-from rlmt_jax.templates import TemplateSettings, eos_texts_of
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings, bucket_for, right_pad, truncate
+from rlmt_jax.inputs.templates import TemplateSettings, eos_texts_of
 
 SETTINGS = RewardSettings(max_length=256, batch_size=4, min_bucket=32)
 
@@ -188,7 +188,7 @@ def test_a_reward_model_with_two_labels_needs_reward_label_and_scores_that_label
     from flax import nnx
 
     import models
-    from rlmt_jax.tiny import tiny_assets_dir
+    from rlmt_jax.inputs.tiny import tiny_assets_dir
 
     assets = tiny_assets_dir()
     config = dataclasses.replace(models.ModelConfig.from_pretrained(assets / "reward"), num_labels=2)

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from models import ModelConfig, build_model
-from rlmt_jax.errors import UserError
-from rlmt_jax.rewards import RewardScorer, RewardSettings, bucket_batches, lockstep_batches
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings, bucket_batches, lockstep_batches
 
 BUCKETS = (4, 8, 16)
 

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from rlmt_jax import mesh as mesh_lib
-from rlmt_jax.config import RolloutMeshConfig, resolve
-from rlmt_jax.errors import UserError
+from rlmt_jax.scale import mesh as mesh_lib
+from rlmt_jax.settings.config import RolloutMeshConfig, resolve
+from rlmt_jax.core.errors import UserError
 from tests.hlo_collectives import while_loop_collectives
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_sampler_in_a_one_device_layout_copies_params_into_the_compute_dtype(tmp
     from flax import nnx
 
     from models import ModelConfig, build_model
-    from rlmt_jax.sampling import DecodeLayout, Sampler, SamplingConfig
+    from rlmt_jax.rollout.sampling import DecodeLayout, Sampler, SamplingConfig
 
     cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, dtype="bfloat16")
@@ -171,7 +171,7 @@ def test_frozen_reference_in_bfloat16_gives_bit_identical_logprobs(scan_layers):
     from flax import nnx
 
     from models import ModelConfig, build_model
-    from rlmt_jax.train_step import compute_logprobs
+    from rlmt_jax.training.train_step import compute_logprobs
 
     cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, dtype="bfloat16", scan_layers=scan_layers, qkv_bias=True)
@@ -193,7 +193,7 @@ def test_frozen_reward_model_in_bfloat16_gives_bit_identical_scores():
     from flax import nnx
 
     from models import ModelConfig, build_model
-    from rlmt_jax.rewards import RewardScorer, RewardSettings
+    from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings
 
     cfg = ModelConfig(architecture="LlamaForSequenceClassification", vocab_size=96, hidden_size=32,
                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -210,7 +210,7 @@ def test_frozen_reward_model_in_bfloat16_gives_bit_identical_scores():
 
 
 def test_trainer_stores_frozen_models_in_bfloat16_and_samples_from_a_decode_layout(tmp_path, tiny_cache):
-    from rlmt_jax.trainer import Trainer
+    from rlmt_jax.trainer.loop import Trainer
 
     trainer = Trainer(resolve(None, ["runtime.dtype=bfloat16", f"run.output_dir={tmp_path}"]))
     assert {x.dtype.name for x in jax.tree.leaves(trainer.ref_params)} == {"bfloat16"}

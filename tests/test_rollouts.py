@@ -1,15 +1,15 @@
 """From the run config and a rollout to what the trainer reads: template settings, stop ids, response texts,
-the RL batch, the sampler-vs-trainer log-prob gap and the rollout metrics (rlmt_jax/rollouts.py)."""
+the RL batch, the sampler-vs-trainer log-prob gap and the rollout metrics (rlmt_jax/rollout/scored.py)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from fixtures_tokenizers import llama_tokenizer, llama_tokenizer_dir  # noqa: F401  (pytest fixtures)
 
-from rlmt_jax.config import resolve
-from rlmt_jax.errors import UserError
-from rlmt_jax.rollouts import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
-from rlmt_jax.sampling import STOP_EOS, STOP_LENGTH, Rollout
+from rlmt_jax.settings.config import resolve
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.rollout.scored import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
+from rlmt_jax.rollout.sampling import STOP_EOS, STOP_LENGTH, Rollout
 
 
 @pytest.mark.parametrize("overrides, expected", [

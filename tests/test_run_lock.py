@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.run_lock import LOCK_NAME, STALE_AFTER_S, RunLock
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.run.lock import LOCK_NAME, STALE_AFTER_S, RunLock
 
 
 def write_lock(run_dir, **record):

@@ -11,8 +11,8 @@ import torch
 from flax import nnx
 
 import models
-from rlmt_jax.errors import UserError
-from rlmt_jax.sampling import (
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.rollout.sampling import (
     STOP_EOS,
     STOP_LENGTH,
     Sampler,
@@ -88,9 +88,9 @@ def test_greedy_equals_transformers_generate_on_a_left_padded_batch(request, nam
 def test_greedy_in_a_decode_layout_equals_transformers_generate(qwen):
     # the trainer's path: a float32 copy of the params in the decode layout (one device here; 8 devices in
     # tests/test_rollout_layout.py), made and dropped by every call
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.config import RolloutMeshConfig
-    from rlmt_jax.sampling import DecodeLayout
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.settings.config import RolloutMeshConfig
+    from rlmt_jax.rollout.sampling import DecodeLayout
 
     path, reference = qwen
     graphdef, params = _loaded(path, True)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlmt_jax.next_token import (
+from rlmt_jax.rollout.next_token import (
     DRAW_BLOCK,
     NUCLEUS_CANDIDATES,
     bisected_nucleus_floor,

@@ -137,7 +137,7 @@ def test_missing_input_file_is_named(llama_rm_dir, tmp_path, capsys):
 
 
 def test_failed_write_leaves_neither_partial_nor_temporary_file(tmp_path, previous_output):
-    from rlmt_jax.jsonl import write_jsonl_atomic
+    from rlmt_jax.core.jsonl import write_jsonl_atomic
 
     with pytest.raises(TypeError):
         write_jsonl_atomic(previous_output, [{"ok": 1}, {"not json": {1, 2}}])
@@ -151,8 +151,8 @@ def test_a_two_label_reward_model_is_scored_on_the_label_given(tiny_cache, tmp_p
     from flax import nnx
 
     import models
-    from rlmt_jax.rewards import RewardScorer, RewardSettings
-    from rlmt_jax.tiny import tiny_assets_dir
+    from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings
+    from rlmt_jax.inputs.tiny import tiny_assets_dir
 
     assets = tiny_assets_dir()
     config = dataclasses.replace(models.ModelConfig.from_pretrained(assets / "reward"), num_labels=2)

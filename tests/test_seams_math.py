@@ -27,7 +27,7 @@ def test_ipo_objective_compares_per_token_mean_log_probs_of_chosen_and_rejected(
 
     from models import CausalLM, ModelConfig
     from rlmt_jax.algorithms import DPOConfig
-    from rlmt_jax.objectives import DPOObjective
+    from rlmt_jax.algorithms.objectives import DPOObjective
 
     cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import rlmt_jax.trainer as trainer_lib
-from rlmt_jax.config import resolve
-from rlmt_jax.rewards import RewardScorer
-from rlmt_jax.trainer import Trainer
+import rlmt_jax.trainer.loop as trainer_lib
+from rlmt_jax.settings.config import resolve
+from rlmt_jax.rollout.rewards import RewardScorer
+from rlmt_jax.trainer.loop import Trainer
 
 SMALL = [
     "rollout.prompts_per_step=4", "rollout.max_new_tokens=12", "rollout.prompt_buckets=[]",
@@ -207,7 +207,7 @@ def test_grpo_samples_and_metrics_are_those_of_the_scored_rows(grpo_run):
 
 
 def test_grpo_without_a_group_filter_trains_each_step_on_the_next_batch_as_drawn(grpo_run):
-    from rlmt_jax.data import train_batches
+    from rlmt_jax.inputs.data import train_batches
 
     trainer, rec = grpo_run
     assert trainer.cfg.rollout.group_filter is None  # the default: no dynamic sampling
@@ -479,7 +479,7 @@ def test_one_dpo_update_raises_the_margin_of_exactly_its_pairs(dpo_run):
 # ----------------------------------------------------------------------------------------------- SFT
 def test_sft_learns_only_the_assistant_tokens_cut_at_max_seq_tokens_with_the_run_schedule(tmp_path, tiny_cache,
                                                                                            monkeypatch):
-    from rlmt_jax.sequences import sft_tokens
+    from rlmt_jax.training.sequences import sft_tokens
 
     cap = 96  # algorithm.sft.max_seq_tokens: conversations (80 to 122 tokens) longer than it are cut on the right
     data = tmp_path / "sft.jsonl"

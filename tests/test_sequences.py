@@ -10,9 +10,9 @@ from fixtures_tokenizers import (  # noqa: F401  (pytest fixtures)
     qwen_tokenizer_dir,
 )
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.sequences import dpo_batch, length_bucket, right_padded, sft_batch, sft_tokens
-from rlmt_jax.templates import encode_prompt
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.training.sequences import dpo_batch, length_bucket, right_padded, sft_batch, sft_tokens
+from rlmt_jax.inputs.templates import encode_prompt
 
 TWO_TURNS = [
     {"role": "user", "content": "Hi there"},

@@ -12,8 +12,8 @@ from fixtures_tokenizers import (  # noqa: F401  (pytest fixtures)
     qwen_tokenizer_dir,
 )
 
-from rlmt_jax import templates as T
-from rlmt_jax.errors import UserError
+from rlmt_jax.inputs import templates as T
+from rlmt_jax.core.errors import UserError
 
 HAIKU = [{"role": "user", "content": "Write a haiku about the sea."}]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlmt_jax.templates import SplitOutput, TemplateSettings, remove_eos, split_output
+from rlmt_jax.inputs.templates import SplitOutput, TemplateSettings, remove_eos, split_output
 
 EOS = ("<|eot_id|>", "<|im_end|>")
 

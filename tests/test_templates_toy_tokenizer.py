@@ -5,9 +5,9 @@ import json
 import pytest
 from fixtures_tokenizers import llama_tokenizer, llama_tokenizer_dir, qwen_tokenizer, qwen_tokenizer_dir  # noqa: F401
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.templates import builtin_chat_template
-from rlmt_jax.toy_tokenizer import ToyTokenizerSpec, build_toy_tokenizer
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.inputs.templates import builtin_chat_template
+from rlmt_jax.inputs.toy_tokenizer import ToyTokenizerSpec, build_toy_tokenizer
 
 
 def test_llama_style_tokenizer_has_llama31_specials_bos_eos_pad(llama_tokenizer):

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from models import build_model, save_pretrained
 from models.hf_io import EXPORT_MARKER
-from rlmt_jax import tiny
+from rlmt_jax.inputs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180

@@ -8,9 +8,9 @@ import pytest
 
 from rlmt_jax.cli import main
 from rlmt_jax.commands.train import where_the_run_is
-from rlmt_jax.config import from_dict, load_resolved, resolve
-from rlmt_jax.data import load_train_records
-from rlmt_jax.errors import UserError
+from rlmt_jax.settings.config import from_dict, load_resolved, resolve
+from rlmt_jax.inputs.data import load_train_records
+from rlmt_jax.core.errors import UserError
 
 SHORT = ["run.total_steps=2", "checkpoint.async_save=false", "logging.tensorboard=false"]
 

@@ -12,9 +12,9 @@ from flax import nnx
 
 from models import CausalLM, ModelConfig, ValueModel
 from rlmt_jax.algorithms import AlgorithmConfig, DPOConfig, PPOConfig
-from rlmt_jax.objectives import DPOObjective, PolicyObjective, SFTObjective, ValueObjective
-from rlmt_jax.optim import AdamWConfig
-from rlmt_jax.train_step import (
+from rlmt_jax.algorithms.objectives import DPOObjective, PolicyObjective, SFTObjective, ValueObjective
+from rlmt_jax.training.optim import AdamWConfig
+from rlmt_jax.training.train_step import (
     accumulate_gradients,
     compute_logprobs,
     compute_values,

@@ -10,9 +10,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from rlmt_jax.config import resolve
-from rlmt_jax.errors import UserError
-from rlmt_jax.trainer import Trainer, train
+from rlmt_jax.settings.config import resolve
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.trainer.loop import Trainer, train
 
 # Small and fast: 4 prompts x 2 samples, 12 new tokens, 3 steps, a checkpoint every step.
 FAST = [
@@ -124,7 +124,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, tiny_cac
         trainer.run()
     assert sorted(os.listdir(os.path.join(resumed.run.output_dir, "checkpoints"))) == ["1", "2"]
 
-    with caplog.at_level(logging.WARNING, logger="rlmt_jax.trainer"):
+    with caplog.at_level(logging.WARNING, logger="rlmt_jax.trainer.loop"):
         train(resumed)
     assert "resumed from the checkpoint of step 2" in caplog.text
     a = load_file(os.path.join(straight.run.output_dir, "export", "model.safetensors"))

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from rlmt_jax.errors import UserError
+from rlmt_jax.core.errors import UserError
 
 ENTRY_POINT_GROUP = "rlmt_jax.variants"
 

@@ -2,7 +2,7 @@
 estimators and objectives read these dataclasses as they are (one name per setting, from YAML to the
 function that uses it). Choices with a fixed set of values are `Literal`s checked when the config is
 built; choices among registered functions (policy_loss, advantage, kl_estimator) are checked against
-their registry (rlmt_jax.algorithms.registry) by `rlmt_jax.config.validate`.
+their registry (rlmt_jax.algorithms.registry) by `rlmt_jax.settings.config.validate`.
 """
 
 from __future__ import annotations

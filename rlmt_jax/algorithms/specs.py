@@ -10,13 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, Protocol
 
-from rlmt_jax.algorithms.registry import ADVANTAGES
+from rlmt_jax.algorithms.objectives import DPOObjective, PolicyObjective, SFTObjective, ValueObjective
+from rlmt_jax.algorithms.registry import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, POLICY_LOSSES, load_entry_points
 from rlmt_jax.algorithms.settings import ALGORITHM_NAMES, AlgorithmConfig
 
-if TYPE_CHECKING:
-    from rlmt_jax.config import RunConfig
+
+class RunSections(Protocol):
+    """What a spec reads of a run config (`rlmt_jax.settings.config.RunConfig`, a stage above this one)."""
+
+    algorithm: AlgorithmConfig
+    rollout: Any
+    data: Any
 
 Check = Callable[[bool, str, str], None]  # check(condition, config key, message) raises a UserError
 
@@ -47,56 +53,48 @@ class AlgorithmSpec:
     reference: Literal["always", "kl", "never"]
     weight_decay: Literal["all", "matrices"]
     default_advantage: str | None
-    update_batch: Callable[[RunConfig], UpdateBatch]
-    data_batches: Callable[[RunConfig], tuple[int, int]]  # (items per step over all processes, epochs)
-    process_shares: Callable[[RunConfig], dict[str, int]]  # config keys each process takes an equal share of
-    objective: Callable[[RunConfig], object]
-    critic_objective: Callable[[RunConfig], object] | None = None
-    check: Callable[[RunConfig, Check], None] = lambda cfg, check: None
+    update_batch: Callable[[RunSections], UpdateBatch]
+    data_batches: Callable[[RunSections], tuple[int, int]]  # (items per step over all processes, epochs)
+    process_shares: Callable[[RunSections], dict[str, int]]  # config keys each process takes an equal share of
+    objective: Callable[[RunSections], object]
+    critic_objective: Callable[[RunSections], object] | None = None
+    check: Callable[[RunSections, Check], None] = lambda cfg, check: None
 
     def needs_reference(self, algorithm: AlgorithmConfig) -> bool:
         return self.reference == "always" or (self.reference == "kl" and algorithm.kl_coef != 0)
 
 
-def _rollout_batch(cfg: RunConfig) -> UpdateBatch:
+def _rollout_batch(cfg: RunSections) -> UpdateBatch:
     r = cfg.rollout
     return UpdateBatch("rollout.prompts_per_step x rollout.n", r.prompts_per_step * r.n,
                        cfg.data.max_prompt_tokens + r.max_new_tokens)
 
 
-def _policy_objective(cfg: RunConfig):
-    from rlmt_jax.objectives import PolicyObjective
-
+def _policy_objective(cfg: RunSections):
     return PolicyObjective(cfg.algorithm, temperature=cfg.rollout.temperature,
                            norm_length=float(cfg.rollout.max_new_tokens))
 
 
-def _value_objective(cfg: RunConfig):
-    from rlmt_jax.objectives import ValueObjective
-
+def _value_objective(cfg: RunSections):
     return ValueObjective(cfg.algorithm.ppo)
 
 
-def _dpo_objective(cfg: RunConfig):
-    from rlmt_jax.objectives import DPOObjective
-
+def _dpo_objective(cfg: RunSections):
     return DPOObjective(cfg.algorithm.dpo)
 
 
-def _sft_objective(cfg: RunConfig):
-    from rlmt_jax.objectives import SFTObjective
-
+def _sft_objective(cfg: RunSections):
     return SFTObjective()
 
 
-def _check_dpo(cfg: RunConfig, check: Check) -> None:
+def _check_dpo(cfg: RunSections, check: Check) -> None:
     dpo = cfg.algorithm.dpo
     check(dpo.min_valid >= 2, "algorithm.dpo.min_valid", "must be >= 2 (a pair needs two answers)")
     check(cfg.rollout.n >= dpo.min_valid, "rollout.n",
           f"must be >= algorithm.dpo.min_valid ({dpo.min_valid}) for DPO, got {cfg.rollout.n}")
 
 
-def _check_sft(cfg: RunConfig, check: Check) -> None:
+def _check_sft(cfg: RunSections, check: Check) -> None:
     check(cfg.data.epochs == 1, "data.epochs", "is not used by SFT: set algorithm.sft.epochs instead")
 
 
@@ -136,18 +134,16 @@ SPECS: dict[str, AlgorithmSpec] = {
 assert tuple(SPECS) == ALGORITHM_NAMES, "settings.AlgorithmName and SPECS must list the same algorithms"
 
 
-def spec_of(cfg: RunConfig | AlgorithmConfig) -> AlgorithmSpec:
+def spec_of(cfg: RunSections | AlgorithmConfig) -> AlgorithmSpec:
     """The spec of a run config's (or an algorithm section's) algorithm."""
     algorithm = cfg if isinstance(cfg, AlgorithmConfig) else cfg.algorithm
     return SPECS[algorithm.name]
 
 
-def check_variants(cfg: RunConfig, check: Check) -> None:
+def check_variants(cfg: RunSections, check: Check) -> None:
     """The registered names the config selects exist, and fit the algorithm (an advantage that reads a
     critic's values needs an algorithm that trains one; group advantages and group filters need rollout.n
     samples; a group filter needs an algorithm that samples every step)."""
-    from rlmt_jax.algorithms.registry import GROUP_FILTERS, KL_ESTIMATORS, POLICY_LOSSES, load_entry_points
-
     spec, algo, rollout = spec_of(cfg), cfg.algorithm, cfg.rollout
     check(rollout.max_sampling_rounds >= 1, "rollout.max_sampling_rounds",
           f"must be >= 1 (1: sample once, never again), got {rollout.max_sampling_rounds}")

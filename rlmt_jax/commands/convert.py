@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import models
-    from rlmt_jax.errors import UserError
+    from rlmt_jax.core.errors import UserError
 
     try:
         model = models.load_pretrained(args.source, param_dtype=args.dtype or "float32",

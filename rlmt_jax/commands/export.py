@@ -31,7 +31,7 @@ def check_out_dir(out: Path, run_dir: Path) -> None:
     """UserError unless an export may write `out` (models.check_destination), and `out` is neither a run dir
     nor a folder that holds `run_dir`: nothing of a user's is ever replaced."""
     from models import DestinationError, check_destination
-    from rlmt_jax.errors import UserError
+    from rlmt_jax.core.errors import UserError
 
     out, run_dir = out.resolve(), run_dir.resolve()
     if out == run_dir or out in run_dir.parents:
@@ -49,10 +49,10 @@ def run(args) -> int:
     from transformers import AutoTokenizer
 
     from rlmt_jax.algorithms import import_variants
-    from rlmt_jax.errors import UserError
-    from rlmt_jax.rollouts import PolicyText, template_settings
-    from rlmt_jax.run_dir import checkpoint_policy, checkpoints_of, open_run, policy_files
-    from rlmt_jax.trainer import export_policy
+    from rlmt_jax.core.errors import UserError
+    from rlmt_jax.rollout.scored import PolicyText, template_settings
+    from rlmt_jax.run.run_dir import checkpoint_policy, checkpoints_of, open_run, policy_files
+    from rlmt_jax.trainer.loop import export_policy
 
     path = Path(args.path)
     if not path.is_dir():

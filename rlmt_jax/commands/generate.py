@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.jsonl import read_records
-from rlmt_jax.templates import ANSWER_MODES, messages_from_row
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.core.jsonl import read_records
+from rlmt_jax.inputs.templates import ANSWER_MODES, messages_from_row
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -101,10 +101,10 @@ def _hf_policy(path: Path, dtype: str, place) -> Any:
 def load_policy(path: Path, step: int | None, dtype: str, mesh) -> Policy:
     """A run dir (or one of its checkpoint dirs): its checkpoint; a Hugging Face dir: its weights, and the run's
     settings when it is a run's export/."""
-    from rlmt_jax import checkpoint as ckpt
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax.config import load_resolved
-    from rlmt_jax.run_dir import EXPORT_DIR, checkpoint_policy, checkpoints_of, find_run_dir, policy_files
+    from rlmt_jax.run import checkpoint as ckpt
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.settings.config import load_resolved
+    from rlmt_jax.run.run_dir import EXPORT_DIR, checkpoint_policy, checkpoints_of, find_run_dir, policy_files
 
     if not path.is_dir():
         raise UserError(f"--model {path}: no such directory")
@@ -132,7 +132,7 @@ def load_policy(path: Path, step: int | None, dtype: str, mesh) -> Policy:
 
 def template_from(args, run_cfg):
     """The run's template settings (or the recipe's defaults: think, strict), with the flags given on top."""
-    from rlmt_jax.templates import ZERO_EOS_BY_FAMILY, TemplateSettings
+    from rlmt_jax.inputs.templates import ZERO_EOS_BY_FAMILY, TemplateSettings
 
     mode = args.mode or (run_cfg.template.mode if run_cfg else "think")
     strict = args.strict if args.strict is not None else (run_cfg.template.strict if run_cfg else True)
@@ -191,14 +191,14 @@ def run(args: argparse.Namespace) -> int:
     from flax import nnx
     from transformers import AutoTokenizer
 
-    from rlmt_jax import mesh as mesh_lib
-    from rlmt_jax import multihost
-    from rlmt_jax.compile_cache import enable_compilation_cache
-    from rlmt_jax.config import MeshConfig
-    from rlmt_jax.jsonl import write_records_atomic
-    from rlmt_jax.rollouts import PolicyText
-    from rlmt_jax.sampling import Sampler, SamplingConfig, default_prompt_buckets
-    from rlmt_jax.templates import split_output
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.scale import multihost
+    from rlmt_jax.scale.compile_cache import enable_compilation_cache
+    from rlmt_jax.settings.config import MeshConfig
+    from rlmt_jax.core.jsonl import write_records_atomic
+    from rlmt_jax.rollout.scored import PolicyText
+    from rlmt_jax.rollout.sampling import Sampler, SamplingConfig, default_prompt_buckets
+    from rlmt_jax.inputs.templates import split_output
 
     enable_compilation_cache()
     rows = read_prompts(Path(args.input))

@@ -5,7 +5,7 @@ Nothing is allocated and no device is needed: the models are built abstractly fr
 on an abstract mesh of the run's shape, and the table says what each device holds in each phase, the
 peak, whether it fits the device's memory, and the largest item. For GRPO and PPO it also estimates each
 phase's time per step from its FLOPs, memory and interconnect bytes at the device's published peak figures
-(rlmt_jax.time_plan), the step time and the tokens per second per chip.
+(rlmt_jax.plans.time_plan), the step time and the tokens per second per chip.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from rlmt_jax.algorithms import import_variants
     from rlmt_jax.commands.train import _split
-    from rlmt_jax.config import DEFAULT_CONFIG, find_config, resolve
-    from rlmt_jax.memory_plan import DeviceSpec, memory_plan
+    from rlmt_jax.settings.config import DEFAULT_CONFIG, find_config, resolve
+    from rlmt_jax.plans.memory_plan import DeviceSpec, memory_plan
     from rlmt_jax.algorithms.specs import spec_of
-    from rlmt_jax.time_plan import CHIPS, time_plan
+    from rlmt_jax.plans.time_plan import CHIPS, time_plan
 
     import_variants(args.imports)
     config, overrides = _split(args.config, args.overrides)

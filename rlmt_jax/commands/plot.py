@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.metrics import METRICS_FILE, RECORD_KEYS
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.run.metrics import METRICS_FILE, RECORD_KEYS
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from rlmt_jax.errors import UserError
-from rlmt_jax.jsonl import read_records, write_records_atomic
-from rlmt_jax.templates import ANSWER_MODES, KNOWN_EOS_TEXTS, TemplateSettings, eos_texts_of, messages_from_row
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.core.jsonl import read_records, write_records_atomic
+from rlmt_jax.inputs.templates import ANSWER_MODES, KNOWN_EOS_TEXTS, TemplateSettings, eos_texts_of, messages_from_row
 
 
 def register(subparsers) -> None:
@@ -81,8 +81,8 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
 
 def policy_tokenizer_dir(path: str) -> str:
     """A tokenizer directory, or a run dir: the tokenizer it trained with (RUN_DIR/policy)."""
-    from rlmt_jax.config import load_resolved
-    from rlmt_jax.run_dir import policy_files
+    from rlmt_jax.settings.config import load_resolved
+    from rlmt_jax.run.run_dir import policy_files
 
     if (Path(path) / "config.yaml").is_file():
         return policy_files(Path(path), load_resolved(path))[1]
@@ -90,7 +90,7 @@ def policy_tokenizer_dir(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlmt_jax.rewards import RewardScorer, RewardSettings
+    from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings
 
     input_path, output_path = Path(args.input), Path(args.output)
     rows = read_rows(input_path)

@@ -41,10 +41,10 @@ def _split(config: str | None, overrides: list[str]) -> tuple[str | None, list[s
 
 def run(args) -> int:
     from rlmt_jax.algorithms import import_variants
-    from rlmt_jax.compile_cache import enable_compilation_cache
-    from rlmt_jax.config import resolve
-    from rlmt_jax.stop_signals import EXIT_STOPPED
-    from rlmt_jax.trainer import TrainingError, train
+    from rlmt_jax.scale.compile_cache import enable_compilation_cache
+    from rlmt_jax.settings.config import resolve
+    from rlmt_jax.run.stop_signals import EXIT_STOPPED
+    from rlmt_jax.trainer.loop import TrainingError, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import_variants(args.imports)
@@ -70,7 +70,7 @@ def run(args) -> int:
 
 def where_the_run_is(cfg, export: str | None) -> str:
     """The final lines: where the metrics, TensorBoard events, checkpoints and export are, and how to look."""
-    from rlmt_jax.metrics import METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR
+    from rlmt_jax.run.metrics import METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR
 
     run_dir = cfg.run.output_dir
     lines = [f"run dir {run_dir}:",
