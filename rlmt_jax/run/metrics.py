@@ -202,7 +202,84 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# TensorBoard and W&B: each gets the finite scalars of a step
+
+
+class _TensorBoard:
+    """TensorBoard scalars under RUN_DIR/tensorboard."""
+
+    def __init__(self, run_dir: Path, next_step: int):
+        from tensorboardX import SummaryWriter
+
+        # purge_step: TensorBoard hides events of an earlier run at steps >= next_step.
+        self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=next_step, flush_secs=30)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self._writer.add_scalar(key, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _WandB:
+    """A W&B run; its id is kept in RUN_DIR so a resumed run continues the same W&B run."""
+
+    def __init__(self, run: Any):
+        self._run = run
+
+    @classmethod
+    def start(cls, run_dir: Path, project: str, config: Mapping[str, Any] | None) -> _WandB | None:
+        """The run of `project`, or None with a warning when `wandb` is not installed."""
+        try:
+            import wandb
+        except ImportError:
+            warnings.warn(
+                f"W&B logging was asked for (project {project!r}) but `wandb` is not installed: "
+                "`pip install wandb` to use it; logging to metrics.jsonl and TensorBoard only.",
+                stacklevel=3,  # the line that made the MetricsLogger
+            )
+            return None
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        return cls(wandb.init(
+            project=project, id=run_id, resume="allow", dir=str(run_dir),
+            name=run_dir.name, config=dict(config or {}),
+        ))
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The logger
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics as Python floats; ValueError for a reserved name, TypeError for a value that is not one number."""
+    values = {}
+    for key, value in metrics.items():
+        if key in RECORD_KEYS:
+            raise ValueError(f"metric name {key!r} is reserved for the record itself ({', '.join(RECORD_KEYS)})")
+        try:
+            values[key] = scalar(value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"metric {key!r} is not a scalar number: {err}") from err
+    return values
+
+
+def _record(step: int, values: Mapping[str, float]) -> dict[str, Any]:
+    """The metrics.jsonl line of a step: non-finite values as None, their keys listed under "nonfinite"."""
+    nonfinite = [key for key, value in values.items() if not math.isfinite(value)]
+    record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
+    record.update({key: (None if key in nonfinite else value) for key, value in values.items()})
+    if nonfinite:
+        record["nonfinite"] = nonfinite
+    return record
 
 
 class MetricsLogger:
@@ -241,8 +318,7 @@ class MetricsLogger:
         self._intervals_seen = 0
         self._metrics_file: TextIO | None = None
         self._samples_file: TextIO | None = None
-        self._tensorboard = None
-        self._wandb = None
+        self._scalar_sinks: list[_TensorBoard | _WandB] = []
         self._progress = Progress(stream or sys.stderr, total_steps) if progress and self.enabled else None
         if not self.enabled:
             return
@@ -253,32 +329,11 @@ class MetricsLogger:
         self._metrics_file = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self._samples_file = (self.run_dir / SAMPLES_FILE).open("a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            # purge_step: TensorBoard hides events of an earlier run at steps >= next_step.
-            self._tensorboard = SummaryWriter(
-                str(self.run_dir / TENSORBOARD_DIR), purge_step=next_step, flush_secs=30
-            )
+            self._scalar_sinks.append(_TensorBoard(self.run_dir, next_step))
         if wandb_project:
-            self._wandb = self._start_wandb(wandb_project, wandb_config)
-
-    def _start_wandb(self, project: str, config: Mapping[str, Any] | None):
-        try:
-            import wandb
-        except ImportError:
-            warnings.warn(
-                f"W&B logging was asked for (project {project!r}) but `wandb` is not installed: "
-                "`pip install wandb` to use it; logging to metrics.jsonl and TensorBoard only.",
-                stacklevel=3,
-            )
-            return None
-        id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-        id_file.write_text(run_id + "\n")
-        return wandb.init(
-            project=project, id=run_id, resume="allow", dir=str(self.run_dir),
-            name=self.run_dir.name, config=dict(config or {}),
-        )
+            wandb_run = _WandB.start(self.run_dir, wandb_project, wandb_config)
+            if wandb_run is not None:
+                self._scalar_sinks.append(wandb_run)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Writes the step's scalars everywhere and shows the progress line. Returns the JSON record.
@@ -289,28 +344,15 @@ class MetricsLogger:
             return {}
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"metrics step {step} is not after the last logged step {self._last_step}")
-        values = {}
-        for key, value in metrics.items():
-            if key in RECORD_KEYS:
-                raise ValueError(f"metric name {key!r} is reserved for the record itself ({', '.join(RECORD_KEYS)})")
-            try:
-                values[key] = scalar(value)
-            except (TypeError, ValueError) as err:
-                raise TypeError(f"metric {key!r} is not a scalar number: {err}") from err
-        nonfinite = [key for key, value in values.items() if not math.isfinite(value)]
-        record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
-        record.update({key: (None if key in nonfinite else value) for key, value in values.items()})
-        if nonfinite:
-            record["nonfinite"] = nonfinite
+        values = _scalars(metrics)
+        record = _record(step, values)
+        nonfinite = record.get("nonfinite", [])
         self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics_file.flush()
 
         finite = {key: value for key, value in values.items() if key not in nonfinite}  # flagged above
-        if self._tensorboard is not None:
-            for key, value in finite.items():
-                self._tensorboard.add_scalar(key, value, global_step=step)
-        if self._wandb is not None:
-            self._wandb.log(finite, step=step)
+        for sink in self._scalar_sinks:
+            sink.log(step, finite)
 
         self._time_step(step)
         if nonfinite:
@@ -361,10 +403,8 @@ class MetricsLogger:
         self.enabled = False
         for file in (self._metrics_file, self._samples_file):
             file.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for sink in self._scalar_sinks:
+            sink.close()
         if self._progress is not None:
             self._progress.end()
 
