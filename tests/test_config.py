@@ -310,6 +310,104 @@ def test_impossible_value_or_combination_is_one_error_naming_the_key(overrides, 
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.critic=builtin:tiny"],
+         "config key 'model.critic' names an unknown built-in model 'builtin:tiny'; built-ins: builtin:tiny-policy, "
+         "builtin:tiny-reward"),
+        (["data.max_prompt_tokens=0"], "config key 'data.max_prompt_tokens' must be >= 1"),
+        (["data.epochs=0"], "config key 'data.epochs' must be >= 1"),
+        (["data.prompt_column=''"], "config key 'data.prompt_column' must be a column name or null"),
+        (["rollout.n=0"], "config key 'rollout.n' must be >= 1"),
+        (["rollout.prompts_per_step=0"], "config key 'rollout.prompts_per_step' must be >= 1"),
+        (["rollout.max_new_tokens=0"], "config key 'rollout.max_new_tokens' must be >= 1"),
+        (["rollout.decode_windows=0"], "config key 'rollout.decode_windows' must be >= 1 or null (automatic)"),
+        (["rollout.mesh.data=0"], "config key 'rollout.mesh.data' must be >= 1 or -1 (fill), got 0"),
+        (["rollout.mesh.tensor=-1"], "config key 'rollout.mesh.tensor' cannot be -1 too: one of rollout.mesh.data and "
+                                     "rollout.mesh.tensor only may fill the rest"),
+        (["rollout.prompt_buckets=[0, 256]"], "config key 'rollout.prompt_buckets' must hold positive lengths"),
+        (["algorithm.clip_high=0"], "config key 'algorithm.clip_high' must be > 0"),
+        (["algorithm.kl_coef=-0.1"], "config key 'algorithm.kl_coef' must be >= 0"),
+        (["algorithm.entropy_coef=-0.1"], "config key 'algorithm.entropy_coef' must be >= 0"),
+        (["algorithm.update_epochs=0"], "config key 'algorithm.update_epochs' must be >= 1"),
+        (["algorithm.overlong_buffer=5000"],
+         "config key 'algorithm.overlong_buffer' must be in [1, rollout.max_new_tokens = 4096] or null (off)"),
+        (["algorithm.overlong_penalty=-1"], "config key 'algorithm.overlong_penalty' must be >= 0"),
+        (["algorithm.rollout_correction.weight_cap=0.5"],
+         "config key 'algorithm.rollout_correction.weight_cap' must be >= 1"),
+        (["algorithm.rollout_correction.mask_high=0.9"],
+         "config key 'algorithm.rollout_correction.mask_low' and mask_high must hold 1 between them "
+         "(0 <= low <= 1 <= high), got 0.5, 0.9"),
+        (["algorithm.rollout_correction.bypass=true", "algorithm.rollout_correction.mask=token"],
+         "config key 'algorithm.rollout_correction.bypass' leaves nothing to correct (the sampler's log-probs are the "
+         "old ones): set weights and mask to off"),
+        (["algorithm.grpo.eps=0"], "config key 'algorithm.grpo.eps' must be > 0"),
+        (["algorithm.ppo.gamma=1.5"], "config key 'algorithm.ppo.gamma' must be in [0, 1]"),
+        (["algorithm.ppo.gae_lambda=-0.5"], "config key 'algorithm.ppo.gae_lambda' must be in [0, 1]"),
+        (["algorithm.ppo.value_clip=0"], "config key 'algorithm.ppo.value_clip' must be > 0 or null (off)"),
+        (["algorithm.ppo.value_coef=0"], "config key 'algorithm.ppo.value_coef' must be > 0"),
+        (["algorithm.ppo.critic_lr=0"], "config key 'algorithm.ppo.critic_lr' must be > 0"),
+        (["algorithm.dpo.beta=0"], "config key 'algorithm.dpo.beta' must be > 0"),
+        (["algorithm.dpo.label_smoothing=0.5"], "config key 'algorithm.dpo.label_smoothing' must be in [0, 0.5)"),
+        (["algorithm.dpo.max_pair_tokens=1"], "config key 'algorithm.dpo.max_pair_tokens' must be >= 2"),
+        (["algorithm.dpo.epochs=0"], "config key 'algorithm.dpo.epochs' must be >= 1"),
+        (["algorithm.dpo.batch_size=0"], "config key 'algorithm.dpo.batch_size' must be >= 1"),
+        (["algorithm.sft.epochs=0"], "config key 'algorithm.sft.epochs' must be >= 1"),
+        (["algorithm.sft.batch_size=0"], "config key 'algorithm.sft.batch_size' must be >= 1"),
+        (["algorithm.sft.max_seq_tokens=1"], "config key 'algorithm.sft.max_seq_tokens' must be >= 2"),
+        (["optimizer.lr=0"], "config key 'optimizer.lr' must be > 0"),
+        (["optimizer.weight_decay=-0.01"], "config key 'optimizer.weight_decay' must be >= 0"),
+        (["optimizer.betas=[0.9, 1]"], "config key 'optimizer.betas' must both be in [0, 1)"),
+        (["optimizer.eps=0"], "config key 'optimizer.eps' must be > 0"),
+        (["optimizer.grad_clip=0"], "config key 'optimizer.grad_clip' must be > 0 or null (off)"),
+        (["optimizer.micro_batch_size=0"], "config key 'optimizer.micro_batch_size' must be >= 1"),
+        (["mesh.dcn_data=-1", "mesh.dcn_tensor=-1"],
+         "config key 'mesh.dcn_tensor' cannot be -1 too: one DCN size only may fill the rest (-1 on dcn_data, "
+         "dcn_tensor)"),
+        (["distributed.num_processes=0"], "config key 'distributed.num_processes' must be >= 1"),
+        (["reward.max_length=0"], "config key 'reward.max_length' must be >= 1"),
+        (["reward.batch_size=0"], "config key 'reward.batch_size' must be >= 1"),
+        (["checkpoint.save_every=0"], "config key 'checkpoint.save_every' must be >= 1"),
+        (["checkpoint.keep=0"], "config key 'checkpoint.keep' must be >= 1"),
+        (["checkpoint.best_metric=''"], "config key 'checkpoint.best_metric' must be a metric name or null"),
+        (["logging.every=0"], "config key 'logging.every' must be >= 1"),
+        (["logging.samples_per_step=-1"], "config key 'logging.samples_per_step' must be >= 0"),
+        (["run.output_dir=''"], "config key 'run.output_dir' must be a directory path"),
+        (["run.total_steps=0"], "config key 'run.total_steps' must be >= 1 or null"),
+    ],
+)
+def test_every_sections_own_range_check_has_its_message(overrides, message):
+    with pytest.raises(UserError) as err:
+        minimal(*overrides)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.policy=null", "rollout.n=0", "run.total_steps=0"], "model.policy"),
+        (["model.reward_model=null", "model.policy=builtin:x"], "model.reward_model"),
+        (["template.mode=zero", "data.epochs=0"], "template.zero_family"),
+        (["data.epochs=0", "rollout.n=0"], "data.epochs"),
+        (["rollout.prompt_buckets=[4096]", "algorithm.name=dpo", "rollout.n=3"], "rollout.prompt_buckets"),
+        (["algorithm.name=dpo", "rollout.n=3", "algorithm.clip_low=2"], "rollout.n"),
+        (["algorithm.advantage=gae", "algorithm.kl_coef=-1"], "algorithm.advantage"),
+        (["algorithm.clip_low=2", "optimizer.lr=0"], "algorithm.clip_low"),
+        (["optimizer.lr=0", "optimizer.micro_batch_size=24", "mesh.tensor=0"], "optimizer.lr"),
+        (["optimizer.micro_batch_size=24", "mesh.tensor=0"], "optimizer.micro_batch_size"),
+        (["mesh.tensor=0", "distributed.num_processes=0", "run.total_steps=0"], "mesh.tensor"),
+        (["reward.batch_size=0", "checkpoint.keep=0", "logging.every=0"], "reward.batch_size"),
+    ],
+)
+def test_a_config_with_several_problems_reports_the_first_in_check_order(overrides, key):
+    # the required inputs, then each section with the rules that bound its keys by another section's, then the
+    # algorithm's own checks before the algorithm section's ranges
+    with pytest.raises(UserError) as err:
+        minimal(*overrides)
+    assert str(err.value).startswith(f"config key '{key}' ")
+
+
 def test_sft_needs_no_reward_model():
     cfg = from_dict({"model": {"policy": "p"}, "data": {"train_path": "sft.jsonl"},
                      "algorithm": {"name": "sft"}})
