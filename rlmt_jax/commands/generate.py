@@ -188,17 +188,12 @@ def _write_partial(partial: Path, settings: dict, done: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import jax
-    from flax import nnx
-    from transformers import AutoTokenizer
 
-    from rlmt_jax.scale import mesh as mesh_lib
-    from rlmt_jax.scale import multihost
-    from rlmt_jax.scale.compile_cache import enable_compilation_cache
-    from rlmt_jax.settings.config import MeshConfig
     from rlmt_jax.core.jsonl import write_records_atomic
     from rlmt_jax.rollout.scored import PolicyText
-    from rlmt_jax.rollout.sampling import Sampler, SamplingConfig, default_prompt_buckets
-    from rlmt_jax.inputs.templates import split_output
+    from rlmt_jax.scale import mesh as mesh_lib
+    from rlmt_jax.scale.compile_cache import enable_compilation_cache
+    from rlmt_jax.settings.config import MeshConfig
 
     enable_compilation_cache()
     rows = read_prompts(Path(args.input))
@@ -208,19 +203,10 @@ def run(args: argparse.Namespace) -> int:
     mesh = mesh_lib.make_mesh(MeshConfig())
     with mesh_lib.activation_sharding(mesh):
         policy = load_policy(Path(args.model), args.step, dtype, mesh)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(policy.tokenizer_dir, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {args.model}: cannot load the tokenizer in {policy.tokenizer_dir} ({err})") from err
+    tokenizer = _tokenizer(policy, args.model)
     template = template_from(args, policy.run_cfg)
     generator = args.generator or policy.generator
-    settings = {
-        "model": policy.weights, "input": str(Path(args.input).resolve()),
-        "generator": generator, "mode": template.mode, "strict": template.strict,
-        "prompt_template": "zero" if template.uses_zero_template else "chat",
-        "max_prompt_tokens": template.max_prompt_tokens, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "dtype": dtype,
-    }
+    settings = _settings(args, policy, template, generator, dtype)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     batch = min(args.batch_size, len(rows))
@@ -230,35 +216,12 @@ def run(args: argparse.Namespace) -> int:
     _write_partial(partial, settings, done)
 
     text = PolicyText.create(tokenizer, template, policy.model.config.eos_token_id)
-    graphdef, params = nnx.split(policy.model)
-    sampler = Sampler(graphdef, SamplingConfig(
-        n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        eos_ids=text.stop_ids, pad_id=text.pad_id, prompt_buckets=default_prompt_buckets(template.max_prompt_tokens),
-        cache_dtype=dtype,
-    ), hosts=multihost.HostRows(mesh))
+    answers = _Answers.create(policy, text, template, generator, batch, args, dtype, mesh)
     base_key = jax.random.key(args.seed)
-    total, start_time, cut = len(rows), time.perf_counter(), 0
     if done:
-        print(f"generate: {len(done)}/{total} prompts already done in {partial}, going on", file=sys.stderr)
+        print(f"generate: {len(done)}/{len(rows)} prompts already done in {partial}, going on", file=sys.stderr)
     with mesh_lib.activation_sharding(mesh), open(partial, "a", encoding="utf-8") as sink:
-        for start in range(len(done), total, batch):
-            chunk = rows[start:start + batch]
-            prompt_ids, truncated = text.encode([messages for _, messages in chunk])
-            cut += truncated
-            prompt_ids += [prompt_ids[-1]] * (batch - len(chunk))  # a short last batch: no new program
-            # each batch's key depends on where it starts only, so a resumed run samples what a whole one would
-            rollout = sampler(params, prompt_ids, jax.random.fold_in(base_key, start))
-            for (row, messages), raw in zip(chunk, text.decode_responses(rollout)):
-                split = split_output(raw, template, text.eos_texts)
-                sink.write(json.dumps({**row, "instruction": messages[-1]["content"], "output": split.answer,
-                                       "generator": generator, "raw_output": raw, "plan": split.plan,
-                                       "format_valid": split.valid}, ensure_ascii=False) + "\n")
-            sink.flush()
-            finished = min(start + batch, total)
-            elapsed = time.perf_counter() - start_time
-            rate = (finished - len(done)) / max(elapsed, 1e-9)
-            print(f"generate: {finished}/{total} prompts ({100 * finished // total}%), {elapsed:.0f} s, "
-                  f"~{(total - finished) / max(rate, 1e-9):.0f} s left", file=sys.stderr, flush=True)
+        cut = answers.write_all(rows, len(done), base_key, sink)
     if cut:
         print(f"generate: {cut} prompts were longer than {template.max_prompt_tokens} tokens and lost tokens "
               "from the left (--max-prompt-tokens)", file=sys.stderr)
@@ -267,3 +230,84 @@ def run(args: argparse.Namespace) -> int:
     partial.unlink()
     print(f"wrote {len(lines)} answers to {output} (generator {generator!r}, weights {policy.weights})")
     return 0
+
+
+def _tokenizer(policy: Policy, model_arg: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(policy.tokenizer_dir, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {model_arg}: cannot load the tokenizer in {policy.tokenizer_dir} ({err})") from err
+
+
+def _settings(args: argparse.Namespace, policy: Policy, template, generator: str, dtype: str) -> dict:
+    """What the answers are made with: the partial file's header, which a rerun must match to go on from it."""
+    return {
+        "model": policy.weights, "input": str(Path(args.input).resolve()),
+        "generator": generator, "mode": template.mode, "strict": template.strict,
+        "prompt_template": "zero" if template.uses_zero_template else "chat",
+        "max_prompt_tokens": template.max_prompt_tokens, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "dtype": dtype,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answers:
+    """Answers prompts `batch` at a time with the sampler and writes their records."""
+
+    sampler: Any  # rlmt_jax.rollout.sampling.Sampler, one row per prompt
+    params: Any
+    text: Any  # rlmt_jax.rollout.scored.PolicyText
+    template: Any  # inputs.templates.TemplateSettings
+    generator: str
+    batch: int
+
+    @classmethod
+    def create(cls, policy: Policy, text, template, generator: str, batch: int, args: argparse.Namespace,
+               dtype: str, mesh) -> _Answers:
+        from flax import nnx
+
+        from rlmt_jax.rollout.sampling import Sampler, SamplingConfig, default_prompt_buckets
+        from rlmt_jax.scale import multihost
+
+        graphdef, params = nnx.split(policy.model)
+        sampler = Sampler(graphdef, SamplingConfig(
+            n=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            eos_ids=text.stop_ids, pad_id=text.pad_id,
+            prompt_buckets=default_prompt_buckets(template.max_prompt_tokens), cache_dtype=dtype,
+        ), hosts=multihost.HostRows(mesh))
+        return cls(sampler, params, text, template, generator, batch)
+
+    def write_all(self, rows: list[tuple[dict, list[dict]]], first: int, base_key, sink) -> int:
+        """Answers rows[first:] into `sink` batch by batch, flushed after each, with progress on stderr.
+        -> how many prompts lost tokens from the left"""
+        import jax
+
+        total, start_time, cut = len(rows), time.perf_counter(), 0
+        for start in range(first, total, self.batch):
+            # each batch's key depends on where it starts only, so a resumed run samples what a whole one would
+            cut += self.write(rows[start:start + self.batch], jax.random.fold_in(base_key, start), sink)
+            sink.flush()
+            finished = min(start + self.batch, total)
+            elapsed = time.perf_counter() - start_time
+            rate = (finished - first) / max(elapsed, 1e-9)
+            print(f"generate: {finished}/{total} prompts ({100 * finished // total}%), {elapsed:.0f} s, "
+                  f"~{(total - finished) / max(rate, 1e-9):.0f} s left", file=sys.stderr, flush=True)
+        return cut
+
+    def write(self, chunk: list[tuple[dict, list[dict]]], key, sink) -> int:
+        """Samples an answer to each prompt of `chunk` and writes its record: the input row, `instruction`,
+        `output` (the answer, plan removed), `generator`, `raw_output`, `plan`, `format_valid`.
+        -> how many of the prompts lost tokens from the left"""
+        from rlmt_jax.inputs.templates import split_output
+
+        prompt_ids, truncated = self.text.encode([messages for _, messages in chunk])
+        prompt_ids += [prompt_ids[-1]] * (self.batch - len(chunk))  # a short last batch: no new program
+        rollout = self.sampler(self.params, prompt_ids, key)
+        for (row, messages), raw in zip(chunk, self.text.decode_responses(rollout)):
+            split = split_output(raw, self.template, self.text.eos_texts)
+            sink.write(json.dumps({**row, "instruction": messages[-1]["content"], "output": split.answer,
+                                   "generator": self.generator, "raw_output": raw, "plan": split.plan,
+                                   "format_valid": split.valid}, ensure_ascii=False) + "\n")
+        return truncated

@@ -13,6 +13,16 @@ from __future__ import annotations
 import json
 
 GIB = 2**30
+# The legend under the memory table: how the estimated items are computed (rlmt_jax.plans.memory_plan).
+FORMULAS = (
+    "Params and optimizer state are exact (real shapes, real shardings). Activations per layer, per device "
+    "(b = compute-dtype bytes, B rows, T tokens, D embed, H/K heads, Dh head_dim, F mlp):",
+    "  no remat: B*T*D*(4b+8) + B*T*(2H+2K)*Dh*b + attention + B*T*F*4b; dots: B*T*(3D+(H+2K)*Dh+2F)*b; "
+    "full: B*T*D*b",
+    "  attention: xla B*H*T^2*(4+b); splash and cudnn B*H*T*4 + B*T*(H+2K)*Dh*b (splash: T rounded up to 128)",
+    "  total = layers x kept + one layer rebuilt (with remat) + embedding/final norm B*T*D*(2b+4) + mask B*T^2 "
+    "(kernels: B*T); logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes. XLA temporaries are not counted.",
+)
 
 
 def register(subparsers) -> None:
@@ -109,17 +119,7 @@ def format_plan(plan, algorithm: str = "") -> str:
         f"largest item: {plan.largest.name} ({gib(plan.largest.bytes)} GiB, {plan.largest.phase})",
     ]
     lines += [f"note: {note}" for note in plan.notes]
-    lines += [
-        "",
-        "Params and optimizer state are exact (real shapes, real shardings). Activations per layer, per device "
-        "(b = compute-dtype bytes, B rows, T tokens, D embed, H/K heads, Dh head_dim, F mlp):",
-        "  no remat: B*T*D*(4b+8) + B*T*(2H+2K)*Dh*b + attention + B*T*F*4b; dots: B*T*(3D+(H+2K)*Dh+2F)*b; "
-        "full: B*T*D*b",
-        "  attention: xla B*H*T^2*(4+b); splash and cudnn B*H*T*4 + B*T*(H+2K)*Dh*b (splash: T rounded up to 128)",
-        "  total = layers x kept + one layer rebuilt (with remat) + embedding/final norm B*T*D*(2b+4) + mask B*T^2 "
-        "(kernels: B*T); logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes. XLA temporaries are not counted.",
-    ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *FORMULAS])
 
 
 def format_time_plan(timing) -> str:

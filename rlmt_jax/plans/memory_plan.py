@@ -332,7 +332,7 @@ def kv_cache_bytes(model: nnx.Module, rows: int, slots: int, cache_dtype, mesh: 
     """The sampler's KV cache for `rows` rows of `slots` slots, on one device: k and v (L layers, R rows,
     S slots, K kv heads, Dh) in the cache dtype and the valid mask [R, S], split as the sampler constrains
     them: 2 * L * R * S * K * Dh * c + R * S. Shapes come from `model.init_cache` (jax.eval_shape)."""
-    from rlmt_jax.rollout.sampling import cache_axes  # the sampler's layout of k and v
+    from rlmt_jax.rollout.decode_cache import cache_axes  # the sampler's layout of k and v
 
     cache = jax.eval_shape(lambda: model.init_cache(rows, slots, jnp.dtype(cache_dtype)))
     key_axes, value_axes = cache_axes(model.config)
@@ -465,7 +465,7 @@ def _reward_length(cfg: RunConfig, response_seq: int) -> tuple[int, int]:
 DECODE_COPIED_PARAMS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 
 
-def _params_items(shapes: ModelShapes, mesh: AbstractMesh, name: str, dtype: str | None = None) -> Item:
+def _params_item(shapes: ModelShapes, mesh: AbstractMesh, name: str, dtype: str | None = None) -> Item:
     """The model's params on one device, in `dtype` (default: the param dtype), placed by the rules."""
     dtype = dtype or shapes.config.param_dtype
     split = per_device_bytes(shapes.params, mesh, as_dtype=jnp.dtype(dtype))
@@ -478,113 +478,171 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
     """The per-device memory of `cfg` on `device`, by phase (see the module docstring)."""
     mesh = plan_mesh(cfg, device)
     models = run_models(cfg)
-    policy = models["policy"]
     act = itemsize(cfg.runtime.dtype)
     attention = resolve_attention(cfg.runtime.attention, cfg.runtime.dtype, DEVICE_PLATFORMS[device.kind])
-    items: list[Item] = []
+    items = _resident_items(cfg, models, mesh)
+    rows, seq, micro_batches = update_shape(cfg)
+    shapes = dict(micro_batch_rows=rows, update_seq=seq, micro_batches=micro_batches)
+    if "reward model" in models:
+        rollout_items, rollout_shapes = _rollout_and_reward_items(cfg, device, models, mesh, attention)
+        items += rollout_items
+        shapes.update(rollout_shapes)
 
-    # resident: weights and optimizer state (exact)
-    items.append(_params_items(policy, mesh, "policy params"))
+    dims = LocalDims.of(models["policy"].config, rows, mesh)
+    by_remat = {remat: activation_bytes(dims, seq, act, remat, attention) for remat in REMAT_POLICIES}
+    items += _update_items(cfg, models["policy"], mesh, dims, by_remat[cfg.runtime.remat], attention)
+    shapes.update(logits_chunk=min(LOGITS_CHUNK, seq))
+    if "critic" in models:
+        items += _critic_update_items(cfg, models["critic"], mesh, attention)
+
+    by_attention = {name: attention_bytes(dims, seq, act, name) for name in ATTENTION_IMPLEMENTATIONS}
+    return MemoryPlan(config_source, device, dict(mesh.shape), _model_summaries(cfg, models), tuple(items),
+                      cfg.runtime.remat, by_remat, shapes, batch_split_notes(cfg, shapes, mesh), attention,
+                      by_attention)
+
+
+def _resident_items(cfg: RunConfig, models: dict[str, ModelShapes], mesh: AbstractMesh) -> list[Item]:
+    """Weights and optimizer state, alive through the whole run (exact)."""
+    policy = models["policy"]
+    items = [_params_item(policy, mesh, "policy params")]
     opt_state = _optimizer_state(policy.params, cfg, cfg.optimizer.lr)
     items.append(Item("optimizer state", "resident", per_device_bytes(opt_state, mesh),
                       "AdamW mu and nu like the params (jax.eval_shape of the real optimizer), + step scalars"))
     frozen = frozen_param_dtype(cfg.runtime)  # the reference and the reward model are stored in it
-    if "reference" in models:
-        items.append(_params_items(models["reference"], mesh, "reference params", frozen))
-    if "reward model" in models:
-        items.append(_params_items(models["reward model"], mesh, "reward model params", frozen))
+    for role in ("reference", "reward model"):
+        if role in models:
+            items.append(_params_item(models[role], mesh, f"{role} params", frozen))
     if "critic" in models:
         critic = models["critic"]
-        items.append(_params_items(critic, mesh, "critic params"))
+        items.append(_params_item(critic, mesh, "critic params"))
         critic_opt = _optimizer_state(critic.params, cfg, cfg.algorithm.ppo.critic_lr)
         items.append(Item("critic optimizer state", "resident", per_device_bytes(critic_opt, mesh),
                           "AdamW mu and nu of the critic"))
+    return items
 
-    # rollout: the KV cache of every row at once, and one layer of the prefill
-    shape_info: dict[str, int] = {}
+
+def _rollout_and_reward_items(cfg: RunConfig, device: DeviceSpec, models: dict[str, ModelShapes],
+                              mesh: AbstractMesh, attention: str) -> tuple[list[Item], dict[str, int]]:
+    """The rollout phase on the decode layout (the policy's copy, the KV cache of every row at once, the
+    decode weight copies, one layer of the prefill) and the reward phase on the training mesh.
+    -> (items, the lengths and batch sizes they used)"""
+    policy = models["policy"]
+    rollout_mesh, rollout_rules = plan_rollout_mesh(cfg, device)
+    items = [_rollout_copy_item(cfg, policy, rollout_mesh, rollout_rules)] if cfg.rollout.mesh.reshard else []
+    items += [_kv_cache_item(cfg, policy, rollout_mesh),
+              _decode_copies_item(policy, rollout_mesh, rollout_rules),
+              _prefill_item(cfg, policy, rollout_mesh, attention)]
+    reward_rows, reward_len = _reward_length(cfg, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    items.append(_reward_forward_item(cfg, models["reward model"], mesh, reward_rows, reward_len, attention))
+    shapes = dict(rollout_rows=cfg.rollout.prompts_per_step * cfg.rollout.n, cache_slots=_cache_slots(cfg),
+                  reward_rows=reward_rows, reward_seq=reward_len,
+                  rollout_data=rollout_mesh.shape["data"] * rollout_mesh.shape["fsdp"],
+                  rollout_tensor=rollout_mesh.shape["tensor"])
+    return items, shapes
+
+
+def _cache_slots(cfg: RunConfig) -> int:
+    """Slots of a row's KV cache: the prompt and every response token but the last (never fed back)."""
+    return cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens - 1
+
+
+def _rollout_copy_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh, rules) -> Item:
+    """The policy's copy in the compute dtype on the decode layout (rollout.mesh.reshard)."""
+    layout = " x ".join(f"{axis}={size}" for axis, size in rollout_mesh.shape.items() if axis != "fsdp")
+    return Item("rollout params copy", "rollout",
+                per_device_bytes(policy.params, rollout_mesh, jnp.dtype(cfg.runtime.dtype), rules),
+                f"the policy in {cfg.runtime.dtype} on the decode layout ({layout}): made before sampling, "
+                "dropped after")
+
+
+def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh) -> Item:
+    """The KV cache of every rollout row at once, and the prompts' cache while it is copied to their samples."""
+    prompts, n = cfg.rollout.prompts_per_step, cfg.rollout.n
+    prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
+    slots = _cache_slots(cfg)
+    cache_dtype = cfg.rollout.cache_dtype or cfg.runtime.dtype
+    decode_cache = kv_cache_bytes(policy.module, prompts * n, slots, cache_dtype, rollout_mesh)
+    prompt_cache = kv_cache_bytes(policy.module, prompts, prompt_len, cache_dtype, rollout_mesh)
+    rows_local = local_shape((prompts * n,), ("batch",), rollout_mesh)[0]
+    return Item("KV cache", "rollout", decode_cache + prompt_cache,
+                f"{prompts} prompts x {n} = {prompts * n} rows ({rows_local} per device) x {slots} slots "
+                f"(prompt {prompt_len} + {new} new - 1), {cache_dtype}, + the prompts' cache while it is copied "
+                "to their samples")
+
+
+def _decode_copies_item(policy: ModelShapes, rollout_mesh: AbstractMesh, rules) -> Item:
+    """Sampling lays the q/k/v and gate/up kernels side by side and the lm head vocab-major, once per call
+    (models.layers Attention._project_fused and MLP fused, rlmt_jax.rollout.decode.vocab_major_head): copies of
+    them in the compute dtype live through the decode loop."""
+    copied = nnx.filter_state(policy.params, lambda path, _: str(path[-1]) in DECODE_COPIED_PARAMS)
+    return Item("decode weight copies", "rollout",
+                per_device_bytes(copied, rollout_mesh, jnp.dtype(policy.config.dtype), rules),
+                f"{', '.join(DECODE_COPIED_PARAMS)} in {policy.config.dtype}, split like the sampled params")
+
+
+def _prefill_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh, attention: str) -> Item:
+    """One layer's forward on every prompt of the step at its longest."""
+    prompts, prompt_len = cfg.rollout.prompts_per_step, cfg.data.max_prompt_tokens
+    prefill = LocalDims.of(policy.config, prompts, rollout_mesh)
+    return Item("prefill activations", "rollout",
+                layer_activation_bytes(prefill, prompt_len, itemsize(cfg.runtime.dtype), attention)["none"],
+                f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device")
+
+
+def _reward_forward_item(cfg: RunConfig, reward_model: ModelShapes, mesh: AbstractMesh, rows: int, length: int,
+                         attention: str) -> Item:
+    """One layer of the reward model's forward on one scoring batch of `rows` at its longest bucket `length`."""
+    dims = LocalDims.of(reward_model.config, rows, mesh)
+    return Item("reward forward", "reward",
+                layer_activation_bytes(dims, length, itemsize(cfg.runtime.dtype), attention)["none"],
+                f"one layer on {rows} rows ({dims.rows} per device) x {length} tokens "
+                "(the bucket that holds prompt + response)")
+
+
+def _update_items(cfg: RunConfig, policy: ModelShapes, mesh: AbstractMesh, dims: LocalDims, activations: int,
+                  attention: str) -> list[Item]:
+    """The update phase: gradients (+ their accumulator), the `activations` of one micro-batch whose per-device
+    sizes are `dims`, one logits chunk."""
     rows, seq, micro_batches = update_shape(cfg)
-    shape_info.update(micro_batch_rows=rows, update_seq=seq, micro_batches=micro_batches)
-    if "reward model" in models:
-        prompts, n = cfg.rollout.prompts_per_step, cfg.rollout.n
-        prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
-        slots = prompt_len + new - 1
-        cache_dtype = cfg.rollout.cache_dtype or cfg.runtime.dtype
-        rollout_mesh, rollout_rules = plan_rollout_mesh(cfg, device)
-        if cfg.rollout.mesh.reshard:
-            layout = " x ".join(f"{axis}={size}" for axis, size in rollout_mesh.shape.items() if axis != "fsdp")
-            items.append(Item("rollout params copy", "rollout",
-                              per_device_bytes(policy.params, rollout_mesh, jnp.dtype(cfg.runtime.dtype),
-                                               rollout_rules),
-                              f"the policy in {cfg.runtime.dtype} on the decode layout ({layout}): made before "
-                              "sampling, dropped after"))
-        decode_cache = kv_cache_bytes(policy.module, prompts * n, slots, cache_dtype, rollout_mesh)
-        prompt_cache = kv_cache_bytes(policy.module, prompts, prompt_len, cache_dtype, rollout_mesh)
-        rows_local = local_shape((prompts * n,), ("batch",), rollout_mesh)[0]
-        items.append(Item("KV cache", "rollout", decode_cache + prompt_cache,
-                          f"{prompts} prompts x {n} = {prompts * n} rows ({rows_local} per device) x {slots} slots "
-                          f"(prompt {prompt_len} + {new} new - 1), {cache_dtype}, + the prompts' cache while "
-                          "it is copied to their samples"))
-        # Sampling lays the q/k/v and gate/up kernels side by side and the lm head vocab-major, once per call
-        # (models.layers Attention._project_fused and MLP fused, sampling.vocab_major_head): copies of them
-        # in the compute dtype live through the decode loop.
-        copied = nnx.filter_state(policy.params, lambda path, _: str(path[-1]) in DECODE_COPIED_PARAMS)
-        items.append(Item("decode weight copies", "rollout",
-                          per_device_bytes(copied, rollout_mesh, jnp.dtype(policy.config.dtype), rollout_rules),
-                          f"{', '.join(DECODE_COPIED_PARAMS)} in {policy.config.dtype}, split like the sampled params"))
-        prefill = LocalDims.of(policy.config, prompts, rollout_mesh)
-        items.append(Item("prefill activations", "rollout",
-                          layer_activation_bytes(prefill, prompt_len, act, attention)["none"],
-                          f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device"))
-        # reward: one layer of the reward model's forward on one scoring batch at its longest bucket
-        reward_rows, reward_len = _reward_length(cfg, prompt_len + new)
-        rm = models["reward model"]
-        rm_dims = LocalDims.of(rm.config, reward_rows, mesh)
-        items.append(Item("reward forward", "reward",
-                          layer_activation_bytes(rm_dims, reward_len, act, attention)["none"],
-                          f"one layer on {reward_rows} rows ({rm_dims.rows} per device) x {reward_len} tokens "
-                          "(the bucket that holds prompt + response)"))
-        shape_info.update(rollout_rows=prompts * n, cache_slots=slots, reward_rows=reward_rows,
-                          reward_seq=reward_len, rollout_data=rollout_mesh.shape["data"] * rollout_mesh.shape["fsdp"],
-                          rollout_tensor=rollout_mesh.shape["tensor"])
-
-    # update: gradients, activations of one micro-batch, one logits chunk
     grads = per_device_bytes(policy.params, mesh, as_dtype=jnp.float32)
-    items.append(Item("gradients", "update", grads, "float32, split like the params"))
+    items = [Item("gradients", "update", grads, "float32, split like the params")]
     if micro_batches > 1:
         items.append(Item("gradient accumulator", "update", grads,
                           f"float32 sum over the {micro_batches} micro-batches"))
-    dims = LocalDims.of(policy.config, rows, mesh)
-    remat = cfg.runtime.remat
-    by_remat = {policy_name: activation_bytes(dims, seq, act, policy_name, attention)
-                for policy_name in REMAT_POLICIES}
-    items.append(Item(f"activations (remat={remat})", "update", by_remat[remat],
+    items.append(Item(f"activations (remat={cfg.runtime.remat})", "update", activations,
                       f"{rows} sequences ({dims.rows} per device) x {seq} tokens, {policy.config.num_hidden_layers} "
                       f"layers, {attention} attention"))
     chunk = min(LOGITS_CHUNK, seq)
-    items.append(Item("logits chunk", "update", logits_chunk_bytes(dims, chunk, act),
+    items.append(Item("logits chunk", "update", logits_chunk_bytes(dims, chunk, itemsize(cfg.runtime.dtype)),
                       f"{dims.rows} rows x {chunk} positions x {dims.vocab} vocab per device"))
-    shape_info.update(logits_chunk=chunk)
+    return items
 
-    if "critic" in models:
-        critic = models["critic"]
-        critic_grads = per_device_bytes(critic.params, mesh, as_dtype=jnp.float32)
-        items.append(Item("critic gradients", "critic update", critic_grads * (2 if micro_batches > 1 else 1),
-                          "float32" + (" + their accumulator" if micro_batches > 1 else "")))
-        critic_dims = LocalDims.of(critic.config, rows, mesh)
-        items.append(Item(f"critic activations (remat={remat})", "critic update",
-                          activation_bytes(critic_dims, seq, act, remat, attention),
-                          f"as the policy's, {rows} sequences"))
 
+def _critic_update_items(cfg: RunConfig, critic: ModelShapes, mesh: AbstractMesh, attention: str) -> list[Item]:
+    """PPO's critic update: its gradients (+ their accumulator) and the activations of one micro-batch."""
+    rows, seq, micro_batches = update_shape(cfg)
+    critic_grads = per_device_bytes(critic.params, mesh, as_dtype=jnp.float32)
+    critic_dims = LocalDims.of(critic.config, rows, mesh)
+    remat = cfg.runtime.remat
+    return [
+        Item("critic gradients", "critic update", critic_grads * (2 if micro_batches > 1 else 1),
+             "float32" + (" + their accumulator" if micro_batches > 1 else "")),
+        Item(f"critic activations (remat={remat})", "critic update",
+             activation_bytes(critic_dims, seq, itemsize(cfg.runtime.dtype), remat, attention),
+             f"as the policy's, {rows} sequences"),
+    ]
+
+
+def _model_summaries(cfg: RunConfig, models: dict[str, ModelShapes]) -> tuple[ModelSummary, ...]:
+    """Each model's architecture, size and the dtype it is stored in (frozen models: the frozen dtype)."""
+    frozen = frozen_param_dtype(cfg.runtime)
     stored = {role: (frozen if role in ("reference", "reward model") else m.config.param_dtype)
               for role, m in models.items()}
-    summaries = tuple(
+    return tuple(
         ModelSummary(m.role, m.config.architecture, m.source, m.num_params, stored[role],
                      m.num_params * itemsize(stored[role]))
         for role, m in models.items()
     )
-    by_attention = {name: attention_bytes(dims, seq, act, name) for name in ATTENTION_IMPLEMENTATIONS}
-    return MemoryPlan(config_source, device, dict(mesh.shape), summaries, tuple(items), remat, by_remat, shape_info,
-                      batch_split_notes(cfg, shape_info, mesh), attention, by_attention)
 
 
 def batch_split_notes(cfg: RunConfig, shapes: dict[str, int], mesh: AbstractMesh) -> tuple[str, ...]:

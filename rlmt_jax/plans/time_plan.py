@@ -25,11 +25,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from models import ModelConfig
+from models.attention import decodes_with_kernel
 from rlmt_jax.algorithms.specs import spec_of
 from rlmt_jax.settings.config import RunConfig, frozen_param_dtype
-from models.attention import decodes_with_kernel
-from rlmt_jax.plans.memory_plan import (DEVICE_PLATFORMS, DeviceSpec, itemsize, plan_mesh, plan_rollout_mesh, run_models,
-                                  update_shape)
+from rlmt_jax.plans.memory_plan import (DEVICE_PLATFORMS, DeviceSpec, itemsize, plan_mesh, plan_rollout_mesh,
+                                        run_models, update_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,97 +141,181 @@ def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = Non
     chip = chip or CHIPS[device.kind]
     models = run_models(cfg)
     policy, rm = models["policy"].config, models["reward model"].config
-    n_dev = device.count
-    mesh = plan_mesh(cfg, device)
-    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
-    act = itemsize(cfg.runtime.dtype)
-    param = itemsize(cfg.runtime.param_dtype)
-    frozen = itemsize(frozen_param_dtype(cfg.runtime))
-    cache = itemsize(cfg.rollout.cache_dtype or cfg.runtime.dtype)
-    prompts, n, prompt_len, new = (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.data.max_prompt_tokens,
-                                   cfg.rollout.max_new_tokens)
-    rows, seq = prompts * n, prompt_len + new
-    weights = _matmul_params(policy)
-    layer_weights = weights - policy.hidden_size * policy.vocab_size  # what an FSDP decode loop gathers per token
-    phases = []
+    sizes = _StepSizes.of(cfg, device, policy)
+    phases = [*_rollout_phases(cfg, device, chip, sizes), _reward_phase(cfg, chip, rm, sizes),
+              *_update_phases(cfg, chip, sizes, with_reference="reference" in models)]
+    return TimePlan(device, chip, tuple(phases), sizes.rows * sizes.new, sizes.rows * sizes.seq)
 
-    # ---- rollout: the policy's copy in the decode layout, or the training layout as it is
-    rmesh, _ = plan_rollout_mesh(cfg, device)
-    r_tensor = rmesh.shape["tensor"]
-    r_data = rmesh.shape["data"] * rmesh.shape["fsdp"]
-    resharded = cfg.rollout.mesh.reshard
-    weight_share = weights * act / r_tensor if resharded else weights * act / (fsdp * tensor)
-    copy_link = weights * act * _ring(n_dev) if resharded else 0.0  # gather the bfloat16 shards once
-    # the sampler skips the copy when the params already lie as the layout wants them (same dtype, whole)
-    if resharded and not (act == param and fsdp * tensor == 1 and r_tensor == 1):
-        copy_hbm = weights * param / (fsdp * tensor) + weight_share  # read the float32 shard, write the copy
+
+@dataclasses.dataclass(frozen=True)
+class _StepSizes:
+    """The sizes of a step that every phase's estimate reads."""
+
+    policy: ModelConfig
+    devices: int
+    fsdp: int  # of the training mesh
+    tensor: int  # of the training mesh
+    act: int  # bytes of an element in the compute dtype
+    param: int  # in the param dtype
+    frozen: int  # in the dtype the reference and the reward model are stored in
+    prompts: int  # rollout.prompts_per_step
+    rows: int  # prompts x rollout.n
+    prompt_len: int  # data.max_prompt_tokens
+    new: int  # rollout.max_new_tokens
+    weights: int  # the policy's matmul params (_matmul_params)
+
+    @classmethod
+    def of(cls, cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -> _StepSizes:
+        mesh = plan_mesh(cfg, device)
+        prompts = cfg.rollout.prompts_per_step
+        return cls(policy, device.count, mesh.shape["fsdp"], mesh.shape["tensor"], itemsize(cfg.runtime.dtype),
+                   itemsize(cfg.runtime.param_dtype), itemsize(frozen_param_dtype(cfg.runtime)), prompts,
+                   prompts * cfg.rollout.n, cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens,
+                   _matmul_params(policy))
+
+    @property
+    def seq(self) -> int:
+        """Tokens of a sequence: the prompt and the whole response."""
+        return self.prompt_len + self.new
+
+    @property
+    def training_shards(self) -> int:
+        """Devices each weight of the training layout is split over (fsdp x tensor)."""
+        return self.fsdp * self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _SamplerLayout:
+    """Where the sampler runs: the policy's copy in the decode layout (rollout.mesh) when `resharded`, else the
+    training layout as it is."""
+
+    resharded: bool
+    data: int  # devices the rows split over
+    tensor: int  # devices each weight splits over
+
+    @classmethod
+    def of(cls, cfg: RunConfig, device: DeviceSpec) -> _SamplerLayout:
+        mesh, _ = plan_rollout_mesh(cfg, device)
+        return cls(cfg.rollout.mesh.reshard, mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"])
+
+    def copies(self, sizes: _StepSizes) -> bool:
+        """Whether the sampler makes a copy: it skips it when the params already lie as the layout wants them
+        (same dtype, whole)."""
+        return self.resharded and not (sizes.act == sizes.param and sizes.training_shards == 1 and self.tensor == 1)
+
+    def weight_bytes(self, sizes: _StepSizes) -> float:
+        """Bytes of the policy's weights each device reads per forward (a decode step: per step)."""
+        return sizes.weights * sizes.act / (self.tensor if self.resharded else sizes.training_shards)
+
+    def link_bytes(self, sizes: _StepSizes, rows: int, tokens_per_row: int) -> float:
+        """Link bytes of a forward of `rows` x `tokens_per_row` tokens: tensor-parallel all-reduces, 2 per layer of
+        [rows, tokens, embed]; with FSDP every layer's weights gathered."""
+        policy = sizes.policy
+        if self.resharded:
+            local_rows = math.ceil(rows / self.data)
+            activations = local_rows * tokens_per_row * policy.hidden_size * sizes.act
+            return 2 * policy.num_hidden_layers * activations * 2 * _ring(self.tensor)
+        layer_weights = sizes.weights - policy.hidden_size * policy.vocab_size  # what an FSDP decode loop gathers
+        return layer_weights * sizes.param * _ring(sizes.fsdp)  # gathered in the param dtype (the HLO shows float32)
+
+    def decode_collectives(self, sizes: _StepSizes) -> int:
+        """Collectives of a decode step: 2 all-reduces a layer (tensor > 1), or a gather of every layer's kernels
+        (4 a layer) with FSDP, + the loop condition's all-reduce."""
+        layers = sizes.policy.num_hidden_layers
+        return (2 * layers * (self.tensor > 1) if self.resharded else 4 * layers * (sizes.fsdp > 1)) + 1
+
+
+def _rollout_phases(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures, sizes: _StepSizes) -> list[PhaseTime]:
+    """The sampler's phases: the policy's copy into the decode layout (when one is made), the prefill, the decode."""
+    layout = _SamplerLayout.of(cfg, device)
+    phases = []
+    if layout.copies(sizes):
+        copy_hbm = sizes.weights * sizes.param / sizes.training_shards + layout.weight_bytes(sizes)  # read, write
+        copy_link = sizes.weights * sizes.act * _ring(sizes.devices)  # gather the bfloat16 shards once
         phases.append(_phase("rollout copy", 0.0, copy_hbm, copy_link, chip,
                              "cast + all-gather the policy once into the decode layout"))
-    # tensor-parallel all-reduces: 2 per layer of [rows, tokens, embed]; FSDP: every layer's weights gathered
-    def sample_link(sampled_rows: int, tokens_per_row: int) -> float:
-        if resharded:
-            local_rows = math.ceil(sampled_rows / r_data)
-            activations = local_rows * tokens_per_row * policy.hidden_size * act
-            return 2 * policy.num_hidden_layers * activations * 2 * _ring(r_tensor)
-        return layer_weights * param * _ring(fsdp)  # gathered in the param dtype (the HLO shows float32)
+    return [*phases, _prefill_phase(cfg, chip, sizes, layout), _decode_phase(cfg, device, chip, sizes, layout)]
 
-    prefill_flops = 2 * weights * prompts * prompt_len + _attention_flops(policy, prompts, prompt_len, prompt_len)
-    prefill_flops /= n_dev
-    kv_per_slot = 2 * policy.num_hidden_layers * policy.num_key_value_heads * policy.head_dim * cache  # one row
-    phases.append(_phase("rollout prefill", prefill_flops,
-                         weight_share + prompts * prompt_len * kv_per_slot / n_dev, sample_link(prompts, prompt_len),
-                         chip, f"{prompts} prompts x {prompt_len} tokens"))
-    # decode: every step each device reads its weights and the cache slots its rows attend to (decode windows)
-    from rlmt_jax.rollout.sampling import SamplingConfig
 
+def _kv_bytes_per_slot(cfg: RunConfig, policy: ModelConfig) -> int:
+    """Bytes of one row's k and v at one cache slot, over every layer."""
+    cache = itemsize(cfg.rollout.cache_dtype or cfg.runtime.dtype)
+    return 2 * policy.num_hidden_layers * policy.num_key_value_heads * policy.head_dim * cache
+
+
+def _prefill_phase(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout: _SamplerLayout) -> PhaseTime:
+    """Every prompt once through the policy, its KV cache written."""
+    policy, prompts, prompt_len = sizes.policy, sizes.prompts, sizes.prompt_len
+    flops = 2 * sizes.weights * prompts * prompt_len + _attention_flops(policy, prompts, prompt_len, prompt_len)
+    flops /= sizes.devices
+    hbm = layout.weight_bytes(sizes) + prompts * prompt_len * _kv_bytes_per_slot(cfg, policy) / sizes.devices
+    return _phase("rollout prefill", flops, hbm, layout.link_bytes(sizes, prompts, prompt_len), chip,
+                  f"{prompts} prompts x {prompt_len} tokens")
+
+
+def _decode_phase(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures, sizes: _StepSizes,
+                  layout: _SamplerLayout) -> PhaseTime:
+    """max_new_tokens decode steps: each reads every device's weights and the cache slots its rows attend to."""
+    policy, rows, new = sizes.policy, sizes.rows, sizes.new
+    mean_keys = _mean_decode_keys(cfg, device, policy)
+    step_flops = (2 * sizes.weights * rows + _attention_flops(policy, rows, 1, mean_keys)) / sizes.devices
+    step_hbm = layout.weight_bytes(sizes) + rows * mean_keys * _kv_bytes_per_slot(cfg, policy) / sizes.devices
+    step = _phase("decode step", step_flops, step_hbm, layout.link_bytes(sizes, rows, 1), chip, "",
+                  layout.decode_collectives(sizes), streamed=True)
+    return PhaseTime("rollout decode", step.flops * new, step.hbm_bytes * new, step.link_bytes * new,
+                     step.seconds * new,
+                     f"{new} steps x {rows} rows, ~{mean_keys:.0f} cache slots read per row per step, "
+                     f"{step.seconds * 1e3:.2f} ms a step")
+
+
+def _mean_decode_keys(cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -> float:
+    """Cache slots a row's decode step reads, on average over the response (the decode windows, if any)."""
+    from rlmt_jax.rollout.sampling_config import SamplingConfig
+
+    prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
     if decodes_with_kernel(dataclasses.replace(policy, attention=cfg.runtime.attention, dtype=cfg.runtime.dtype),
                            DEVICE_PLATFORMS[device.kind]):
-        mean_keys = prompt_len + (new + 1) / 2  # the decode kernel reads each row's slots up to the one written
-    else:  # the xla path reads every slot of the windows so far, filled or not
-        blocks = SamplingConfig(max_new_tokens=new, decode_windows=cfg.rollout.decode_windows).response_blocks()
-        attended, filled = 0.0, 0
-        for width in blocks:
-            filled += width
-            attended += width * (prompt_len + filled)
-        mean_keys = attended / max(sum(blocks), 1)
-    step_flops = (2 * weights * rows + _attention_flops(policy, rows, 1, mean_keys)) / n_dev
-    step_hbm = weight_share + rows * mean_keys * kv_per_slot / n_dev
-    # per step: 2 all-reduces a layer (tensor > 1), or a gather of every layer's kernels (4 a layer) with FSDP
-    per_step = (2 * policy.num_hidden_layers * (r_tensor > 1) if resharded
-                else 4 * policy.num_hidden_layers * (fsdp > 1)) + 1  # + the loop condition's all-reduce
-    step = _phase("decode step", step_flops, step_hbm, sample_link(rows, 1), chip, "", per_step, streamed=True)
-    phases.append(PhaseTime("rollout decode", step.flops * new, step.hbm_bytes * new, step.link_bytes * new,
-                            step.seconds * new,
-                            f"{new} steps x {rows} rows, ~{mean_keys:.0f} cache slots read per row per step, "
-                            f"{step.seconds * 1e3:.2f} ms a step"))
+        return prompt_len + (new + 1) / 2  # the decode kernel reads each row's slots up to the one written
+    # the xla path reads every slot of the windows so far, filled or not
+    blocks = SamplingConfig(max_new_tokens=new, decode_windows=cfg.rollout.decode_windows).response_blocks()
+    attended, filled = 0.0, 0
+    for width in blocks:
+        filled += width
+        attended += width * (prompt_len + filled)
+    return attended / max(sum(blocks), 1)
 
-    # ---- reward model (training mesh, FSDP): one forward of prompt + response per row, weights gathered per call
-    reward_batch = cfg.reward.batch_size
-    reward_seq = min(seq, cfg.reward.max_length)
+
+def _reward_phase(cfg: RunConfig, chip: ChipFigures, rm: ModelConfig, sizes: _StepSizes) -> PhaseTime:
+    """The reward model on the training mesh (FSDP): one forward of prompt + response per row, its weights
+    gathered per call."""
+    rows, reward_batch = sizes.rows, cfg.reward.batch_size
+    reward_seq = min(sizes.seq, cfg.reward.max_length)
     rm_weights = _matmul_params(rm)
     calls = math.ceil(rows / reward_batch)
-    phases.append(_phase(
-        "reward scoring",
-        (2 * rm_weights * rows * reward_seq + _attention_flops(rm, rows, reward_seq, reward_seq / 2)) / n_dev,
-        calls * rm_weights * frozen / (fsdp * tensor), calls * rm_weights * frozen * _ring(fsdp), chip,
-        f"{calls} calls of {reward_batch} rows x {reward_seq} tokens"))
+    flops = 2 * rm_weights * rows * reward_seq + _attention_flops(rm, rows, reward_seq, reward_seq / 2)
+    flops /= sizes.devices
+    gathered = calls * rm_weights * sizes.frozen
+    return _phase("reward scoring", flops, gathered / sizes.training_shards, gathered * _ring(sizes.fsdp), chip,
+                  f"{calls} calls of {reward_batch} rows x {reward_seq} tokens")
 
-    # ---- old and reference log-probs, update: micro-batches of the training layout
+
+def _update_phases(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, with_reference: bool) -> list[PhaseTime]:
+    """The old (and reference) log-probs and the update: micro-batches of the training layout."""
+    weights, rows, seq, fsdp = sizes.weights, sizes.rows, sizes.seq, sizes.fsdp
     micro_rows, _, micro = update_shape(cfg)
-    forward_flops = (2 * weights * rows * seq + _attention_flops(policy, rows, seq, seq / 2)) / n_dev
-    gather = weights * act * _ring(fsdp)  # one all-gather of the weights in the compute dtype per micro-batch
-    forwards = [("old log-probs", param)]
-    if "reference" in models:
-        forwards.append(("reference log-probs", frozen))
-    for name, stored in forwards:
-        phases.append(_phase(name, forward_flops, micro * weights * stored / (fsdp * tensor), micro * gather, chip,
-                             f"{micro} micro-batches of {micro_rows} rows x {seq} tokens"))
+    forward_flops = (2 * weights * rows * seq + _attention_flops(sizes.policy, rows, seq, seq / 2)) / sizes.devices
+    gather = weights * sizes.act * _ring(fsdp)  # one all-gather of the weights in the compute dtype per micro-batch
+    forwards = [("old log-probs", sizes.param)] + ([("reference log-probs", sizes.frozen)] if with_reference else [])
+    phases = [_phase(name, forward_flops, micro * weights * stored / sizes.training_shards, micro * gather, chip,
+                     f"{micro} micro-batches of {micro_rows} rows x {seq} tokens")
+              for name, stored in forwards]
     remat = {"none": 3, "dots": 3.5, "full": 4}[cfg.runtime.remat]  # forwards + backward (2x) + rebuilt forward
-    shard = weights / (fsdp * tensor)
+    shard = weights / sizes.training_shards
+    epochs = cfg.algorithm.update_epochs
     phases.append(_phase(
-        "update", forward_flops * remat * cfg.algorithm.update_epochs,
-        cfg.algorithm.update_epochs * (micro * shard * (3 * param + 2 * 4) + shard * 4 * 7),
-        cfg.algorithm.update_epochs * micro * (2 * gather + weights * 4 * _ring(fsdp)), chip,
+        "update", forward_flops * remat * epochs,
+        epochs * (micro * shard * (3 * sizes.param + 2 * 4) + shard * 4 * 7),
+        epochs * micro * (2 * gather + weights * 4 * _ring(fsdp)), chip,
         f"{micro} micro-batches: forward, backward (x2){', rebuilt forward' if remat == 4 else ''}; weights "
         "gathered twice and float32 gradients reduce-scattered per micro-batch; AdamW on the shards"))
-    return TimePlan(device, chip, tuple(phases), rows * new, rows * seq)
+    return phases
