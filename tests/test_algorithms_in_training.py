@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import rlmt_jax.trainer.loop as trainer_module
+import rlmt_jax.training.stage as update_stage
 from rlmt_jax.settings.config import resolve
 from rlmt_jax.trainer.loop import train
 
@@ -39,13 +39,13 @@ def test_gspo_with_rloo_overlong_shaping_and_rollout_correction_trains_a_step(tm
 
 def test_bypass_uses_the_samplers_logprobs_and_skips_the_old_policy_forward(tmp_path, tiny_cache, monkeypatch):
     calls = []
-    real = trainer_module.compute_logprobs
+    real = update_stage.compute_logprobs
 
     def counting(graphdef, params, batch, **kwargs):
         calls.append(params)
         return real(graphdef, params, batch, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "compute_logprobs", counting)
+    monkeypatch.setattr(update_stage, "compute_logprobs", counting)
     row = one_step(tmp_path, "algorithm.rollout_correction.bypass=true")
     assert len(calls) == 1  # the reference forward only (kl_coef 0.001); no old-policy forward
     assert "logprob_diff_max" not in row and "rollout_ratio_mean" not in row

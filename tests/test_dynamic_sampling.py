@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import rlmt_jax.trainer.loop as trainer_lib
+import rlmt_jax.training.stage as update_stage
 from rlmt_jax.algorithms import GROUP_FILTERS, choose_groups, varied_groups
 from rlmt_jax.settings.config import resolve
 from rlmt_jax.inputs.data import train_batches
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.rollout.rewards import RewardScorer
 from rlmt_jax.rollout.scored import ScoredRollouts
+from rlmt_jax.trainer import Trainer
 
 PROMPTS = [f"Fact {i}?" for i in range(16)]
 N = 2
@@ -119,7 +120,7 @@ class Recorded:
 
     def __init__(self, monkeypatch, flat):
         self.batches, self.scored_prompts = [], []
-        real_step, real_score = trainer_lib.train_step, RewardScorer.score_outputs
+        real_step, real_score = update_stage.train_step, RewardScorer.score_outputs
 
         def train_step(graphdef, params, opt_state, batch, **kwargs):
             self.batches.append({k: np.asarray(v) for k, v in batch.items()})
@@ -132,7 +133,7 @@ class Recorded:
             rewards = np.array([0.0 if t in flat else float(i % N) for i, t in enumerate(texts)], np.float32)
             return dataclasses.replace(scored, rewards=rewards)
 
-        monkeypatch.setattr(trainer_lib, "train_step", train_step)
+        monkeypatch.setattr(update_stage, "train_step", train_step)
         monkeypatch.setattr(RewardScorer, "score_outputs", score_outputs)
 
 
@@ -150,7 +151,7 @@ def trained_prompts(trainer, batch):
 def dynamic_run(tmp_path, flat, *overrides, run_dir=None):
     with pytest.MonkeyPatch.context() as monkeypatch:
         recorded = Recorded(monkeypatch, flat)
-        trainer = trainer_lib.Trainer(resolve(None, [
+        trainer = Trainer(resolve(None, [
             *SMALL, f"data.train_path={prompts_file(tmp_path)}", f"run.output_dir={run_dir or tmp_path / 'run'}",
             "rollout.group_filter=varied", "rollout.max_sampling_rounds=2", *overrides]))
         summary = trainer.run()

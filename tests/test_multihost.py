@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import jax
@@ -81,13 +80,13 @@ def test_a_batch_that_cannot_split_between_processes_is_refused(monkeypatch):
 
 
 def test_trainer_refuses_prompts_per_step_that_do_not_split_between_processes(monkeypatch):
-    from rlmt_jax.trainer.loop import Trainer
+    from rlmt_jax.trainer.setup import check_multihost
 
     cfg = resolve(None, ["rollout.prompts_per_step=3", "optimizer.micro_batch_size=4"])
-    trainer = types.SimpleNamespace(cfg=cfg, algorithm="grpo", mesh=make_mesh(MeshConfig(fsdp=1), jax.devices()[:1]))
+    mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(UserError, match=r"'rollout.prompts_per_step' \(3\) must be a multiple of the 2 processes"):
-        Trainer._check_multihost(trainer)
+        check_multihost(cfg, mesh)
 
 
 class FakeProcessPair:

@@ -47,13 +47,13 @@ class CompileLog(logging.Handler):
 @pytest.fixture
 def compile_log(monkeypatch):
     log = CompileLog()
-    rl_step = Trainer._rl_step
+    step = Trainer._step
 
     def counted_step(trainer, prompts):
         log.step += 1
-        return rl_step(trainer, prompts)
+        return step(trainer, prompts)
 
-    monkeypatch.setattr(Trainer, "_rl_step", counted_step)
+    monkeypatch.setattr(Trainer, "_step", counted_step)
     logger = logging.getLogger("jax._src.interpreters.pxla")
     logger.addHandler(log)
     try:

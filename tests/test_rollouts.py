@@ -1,5 +1,6 @@
 """From the run config and a rollout to what the trainer reads: template settings, stop ids, response texts,
-the RL batch, the sampler-vs-trainer log-prob gap and the rollout metrics (rlmt_jax/rollout/scored.py)."""
+the RL batch, the rollout metrics (rlmt_jax/rollout/scored.py) and the sampler-vs-trainer log-prob gap
+(rlmt_jax/training/stage.py)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,9 @@ from fixtures_tokenizers import llama_tokenizer, llama_tokenizer_dir  # noqa: F4
 
 from rlmt_jax.settings.config import resolve
 from rlmt_jax.core.errors import UserError
-from rlmt_jax.rollout.scored import PolicyText, logprob_gap, rl_batch, rollout_metrics, template_settings
+from rlmt_jax.rollout.scored import PolicyText, rl_batch, rollout_metrics, template_settings
 from rlmt_jax.rollout.sampling import STOP_EOS, STOP_LENGTH, Rollout
+from rlmt_jax.training.stage import logprob_gap
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import rlmt_jax.trainer.loop as trainer_lib
+import rlmt_jax.rollout.preference_pairs as pairs_lib
+import rlmt_jax.training.stage as update_stage
 from rlmt_jax.settings.config import resolve
 from rlmt_jax.rollout.rewards import RewardScorer
 from rlmt_jax.trainer.loop import Trainer
@@ -60,7 +61,7 @@ class Recorder:
     def __init__(self, monkeypatch, reward_of=None, valid_of=None):
         self.updates: list[Update] = []
         self.scorings: list[Scoring] = []
-        real_step, real_score = trainer_lib.train_step, RewardScorer.score_outputs
+        real_step, real_score = update_stage.train_step, RewardScorer.score_outputs
 
         def train_step(graphdef, params, opt_state, batch, *, objective, optimizer, num_micro_batches=1):
             before = jax.tree.map(jnp.copy, params)  # params are donated
@@ -81,7 +82,7 @@ class Recorder:
                                          list(scored.plans), list(scored.answers), scored_rewards))
             return scored
 
-        monkeypatch.setattr(trainer_lib, "train_step", train_step)
+        monkeypatch.setattr(update_stage, "train_step", train_step)
         monkeypatch.setattr(RewardScorer, "score_outputs", score_outputs)
 
 
@@ -375,14 +376,14 @@ def text_valid(text: str) -> bool:
 def dpo_run(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("dpo")
     selections = []  # the arguments the trainer gives build_preference_pairs
-    real = trainer_lib.build_preference_pairs
+    real = pairs_lib.build_preference_pairs
 
     def build_preference_pairs(scores, valid, lengths, **settings):
         selections.append((scores, valid, lengths, settings))
         return real(scores, valid, lengths, **settings)
 
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(trainer_lib, "build_preference_pairs", build_preference_pairs)
+        monkeypatch.setattr(pairs_lib, "build_preference_pairs", build_preference_pairs)
         # chunks of 4 and 2 prompts (+ 2 fillers)
         trainer, recorder = recorded_run(tmp, *DPO, f"data.train_path={prompts_file(tmp, 6)}", valid_of=text_valid)
     pairs = [json.loads(line) for line in open(os.path.join(trainer.run_dir, "dpo_pairs.process-0.jsonl"))]

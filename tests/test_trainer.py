@@ -110,7 +110,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, tiny_cac
 
     resumed = run_config(tmp_path / "b", "run.total_steps=4")
     trainer = Trainer(resumed)
-    original = trainer._rl_step
+    original = trainer._step
     calls = {"n": 0}
 
     def dies_at_step_3(prompts):
@@ -119,7 +119,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, tiny_cac
             raise Interrupt()
         return original(prompts)
 
-    monkeypatch.setattr(trainer, "_rl_step", dies_at_step_3)
+    monkeypatch.setattr(trainer, "_step", dies_at_step_3)
     with pytest.raises(Interrupt):
         trainer.run()
     assert sorted(os.listdir(os.path.join(resumed.run.output_dir, "checkpoints"))) == ["1", "2"]
@@ -169,7 +169,7 @@ def test_a_start_that_fails_before_its_first_step_leaves_no_run_dir(tmp_path, ti
     def first_step_fails(self, prompts):  # where a virtualenv without jinja2 stopped
         raise ImportError("apply_chat_template requires jinja2 to be installed")
 
-    monkeypatch.setattr(Trainer, "_rl_step", first_step_fails)
+    monkeypatch.setattr(Trainer, "_step", first_step_fails)
     cfg = run_config(tmp_path)
     with pytest.raises(ImportError, match="jinja2"):
         train(cfg)
@@ -191,7 +191,7 @@ def test_a_run_that_fails_after_its_first_step_keeps_its_run_dir(tmp_path, tiny_
             raise RuntimeError("out of memory")
         return {"loss": 0.5}, []
 
-    monkeypatch.setattr(Trainer, "_rl_step", second_step_fails)
+    monkeypatch.setattr(Trainer, "_step", second_step_fails)
     cfg = run_config(tmp_path, "checkpoint.save_every=5")
     with pytest.raises(RuntimeError, match="out of memory"):
         train(cfg)

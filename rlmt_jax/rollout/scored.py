@@ -99,24 +99,6 @@ def rl_batch(rollout: Rollout) -> dict[str, jax.Array]:
     }
 
 
-def logprob_gap(trainer_logprobs: jax.Array, sampler_logprobs: jax.Array, mask: jax.Array) -> dict[str, float]:
-    """Mean and max |trainer - sampler| log-prob over response tokens: how far the sampler is off-policy.
-
-    All [rows, seq]; computed on device, so global arrays of a multi-host run give the global values."""
-    count, total, largest = _gap_stats(trainer_logprobs, sampler_logprobs, mask)
-    if not int(count):
-        return {"logprob_diff_mean": 0.0, "logprob_diff_max": 0.0}
-    return {"logprob_diff_mean": float(total) / int(count), "logprob_diff_max": float(largest)}
-
-
-@jax.jit
-def _gap_stats(trainer_logprobs, sampler_logprobs, mask):
-    """(masked tokens, sum and max of |trainer - sampler| over them)."""
-    m = mask.astype(bool)
-    gap = jnp.where(m, jnp.abs(trainer_logprobs - sampler_logprobs), 0.0)
-    return jnp.sum(m, dtype=jnp.int32), jnp.sum(gap), jnp.max(gap)
-
-
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     return length_metrics(np.asarray(rollout.response_lengths), np.asarray(rollout.stop_reason) == STOP_LENGTH)
 
