@@ -99,10 +99,10 @@ def test_kl_estimators_k1_k2_k3():
 def test_kl_log_ratio_clamp_and_only_k3_clamped_to_10():
     logp = jnp.array([0.0, 0.0, 0.0])
     ref = jnp.array([-30.0, -5.0, 30.0])
-    # log-ratio clipped to +-20: k3 = e^-20 + 19 -> clamped to 10; k1 and k2 are not clamped (as verl)
+    # k3's log-ratio clipped to +-20: k3 = e^-20 + 19 -> clamped to 10; k1 and k2 are not clamped at all (as verl)
     np.testing.assert_allclose(kl_penalty(logp, ref, "k3"), [10.0, math.exp(-5) + 4.0, 10.0], atol=1e-6)
-    np.testing.assert_allclose(kl_penalty(logp, ref, "k1"), [20.0, 5.0, -20.0], atol=1e-6)
-    np.testing.assert_allclose(kl_penalty(logp, ref, "k2"), [200.0, 12.5, 200.0], atol=1e-4)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k1"), [30.0, 5.0, -30.0], atol=1e-6)
+    np.testing.assert_allclose(kl_penalty(logp, ref, "k2"), [450.0, 12.5, 450.0], atol=1e-4)
 
 
 def test_k1_and_k2_keep_their_gradient_on_tokens_that_drifted_far():

@@ -2,6 +2,11 @@
 
 Rows are groups of G = rollout.n consecutive samples of one prompt; r_i is the reward model's score of
 sample i, mean_g / std_g the mean and unbiased (n - 1) std of its group.
+
+Exact ties: a group (G > 1) whose rewards are all equal (max == min, DAPO's "no signal" group) gets a centred
+reward of exactly 0 (r_i - mean_g, r_i - the others' mean), set by a select rather than left to the float
+arithmetic, whose rounding of the mean depends on how XLA orders the sum (0.1 eight times in float32 gave
+advantages of -0.007 once fused into a larger jit). In exact arithmetic, verl's definition, it is 0.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ def _groups(scores: jax.Array, group_size: int) -> jax.Array:
     return scores.astype(jnp.float32).reshape(-1, group_size)
 
 
+def _zero_where_tied(grouped: jax.Array, centred: jax.Array) -> jax.Array:
+    """centred [groups, G] with the rows of tied groups (max == min) set to exactly 0."""
+    tied = jnp.max(grouped, axis=1, keepdims=True) == jnp.min(grouped, axis=1, keepdims=True)
+    return jnp.where(tied, jnp.zeros_like(centred), centred)
+
+
 def group_advantages(
     rewards: jax.Array, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
 ) -> jax.Array:
@@ -30,7 +41,8 @@ def group_advantages(
 
     A_i = (r_i - mean_g) / (std_g + eps)   with std_g the unbiased (n - 1) std of the group,
     A_i = r_i - mean_g                      when scale_by_std is False.
-    A group of one sample has mean 0 and std 1 (A = r / (1 + eps)), as verl does.
+    A group of one sample has mean 0 and std 1 (A = r / (1 + eps)), as verl does. A group of G > 1 equal
+    rewards gets exactly 0 (module docstring).
 
     rewards: [num_prompts * group_size], groups stored consecutively -> advantages, same shape.
     """
@@ -40,7 +52,7 @@ def group_advantages(
     else:
         mean = jnp.mean(grouped, axis=1, keepdims=True)
         std = jnp.std(grouped, axis=1, keepdims=True, ddof=1)
-    centred = grouped - mean
+    centred = grouped - mean if group_size == 1 else _zero_where_tied(grouped, grouped - mean)
     advantages = centred / (std + eps) if scale_by_std else centred
     return advantages.reshape(rewards.shape)
 
@@ -63,18 +75,18 @@ def drgrpo_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int,
 def rloo_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int, values=None):
     """RLOO, the leave-one-out baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for
     free"; Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740):
-    A_i = r_i - 1/(G - 1) sum_{j != i} r_j.  -> ([batch], None)"""
+    A_i = r_i - 1/(G - 1) sum_{j != i} r_j (exactly 0 in a tied group).  -> ([batch], None)"""
     grouped = _groups(scores, group_size)
     others = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
-    return (grouped - others).reshape(scores.shape), None
+    return _zero_where_tied(grouped, grouped - others).reshape(scores.shape), None
 
 
 @register_advantage("reinforce_pp", min_group_size=1)
 def reinforce_pp_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int, values=None):
     """REINFORCE++ with baseline (Hu et al. 2025, "REINFORCE++", arXiv 2501.03262, REINFORCE++-baseline):
-    the group mean subtracted (mean 0 for a group of one, as verl), then whitened over every response
-    token of the batch: A_i,t = (a_i - mu) / sqrt(var + 1e-8), a_i = r_i - mean_g, mu and var (unbiased)
-    over the tokens with m = 1.  -> ([batch, seq], None)"""
+    the group mean subtracted (mean 0 for a group of one, as verl; exactly 0 for a tied group), then
+    whitened over every response token of the batch: A_i,t = (a_i - mu) / sqrt(var + 1e-8), a_i = r_i - mean_g,
+    mu and var (unbiased) over the tokens with m = 1.  -> ([batch, seq], None)"""
     centred = group_advantages(scores, group_size, scale_by_std=False) if group_size > 1 else scores
     m = mask.astype(jnp.float32)
     return masked_whiten(centred.astype(jnp.float32)[:, None] * m, m), None

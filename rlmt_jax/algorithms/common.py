@@ -210,26 +210,29 @@ def chunked_sequence_logprobs_and_entropy(
 
 # --------------------------------------------------------------------------- KL and the surrogate
 
-LOG_RATIO_CLAMP = 20.0  # |log ratio| bound before any exp: keeps ratios finite in float32
+LOG_RATIO_CLAMP = 20.0  # |log ratio| bound before an exp (k3, ratios): keeps them finite in float32
 K3_CLAMP = 10.0  # k3 (only) is clipped to [-10, 10], as verl does
 
 
 def _log_ratio(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
-    """d = clip(ref_logprobs - logprobs, -20, 20) = log pi_ref / pi."""
+    """d = clip(ref_logprobs - logprobs, -20, 20) = log pi_ref / pi, clipped before exp(d) (k3 only)."""
     return jnp.clip(ref_logprobs - logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
 @register_kl_estimator("k1")
 def kl_k1(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
-    """k1 = -d = log pi / pi_ref (unbiased, high variance; Schulman, "Approximating KL divergence", 2020).
-    Not clamped, so its gradient (-1 per token) survives on tokens that drifted far.  [batch, seq]"""
-    return -_log_ratio(logprobs, ref_logprobs)
+    """k1 = logprobs - ref_logprobs = log pi / pi_ref (unbiased, high variance; Schulman, "Approximating KL
+    divergence", 2020; verl's "kl"/"k1"). Not clamped at all, as verl: a token that drifted 23.9 nats gets
+    k1 = 23.9 and keeps its gradient d k1 / d logprobs = 1.  [batch, seq]"""
+    return logprobs - ref_logprobs
 
 
 @register_kl_estimator("k2")
 def kl_k2(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
-    """k2 = d^2 / 2 (biased, low variance; Schulman 2020). Not clamped.  [batch, seq]"""
-    return 0.5 * jnp.square(_log_ratio(logprobs, ref_logprobs))
+    """k2 = (logprobs - ref_logprobs)^2 / 2 (biased, low variance; Schulman 2020; verl's "mse"/"k2"). Not
+    clamped at all, as verl: its gradient is logprobs - ref_logprobs however far a token drifted.
+    [batch, seq]"""
+    return 0.5 * jnp.square(logprobs - ref_logprobs)
 
 
 def _k3(log_ratio: jax.Array) -> jax.Array:
@@ -238,8 +241,9 @@ def _k3(log_ratio: jax.Array) -> jax.Array:
 
 @register_kl_estimator("k3")
 def kl_k3(logprobs: jax.Array, ref_logprobs: jax.Array) -> jax.Array:
-    """k3 = exp(d) - d - 1, clipped to [-10, 10] (unbiased, low variance, >= 0; Schulman 2020; verl's
-    low_var_kl).  [batch, seq]"""
+    """k3 = exp(d) - d - 1 with d = clip(ref_logprobs - logprobs, -20, 20), then clipped to [-10, 10]
+    (unbiased, low variance, >= 0; Schulman 2020): verl's "low_var_kl"/"k3", the only estimator verl clamps
+    (no gradient where either clamp binds).  [batch, seq]"""
     return jnp.clip(_k3(_log_ratio(logprobs, ref_logprobs)), -K3_CLAMP, K3_CLAMP)
 
 
@@ -250,8 +254,8 @@ def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k
 
 
 def behaviour_kl(old_logprobs: jax.Array, logprobs: jax.Array) -> jax.Array:
-    """Unclamped k3 estimate of KL(pi_old || pi) from samples of pi_old (the approx_kl metric; no
-    gradient).  [batch, seq] -> [batch, seq]"""
+    """k3 estimate of KL(pi_old || pi) from samples of pi_old, its log ratio clipped to +-20 but the result
+    not clipped to [-10, 10] (the approx_kl metric; no gradient).  [batch, seq] -> [batch, seq]"""
     return _k3(_log_ratio(old_logprobs, jax.lax.stop_gradient(logprobs)))
 
 
@@ -317,11 +321,12 @@ def aggregation_weights(
 
     Passing the whole batch's normalisers while aggregating a micro-batch makes the micro-batch
     results add up to the whole-batch value (n_b is a row's own count: rows are never split).
-    seq_mean_token_sum_norm and verl's loss_scale_factor: verl's agg_loss divides a micro-batch's row sums
-    by loss_scale_factor (default: that micro-batch's padded response width, which changes between
-    micro-batches and steps) and by the global row count. Ours is verl's with loss_scale_factor =
-    L = rollout.max_new_tokens for every micro-batch, the constant Dr. GRPO asks for; with the default
-    loss_scale_factor verl's scale is L / width times ours (older verl also skips the row count: S times).
+    seq_mean_token_sum_norm computes sum_b sum_t m[b, t] losses[b, t] / (L * S), with L =
+    rollout.max_new_tokens (the constant Dr. GRPO asks for) and S the whole batch's rows with a counted token.
+    verl's agg_loss("seq-mean-token-sum-norm") at b178a3cd divides the same token sum of the micro-batch it
+    is given by loss_scale_factor only (default: that micro-batch's padded response width), by no row
+    count; so ours is its value with loss_scale_factor = L, divided by S. (What verl's actor then
+    multiplies each micro-batch's loss by is outside agg_loss and not matched here.)
     mask: [batch, seq] -> weights [batch, seq] float32
     """
     m = mask.astype(jnp.float32)

@@ -7,7 +7,8 @@ clipped to +-20), A the advantage, m the mask, w the truncated importance weight
 
 `ppo_clip` aggregates its token losses with `algorithm.aggregation`; the paper variants use the
 normaliser their paper's objective states (DAPO and CISPO: 1/N; Dr. GRPO: 1/(L S); GSPO: 1/S over
-sequences), whatever `algorithm.aggregation` says (that still averages the KL and entropy terms).
+sequences of each row's token mean, as verl), whatever `algorithm.aggregation` says (that still averages the
+KL and entropy terms).
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def drgrpo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfi
                                  "seq_mean_token_sum_norm")
 
 
+GSPO_LOG_RATIO_MAX = 10.0  # verl clamps GSPO's log s_i from above only (max=10.0), for exp's sake
+
+
 @register_policy_loss("gspo")
 def gspo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig, *,
               normalizers: Normalizers, is_weights=None):
@@ -110,24 +114,33 @@ def gspo_loss(logprobs, old_logprobs, advantages, mask, config: AlgorithmConfig,
 
     s_i = (pi_theta(y_i) / pi_old(y_i))^(1/|y_i|) = exp(1/|y_i| sum_t log r_i,t)
     J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_l, 1 + eps_h) A_i)
-    loss = sum_i v_i max(-A_i s_i, -A_i clip(s_i, ...)) / S,   v_i = row mean of w (1 when off)
-    grad s_i = s_i * 1/|y_i| sum_t grad log pi_theta(y_i,t). The paper's numbers: eps_l 3e-4, eps_h 4e-4.
-    Metrics pg_clipfrac: the fraction of sequences clipped.
+
+    computed as verl's compute_policy_loss_gspo (b178a3cd), token by token (sg = stop gradient):
+    log s_i,t = min(logprobs_i,t - sg(logprobs_i,t) + sg(log s_i), 10)   (clamped above only, as verl: no
+        lower bound, and no gradient on a row whose log s_i exceeds 10)
+    L_i,t = w_i,t max(-A_i,t s_i,t, -A_i,t clip(s_i,t, 1 - eps_l, 1 + eps_h))
+    loss = 1/S sum_i 1/|y_i| sum_t m_t L_i,t          (seq-mean-token-mean, whatever algorithm.aggregation)
+    s_i,t has the value s_i and d s_i,t / d logprobs_i,t = s_i, so with one advantage per row the gradient is
+    the paper's grad s_i = s_i 1/|y_i| sum_t grad log pi_theta(y_i,t). A [batch] advantage is broadcast over
+    the row; a [batch, seq] one is used per token, as verl. The paper's numbers: eps_l 3e-4, eps_h 4e-4.
+    Metrics pg_clipfrac: the fraction of counted tokens whose clipped branch bounds the loss (verl's).
     """
-    m = mask.astype(jnp.float32)
-    lengths = jnp.maximum(jnp.sum(m, axis=-1), 1.0)
-    seq_log_ratio = jnp.sum(jnp.where(m > 0, logprobs - old_logprobs, 0.0), axis=-1) / lengths
-    s = jnp.exp(jnp.clip(seq_log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    adv = sequence_advantages(advantages, mask)
+    counted = mask > 0
+    m = counted.astype(jnp.float32)
+    lengths = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1.0)
+    seq_log_ratio = jnp.sum(jnp.where(counted, logprobs - old_logprobs, 0.0), axis=-1, keepdims=True) / lengths
+    log_s = logprobs - jax.lax.stop_gradient(logprobs) + jax.lax.stop_gradient(seq_log_ratio)
+    # where (not minimum): the gradient passes at exactly 10 as torch.clamp's does; padding gets log s = 0
+    log_s = jnp.where(counted, jnp.where(log_s <= GSPO_LOG_RATIO_MAX, log_s, GSPO_LOG_RATIO_MAX), 0.0)
+    s = jnp.exp(log_s)
+    adv = token_advantages(advantages, logprobs.shape)
     unclipped = -adv * s
     clipped_loss = -adv * jnp.clip(s, 1.0 - config.clip_low, 1.0 + config.clip_high)
     losses = jnp.maximum(unclipped, clipped_loss)
-    if is_weights is not None:
-        losses = losses * jax.lax.stop_gradient(jnp.sum(is_weights * m, axis=-1) / lengths)
-    rows = (jnp.sum(m, axis=-1) > 0).astype(jnp.float32) / jnp.maximum(normalizers.num_sequences, 1.0)
-    loss = jnp.sum(jnp.where(rows > 0, losses * rows, 0.0))
-    clipfrac = jnp.sum(rows * (clipped_loss > unclipped).astype(jnp.float32))
-    return loss, {"pg_clipfrac": clipfrac, "pg_clipfrac_lower": jnp.zeros_like(clipfrac)}
+    weights = aggregation_weights(mask, "seq_mean_token_mean", normalizers)
+    clipped = (clipped_loss > unclipped).astype(jnp.float32)
+    return (weighted_sum(_weighted(losses, is_weights), weights),
+            _clip_metrics(clipped, jnp.zeros_like(clipped), mask, normalizers))
 
 
 @register_policy_loss("cispo")
