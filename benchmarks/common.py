@@ -1,8 +1,9 @@
-"""What both benchmarks share: the benchmark Llama (made with transformers from a fixed seed) and the
-machine's float32 matmul peak and read bandwidth, measured with jax."""
+"""What both benchmarks share: the benchmark Llama (made with transformers from a fixed seed) or a checkpoint
+given with --model, its shape, and the machine's float32 matmul peak and read bandwidth, measured with jax."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -10,6 +11,50 @@ import jax.numpy as jnp
 
 # The issues' benchmark model: vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads, 4 KV heads.
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32000, 512, 1408, 8, 8, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaShape:
+    """What the benchmarks' FLOP and byte counts need of a Llama/Qwen model."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "LlamaShape":
+        """From a models.config.ModelConfig."""
+        return cls(cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+                   cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.tie_word_embeddings)
+
+    def describe(self) -> str:
+        return (f"vocab {self.vocab}, hidden {self.hidden}, intermediate {self.intermediate}, {self.layers} layers, "
+                f"{self.heads} heads, {self.kv_heads} KV heads, head dim {self.head_dim}"
+                + (", tied embeddings" if self.tied else ""))
+
+
+BENCHMARK_SHAPE = LlamaShape(VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HIDDEN // HEADS)
+
+
+def model_shape(path: str) -> LlamaShape:
+    """The shape of the Hugging Face Llama/Qwen directory `path` (its config.json, read as our models read it)."""
+    from models.config import ModelConfig
+
+    return LlamaShape.of(ModelConfig.from_pretrained(path))
+
+
+def load_hf_model(path: str):
+    """transformers' causal LM from the directory `path`, in float32, eval mode (no code from the directory)."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              trust_remote_code=False).eval()
 
 
 def make_hf_model(path: str):
@@ -55,13 +100,13 @@ def measure_read_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
     return x.nbytes / best_seconds(lambda: total(x).block_until_ready(), repeats)
 
 
-def decode_weight_shapes() -> list[tuple[int, int]]:
-    """[in, out] of the matmuls one decode step of the benchmark Llama runs: per layer q/k/v, o, gate+up,
-    down; then the lm head."""
-    head_dim = HIDDEN // HEADS
-    layer = [(HIDDEN, (HEADS + 2 * KV_HEADS) * head_dim), (HEADS * head_dim, HIDDEN), (HIDDEN, 2 * INTERMEDIATE),
-             (INTERMEDIATE, HIDDEN)]
-    return layer * LAYERS + [(HIDDEN, VOCAB)]
+def decode_weight_shapes(shape: LlamaShape = BENCHMARK_SHAPE) -> list[tuple[int, int]]:
+    """[in, out] of the matmuls one decode step of the model (default: the benchmark Llama) runs: per layer
+    q/k/v, o, gate+up, down; then the lm head."""
+    s = shape
+    layer = [(s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim), (s.heads * s.head_dim, s.hidden),
+             (s.hidden, 2 * s.intermediate), (s.intermediate, s.hidden)]
+    return layer * s.layers + [(s.hidden, s.vocab)]
 
 
 def measure_matmul_stream(rows: int, shapes: list[tuple[int, int]], repeats: int = 10) -> float:

@@ -2,10 +2,12 @@
 
     python benchmarks/device_check.py            # on a TPU or GPU host (under 8 minutes on one H100/H200)
     python benchmarks/device_check.py --smoke    # a tiny model and tiny shapes, on any device (CPU: tests)
+    python benchmarks/device_check.py --model PATH   # a Hugging Face Llama/Qwen checkpoint instead
 
 Model: a Llama of ~1.2B parameters with Llama-3.2-1B's shape (transformers LlamaConfig: vocab 128256, hidden
 2048, intermediate 8192, 16 layers, 32 heads, 8 kv heads, tied embeddings), random weights, built directly by
-our models from that config. Attention: runtime.attention (--attention, default auto: splash on TPU, cuDNN
+our models from that config; or --model PATH, a Hugging Face Llama/Qwen directory (our models.load_pretrained,
+transformers' AutoModelForCausalLM). Attention: runtime.attention (--attention, default auto: splash on TPU, cuDNN
 flash on GPU).
 
 Figures, one line each: `device_check what=... value=... reference=... ratio=value/reference [notes]`
@@ -21,7 +23,10 @@ Figures, one line each: `device_check what=... value=... reference=... ratio=val
   transformers_generate_tokens_per_s   transformers' PyTorch `generate` on the same device (same config,
                         bfloat16, the same batch and lengths, sampling, no EOS); reference: ours, so ratio < 1
                         means we are ahead. Skipped (one line saying so) where torch has no CUDA device (TPU).
-Compile time is excluded from every figure and printed on its line. Peaks (dense bfloat16) and HBM bandwidth are
+                        On CPU (--smoke) torch is timed at every thread count in 1..cores (--torch-threads) and
+                        the fastest kept (benchmarks/fair_timing.py); on a GPU threads do not matter.
+Compile time is excluded from every figure and printed on its line, and so is the load average then
+(load=1min,5min,15min). Peaks (dense bfloat16) and HBM bandwidth are
 the published figures in CHIPS; with --smoke on CPU both are measured here instead (float32 matmul, a sum).
 """
 
@@ -67,10 +72,24 @@ SMOKE_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hi
 
 
 def report(what: str, value: float, reference: float | None, notes: str = "") -> None:
+    from benchmarks.fair_timing import load_field
+
     ratio = value / reference if reference else float("nan")
     ref = f"{reference:.1f}" if reference else "unknown"
     print(f"device_check what={what} value={value:.1f} reference={ref} ratio={ratio:.3f}"
-          + (f" {notes}" if notes else ""), flush=True)
+          + (f" {notes}" if notes else "") + f" {load_field()}", flush=True)
+
+
+def our_model(cfg, args, seed: int):
+    """Our model of `cfg`: random weights (seed), or --model's checkpoint read with cfg's runtime settings."""
+    from flax import nnx
+
+    from models import build_model, load_pretrained
+
+    if args.model:
+        return load_pretrained(args.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                               scan_layers=cfg.scan_layers, attention=cfg.attention)
+    return nnx.jit(lambda: build_model(cfg, nnx.Rngs(seed)))()
 
 
 def hf_llama_config(shape: dict):
@@ -109,14 +128,13 @@ def check_update_step(model_config, chip, args) -> None:
     import numpy as np
     from flax import nnx
 
-    from models import build_model
     from rlmt_jax.algorithms import AlgorithmConfig
     from rlmt_jax.algorithms.objectives import PolicyObjective
     from rlmt_jax.training.optim import AdamWConfig
     from rlmt_jax.training.train_step import init_optimizer_state, train_step
 
     cfg = model_config.replace(dtype=args.dtype, param_dtype="float32", remat=args.remat, scan_layers=True)
-    graphdef, params = nnx.split(nnx.jit(lambda: build_model(cfg, nnx.Rngs(0)))(), nnx.Param)
+    graphdef, params = nnx.split(our_model(cfg, args, 0), nnx.Param)
     rows, seq, prompt = args.update_batch, args.update_seq, args.update_prompt
     rng = np.random.default_rng(0)
     attention_mask = np.ones((rows, seq), np.int32)
@@ -184,11 +202,10 @@ def check_sampler(model_config, chip, args) -> dict[int, float]:
     import numpy as np
     from flax import nnx
 
-    from models import build_model
     from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
 
     cfg = model_config.replace(dtype=args.dtype, param_dtype=args.dtype, scan_layers=True)
-    graphdef, params = nnx.split(nnx.jit(lambda: build_model(cfg, nnx.Rngs(1)))())
+    graphdef, params = nnx.split(our_model(cfg, args, 1))
     sampler = Sampler(graphdef, SamplingConfig(
         n=1, max_new_tokens=args.new, temperature=1.0, eos_ids=(), pad_id=0, prompt_buckets=(args.prompt,),
         cache_dtype=args.dtype))
@@ -223,9 +240,16 @@ def check_transformers(model_config, platform, ours: dict[int, float], args) -> 
             print(f"device_check what=transformers_generate_tokens_per_s_b{rows} skipped: torch has no CUDA "
                   f"device here ({platform})", flush=True)
         return
+    from benchmarks.common import load_hf_model
+    from benchmarks.fair_timing import format_search, search_torch_threads, thread_counts
+
     torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf_llama_config(model_config_shape(model_config))).to(torch.bfloat16)
+    threads_before = torch.get_num_threads()  # the thread search leaves torch at its best count: put it back after
+    if args.model:
+        model = load_hf_model(args.model).to(device=device, dtype=torch.bfloat16)
+    else:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(hf_llama_config(model_config_shape(model_config))).to(torch.bfloat16)
     model.eval()
 
     def generate(ids, new):
@@ -241,12 +265,26 @@ def check_transformers(model_config, platform, ours: dict[int, float], args) -> 
             begin = time.perf_counter()
             generate(ids, 2)  # warm-up: kernels chosen, allocator grown
             warm_s = time.perf_counter() - begin
-            begin = time.perf_counter()
-            generate(ids, args.new)
-            seconds = time.perf_counter() - begin
+
+            def timed_run():
+                begin = time.perf_counter()
+                generate(ids, args.new)
+                return time.perf_counter() - begin
+
+            def warm_then_timed_run():
+                generate(ids, 2)  # a short warm-up at this thread count
+                return timed_run()
+
+            threads = ""
+            if device == "cpu":  # torch at its best thread count
+                best, by_count = search_torch_threads(warm_then_timed_run, args.torch_threads or thread_counts())
+                seconds, threads = by_count[best], f" torch_{format_search(best, by_count)}"
+            else:  # on a GPU torch's CPU threads do not matter
+                seconds = timed_run()
         report(f"transformers_generate_tokens_per_s_b{rows}", rows * args.new / seconds, our_tokens_per_s,
-               f"device={device} run_s={seconds:.2f} warmup_s={warm_s:.1f} (reference: ours)")
+               f"device={device} run_s={seconds:.2f} warmup_s={warm_s:.1f}{threads} (reference: ours)")
     del model
+    torch.set_num_threads(threads_before)
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -272,6 +310,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=1024)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="a Hugging Face Llama/Qwen directory (default: random weights of Llama-3.2-1B's shape, "
+                             "or the tiny shape with --smoke)")
+    parser.add_argument("--torch-threads", type=int, nargs="+", default=None, metavar="K",
+                        help="on CPU, torch thread counts to try for transformers (default: 1..cores; fastest kept)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.update_batch, args.update_seq, args.update_prompt = 2, 64, 16
@@ -287,14 +330,22 @@ def main(argv=None) -> int:
         return 2
     platform, chip = find_chip()
     args.dtype = "float32" if platform == "cpu" else "bfloat16"  # XLA:CPU has no bfloat16 dot into float32
-    hf = hf_llama_config(SMOKE_MODEL if args.smoke else FULL_MODEL)
-    model_config = ModelConfig.from_hf_config({**hf.to_dict(), "architectures": ["LlamaForCausalLM"]},
-                                              attention=args.attention)
+    if args.model:
+        model_config = ModelConfig.from_pretrained(args.model, attention=args.attention)
+    else:
+        hf = hf_llama_config(SMOKE_MODEL if args.smoke else FULL_MODEL)
+        model_config = ModelConfig.from_hf_config({**hf.to_dict(), "architectures": ["LlamaForCausalLM"]},
+                                                  attention=args.attention)
     layers = model_config.num_hidden_layers
     params = layers * layer_matmul_params(model_config) + model_config.vocab_size * model_config.hidden_size \
         + (2 * layers + 1) * model_config.hidden_size
     print(f"device_check: {len(jax.devices())} x {jax.devices()[0].device_kind} ({platform}), peak figures: "
-          f"{chip.name}; model {params / 1e6:.1f}M params, compute in {args.dtype}", flush=True)
+          f"{chip.name}; model {args.model + ', ' if args.model else ''}{params / 1e6:.1f}M params, "
+          f"compute in {args.dtype}", flush=True)
+    if platform == "cpu":
+        from benchmarks.fair_timing import xla_threads_note
+
+        print(f"device_check: {xla_threads_note()}", flush=True)
     check_update_step(model_config, chip, args)
     try:
         ours = check_sampler(model_config, chip, args)

@@ -2,7 +2,9 @@
 transformers' LlamaForCausalLM (forward + backward + AdamW), same weights, same batch, one run.
 
 Model (the sampler benchmark's): vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads, 4 KV heads,
-float32. Batch: 8 sequences x 512 tokens (prompt 128, left-padded by up to 16, response 384).
+float32; or --model PATH, a Hugging Face Llama/Qwen directory (our models.load_pretrained, transformers'
+AutoModelForCausalLM, both float32; the FLOP count uses its shape).
+Batch: 8 sequences x 512 tokens (prompt 128, left-padded by up to 16, response 384).
 The loss on both sides is the recipe's GRPO loss: clipped surrogate (0.2/0.2, dual clip 3), k3 KL to a
 reference (0.001), entropy bonus (0.001), token mean within each sequence then mean over sequences, log-probs
 at temperature 0.7; AdamW (wd 0.01, betas 0.9/0.999), global-norm clip 1.0.
@@ -14,11 +16,15 @@ MFU = model FLOPs / time / matmul peak, with model FLOPs per token = 6 * N + 12 
 (N = parameters in matmuls, embedding excluded; the lm head counted only on the positions whose logits
 are made; the attention term counts the full seq x seq score matrix, as PaLM's appendix does) and the
 peak measured in the same run as the best float32 2048^3 matmul rate of jax (at start and end, best).
-Steps of the two sides alternate, so both see the same share of a machine others may be using. The script
+Steps of the two sides alternate, so both see the same share of a machine others may be using. Before them
+torch is timed at every thread count in 1..cores (--torch-threads; best of --search-steps steps at each) and runs
+at the fastest (benchmarks/fair_timing.py: on a busy machine torch on every core can be several times slower
+than on one); ours runs as XLA starts (its CPU thread pool is sized once, at process start). Every line with a
+figure ends with the load average then (load=1min,5min,15min). The script
 starts itself again with the host-memory settings `rlmt-jax` uses on CPU (rlmt_jax/scale/host_memory.py; both sides
 get them; RLMT_JAX_HOST_MEMORY=default keeps glibc's), and prints each side's page faults per step.
 
-Last line, for scripts: update_step ours_tok_s=... torch_tok_s=... ratio=... mfu=...
+Last line, for scripts: update_step ours_tok_s=... torch_tok_s=... ratio=... mfu=... torch_threads=... load=...
 """
 
 from __future__ import annotations
@@ -38,13 +44,19 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import HIDDEN, LAYERS, VOCAB, make_hf_model, measure_matmul_peak  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    BENCHMARK_SHAPE, load_hf_model, make_hf_model, measure_matmul_peak, model_shape,
+)
+from benchmarks.fair_timing import (  # noqa: E402
+    format_search, load_field, search_torch_threads, thread_counts, xla_threads_note,
+)
 from rlmt_jax.scale.host_memory import relaunch_with_reused_memory  # noqa: E402
 
 
-def make_batch(batch: int, seq: int, prompt: int, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(batch: int, seq: int, prompt: int, seed: int = 0,
+               vocab: int = BENCHMARK_SHAPE.vocab) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(1, VOCAB, size=(batch, seq), dtype=np.int32)
+    tokens = rng.integers(1, vocab, size=(batch, seq), dtype=np.int32)
     attention_mask = np.ones((batch, seq), np.int32)
     for b in range(batch):
         attention_mask[b, : rng.integers(0, 17)] = 0  # left padding of the prompt
@@ -180,6 +192,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="logits chunk (positions); >= seq: no chunking")
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     parser.add_argument("--scan-layers", action="store_true")
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="a Hugging Face Llama/Qwen directory for both sides (default: the benchmark Llama, "
+                             "random weights from a fixed seed)")
+    parser.add_argument("--torch-threads", type=int, nargs="+", default=None, metavar="K",
+                        help="torch thread counts to try (default: every count in 1..cores); the fastest is kept")
+    parser.add_argument("--search-steps", type=int, default=1,
+                        help="timed torch steps at each thread count (best kept)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--no-skip-prompt-logits", dest="skip_prompt_logits", action="store_false",
                         help="make logits for prompt positions too (both sides)")
@@ -190,18 +209,30 @@ def main() -> None:
     from rlmt_jax.algorithms import AlgorithmConfig
 
     cfg = AlgorithmConfig()  # the GRPO recipe's loss settings
-    print(f"devices: {jax.devices()}  cpu count: {os.cpu_count()}  load average: {os.getloadavg()}  "
+    print(f"devices: {jax.devices()}  cpu count: {os.cpu_count()}  {load_field()}  "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
+    if jax.devices()[0].platform == "cpu":
+        print(xla_threads_note())
     peaks = [measure_matmul_peak()]
-    batch_np = make_batch(args.batch, args.seq, args.prompt)
+    shape = model_shape(args.model) if args.model else BENCHMARK_SHAPE
+    if args.model:
+        print(f"model: {args.model} ({shape.describe()})")
+    batch_np = make_batch(args.batch, args.seq, args.prompt, vocab=shape.vocab)
     tokens = args.batch * args.seq
-    with tempfile.TemporaryDirectory() as model_dir:
-        hf_model = make_hf_model(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            model_dir, hf_model = args.model, None if args.skip_torch else load_hf_model(args.model)
+        else:
+            model_dir, hf_model = tmp, make_hf_model(tmp)
         ours_step, compile_s, n_matmul, metrics, extras = bench_ours(model_dir, batch_np, args, cfg)
     torch_step = None
     if not args.skip_torch:
         torch_step, torch_losses, threads = bench_torch(hf_model, batch_np, extras, args, cfg)
         torch_step()  # warm-up; its loss is the first step's
+        counts = args.torch_threads or thread_counts()
+        threads, search_seconds = search_torch_threads(
+            lambda: min(timed(torch_step, []) for _ in range(args.search_steps)), counts)
+        print(f"torch step, seconds by thread count: {format_search(threads, search_seconds)}; {load_field()}")
     for _ in range(args.warmup):
         ours_step()
         if torch_step:
@@ -215,12 +246,14 @@ def main() -> None:
     peaks.append(measure_matmul_peak())
     peak = max(peaks)
     print(f"matmul peak (jax, f32 2048^3, best of start/end): {peak / 1e9:.1f} GFLOP/s "
-          f"(start {peaks[0] / 1e9:.1f}, end {peaks[1] / 1e9:.1f})")
-    # lm-head FLOPs only for the positions whose logits the step makes (honest when prompts are skipped)
-    head_params = VOCAB * HIDDEN
+          f"(start {peaks[0] / 1e9:.1f}, end {peaks[1] / 1e9:.1f}); {load_field()}")
+    # lm-head FLOPs only for the positions whose logits the step makes (honest when prompts are skipped); a tied
+    # head is the embedding table, which n_matmul leaves out
+    head_params = shape.vocab * shape.hidden
+    layer_params = n_matmul - (0 if shape.tied else head_params)
     head_positions = args.seq - args.prompt + 1 if args.skip_prompt_logits else args.seq
     flops_per_token = (
-        6 * (n_matmul - head_params) + 12 * LAYERS * args.seq * HIDDEN + 6 * head_params * head_positions / args.seq
+        6 * layer_params + 12 * shape.layers * args.seq * shape.hidden + 6 * head_params * head_positions / args.seq
     )
     ours_s = float(np.median(ours_times))
     ours_tok_s = tokens / ours_s
@@ -228,16 +261,18 @@ def main() -> None:
     print(f"ours: {ours_s:.2f} s/step median of {[round(x, 2) for x in ours_times]} ({ours_tok_s:.0f} tok/s), "
           f"compile+first step {compile_s:.1f} s, MFU {mfu:.1%} ({n_matmul / 1e6:.1f}M matmul params, "
           f"{flops_per_token / 1e6:.0f} MFLOP/token); first-step loss {metrics['loss']:.6f}; "
-          f"page faults/step {int(np.median(ours_faults))}")
+          f"page faults/step {int(np.median(ours_faults))}; {load_field()}")
     torch_tok_s = float("nan")
     if torch_step:
         torch_s = float(np.median(torch_times))
         torch_tok_s = tokens / torch_s
         print(f"torch ({threads} threads): {torch_s:.2f} s/step median of {[round(x, 2) for x in torch_times]} "
               f"({torch_tok_s:.0f} tok/s), MFU {torch_tok_s * flops_per_token / peak:.1%}; "
-              f"first-step loss {torch_losses[0]:.6f}; page faults/step {int(np.median(torch_faults))}")
+              f"first-step loss {torch_losses[0]:.6f}; page faults/step {int(np.median(torch_faults))}; "
+              f"{load_field()}")
     print(f"update_step ours_tok_s={ours_tok_s:.1f} torch_tok_s={torch_tok_s:.1f} "
-          f"ratio={ours_tok_s / torch_tok_s:.2f} mfu={mfu:.3f}")
+          f"ratio={ours_tok_s / torch_tok_s:.2f} mfu={mfu:.3f} torch_threads={threads if torch_step else 0} "
+          f"{load_field()}")
 
 
 if __name__ == "__main__":
