@@ -132,6 +132,26 @@ def test_a_changed_config_on_resume_is_refused_and_the_run_dir_is_untouched(refe
     assert tree_of(reference) == before
 
 
+def test_a_run_dir_without_config_yaml_refuses_a_changed_config_before_writing_anything(reference, tiny_cache,
+                                                                                         tmp_path, capsys):
+    # its checkpoints hold the config: the refusal must not write config.yaml with the new value first, which
+    # would then refuse the original command too
+    import shutil
+
+    run_dir = tmp_path / "no_config"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "config.yaml").unlink()
+    before = tree_of(run_dir)
+    assert main(["train", *SHORT, f"run.output_dir={run_dir}", "optimizer.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"rlmt-jax train: error: the checkpoint of step 4 in {run_dir / 'checkpoints'} was started with "
+                   "another config (optimizer.lr: 0.002 -> 0.5); use another run.output_dir, or pass "
+                   "--allow-config-change to resume with the new settings")
+    assert tree_of(run_dir) == before
+    assert main(["train", *SHORT, f"run.output_dir={run_dir}"]) == 0  # the original command resumes (step 4)
+    assert (run_dir / "config.yaml").is_file() and metric_steps(run_dir) == [1, 2, 3, 4]
+
+
 def test_a_run_extended_by_a_larger_total_steps_equals_one_started_with_it(reference, tiny_cache, tmp_path, caplog):
     # the tiny default's learning rate is constant without warmup: run.total_steps changes no step's update,
     # so a 2-step run resumed with run.total_steps=4 (no --allow-config-change) trains the reference's steps 3, 4

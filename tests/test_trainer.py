@@ -46,7 +46,7 @@ def test_grpo_run_writes_metrics_checkpoints_and_an_export_transformers_loads(tm
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward_mean", "format_valid_rate", "kl", "entropy", "logprob_diff_max", "tokens_per_s",
-                "time_sample_s", "time_score_s", "time_update_s", "grad_norm"):
+                "time_sample_s", "time_score_s", "time_update_s", "grad_norm", "groups_with_signal_fraction"):
         assert key in rows[-1]
     # The sampler's log-probs are the trainer's: float32, same sequences, same positions.
     assert max(r["logprob_diff_max"] for r in rows) < 1e-4
@@ -65,6 +65,7 @@ def test_ppo_run_trains_actor_and_critic(tmp_path, tiny_cache):
     summary = train(cfg)
     rows = read_metrics(cfg.run.output_dir)
     assert len(rows) == 3 and "critic_vf_loss" in rows[-1] and "kl" not in rows[-1]
+    assert "groups_with_signal_fraction" not in rows[-1]  # rollout.n=1: no groups
     assert rows[-1]["critic_grad_norm"] > 0
     export_loads_in_transformers(summary["export"])
 

@@ -5,7 +5,9 @@
 
 Encode, sample n answers per prompt, decode, score with the reward model; a non-finite reward on any process
 raises NonFiniteReward on every one. With rollout.group_filter (DAPO's dynamic sampling) the groups it drops
-are made up from further rounds on the prompts of the next data batches (`MorePrompts`).
+are made up from further rounds on the prompts of the next data batches (`MorePrompts`). With n > 1 the metrics
+say which fraction of the groups has any reward spread (`groups_with_signal_fraction`): a group whose n rewards
+are all equal has group advantages of 0.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ from rlmt_jax.settings.config import RolloutConfig
 SUMMED_METRICS = ("reward_truncated", "prompts_truncated")  # counts: added over processes, not averaged
 
 
+SIGNAL_METRIC = "groups_with_signal_fraction"
+
+
+def groups_with_reward_spread(group_rewards: np.ndarray) -> int:
+    """How many groups have rewards that are not all equal: max > min, compared exactly (a std can be a rounding
+    error above 0 for equal rewards). A group of one sample has no spread.  group_rewards: [groups, n]."""
+    rewards = np.asarray(group_rewards)
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        return 0
+    return int(np.count_nonzero(rewards.max(axis=1) > rewards.min(axis=1)))
+
+
 class NonFiniteReward(ArithmeticError):
     """The reward model gave a non-finite reward on some process (every process raises it)."""
 
@@ -44,8 +58,8 @@ class MorePrompts:
 @dataclasses.dataclass(frozen=True)
 class ScoredGroups:
     """Scored groups with what making them cost: this process's rows (`ScoredRollouts`), their metrics over
-    all processes (reward, format, length; with a group filter, sampling_rounds, groups_kept_fraction and
-    groups_filled), and the seconds spent sampling and scoring."""
+    all processes (reward, format, length; with n > 1 groups_with_signal_fraction; with a group filter,
+    sampling_rounds, groups_kept_fraction and groups_filled), and the seconds spent sampling and scoring."""
 
     rollouts: ScoredRollouts
     metrics: dict[str, float]
@@ -86,7 +100,11 @@ class RolloutStage:
         if self.rollout.group_filter is not None:
             groups, key = self._filtered(params, key, groups, len(prompts), more)
         scored = groups.rollouts
-        metrics = multihost.global_metrics(scored.metrics(), rows=len(scored.texts), sums=SUMMED_METRICS)
+        local = scored.metrics()
+        if self.rollout.n > 1:  # every process has n rows a group: the row-weighted mean is the global fraction
+            group_rewards = scored.group_rewards
+            local[SIGNAL_METRIC] = groups_with_reward_spread(group_rewards) / max(len(group_rewards), 1)
+        metrics = multihost.global_metrics(local, rows=len(scored.texts), sums=SUMMED_METRICS)
         return dataclasses.replace(groups, metrics={**metrics, **groups.metrics}), key
 
     def sample(self, params, key: jax.Array, prompt_ids: Sequence[Sequence[int]]) -> tuple[Rollout, jax.Array]:

@@ -30,13 +30,14 @@ from rlmt_jax.rollout.stage import MorePrompts, NonFiniteReward, RolloutStage
 from rlmt_jax.run import checkpoint as ckpt
 from rlmt_jax.run.lock import RunDirInUse, RunLock
 from rlmt_jax.run.metrics import MetricsLogger
-from rlmt_jax.run.resume import check_config_unchanged
+from rlmt_jax.run.resume import check_checkpoint_config, check_config_unchanged
 from rlmt_jax.run.run_dir import save_policy_files
 from rlmt_jax.run.stop_signals import StopSignals
 from rlmt_jax.scale import mesh as mesh_lib
 from rlmt_jax.scale import multihost
 from rlmt_jax.settings.config import SCHEMA, RunConfig, save_resolved, to_yaml
 from rlmt_jax.trainer import setup
+from rlmt_jax.trainer.no_signal import NoSignalWatch
 from rlmt_jax.training.stage import Critic, NonFiniteUpdate, TrainState, UpdateStage
 
 log = logging.getLogger("rlmt_jax.trainer.loop")
@@ -96,14 +97,17 @@ class Trainer:
         self.rolled_back_to: int | None = None  # a checkpoint.restore_step this run's checkpoints descend from
 
     def _claim_run_dir(self, allow_config_change: bool) -> None:
-        """Process 0 takes the run dir's lock and checks the config against the saved one (and that the final
-        export may be written); every process raises the same UserError when that fails."""
+        """Process 0 takes the run dir's lock and checks the config against the saved ones, the run dir's
+        config.yaml and the config of the checkpoint the resume starts from (a run dir without config.yaml, a
+        checkpoint dir kept apart), before anything is written (and that the final export may be written);
+        every process raises the same UserError when that fails."""
         error = None
         if jax.process_index() == 0:
             try:
                 self.lock.acquire()
                 try:
                     check_config_unchanged(self.run_dir, self.cfg, allow_config_change)
+                    check_checkpoint_config(self.cfg, allow_config_change)
                     if self.cfg.run.export_at_end:
                         models.check_destination(os.path.join(self.run_dir, EXPORT_DIR))
                 except BaseException:
@@ -200,7 +204,9 @@ class Trainer:
         if restored is None:
             return
         saved_config = self.store.meta(restored.step).get("config")
-        if saved_config is not None:  # a checkpoint dir kept apart from the run dir (gs://) has its own config
+        # checked before anything was written (_claim_run_dir); again for the checkpoint restored (an older one
+        # when the newest is damaged), and with --allow-config-change to warn about its changes
+        if saved_config is not None:
             check_config_unchanged(self.run_dir, self.cfg, self.allow_config_change, saved_config,
                                    what=f"the checkpoint of step {restored.step} in {self.cfg.checkpoint_dir}")
         items = restored.items
@@ -297,6 +303,9 @@ class Trainer:
         """Steps to the last one, the end of the data or a stop signal, each logged (its metrics also appended
         to `history`) and checkpointed -> the signal's name when one stopped the run early, else None."""
         stopped = None
+        # a step whose groups all have equal rewards trains on advantages of 0 (GAE's come from a critic instead)
+        group_advantages = self.spec.loop == "rollouts" and not self.spec.critic
+        no_signal = NoSignalWatch(self.cfg.template, self.cfg.rollout.n) if group_advantages else None
         with StopSignals() as signals:
             # dynamic sampling (rollout.group_filter) takes more batches than steps: the data may end first
             while self.step < self.total_steps and not self.batches.exhausted:
@@ -308,6 +317,9 @@ class Trainer:
                 self.step += 1
                 last = self.step == self.total_steps or self.batches.exhausted
                 history.append({"step": self.step, **metrics})
+                warning = no_signal and no_signal.observe(self.step, metrics)
+                if warning:
+                    log.warning("%s", warning)
                 if self.step % self.cfg.logging.every == 0 or last:
                     logger.log(self.step, metrics)
                 if samples:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlmt_jax.algorithms import compute_advantages, rollout_correction, spec_of
+from rlmt_jax.algorithms import compute_advantages, overlong_penalty, rollout_correction, spec_of
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.scale import multihost
 from rlmt_jax.settings.config import RunConfig
@@ -132,29 +132,15 @@ def _rollouts_update(stage: UpdateStage, state: TrainState, rollouts: Rollouts):
     start_column = rollouts.prompt_len
     objective = dataclasses.replace(stage.objective, response_start=start_column)
     batch = stage.hosts.put(dict(rollouts.arrays))  # global arrays: process 0's rows, then process 1's, ...
-    rewards = batch.pop("rewards")
-    sampler_logprobs = batch.pop("sampler_logprobs")
     micro = stage.micro_batches(batch["tokens"].shape[0])
     logprobs = lambda params: compute_logprobs(  # noqa: E731
         stage.graphdef, params, batch, temperature=cfg.rollout.temperature, num_micro_batches=micro,
         response_start=start_column)
-    metrics, is_weights, corrected_mask = _old_logprobs(cfg, batch, sampler_logprobs, lambda: logprobs(state.params))
-    if stage.ref_params is not None:
-        batch["ref_logprobs"] = logprobs(stage.ref_params)
-    values = None
+    reference = None if stage.ref_params is None else (lambda: logprobs(stage.ref_params))
+    values = None if stage.critic is None else (
+        lambda: compute_values(stage.critic.graphdef, state.critic_params, batch, num_micro_batches=micro))
+    metrics = prepare_rl_batch(cfg, batch, lambda: logprobs(state.params), reference, values)
     if stage.critic is not None:
-        values = compute_values(stage.critic.graphdef, state.critic_params, batch, num_micro_batches=micro)
-    # groups are whole on each process, so also whole in the global rows
-    batch["advantages"], returns, scores = compute_advantages(
-        rewards, batch["response_mask"], cfg.algorithm, group_size=cfg.rollout.n,
-        max_new_tokens=cfg.rollout.max_new_tokens, values=values)
-    if cfg.algorithm.overlong_buffer:
-        metrics["reward_shaped_mean"] = float(jnp.mean(scores))
-    batch["response_mask"] = corrected_mask  # tokens the correction masked count in no loss
-    if is_weights is not None:
-        batch["is_weights"] = is_weights
-    if stage.critic is not None:
-        batch["returns"], batch["old_values"] = returns, values
         state, critic_metrics = _critic_update(stage, state, batch, micro)
         metrics.update(critic_metrics)
     params, opt_state, update = _train(stage.graphdef, state.params, state.opt_state, batch, objective,
@@ -162,6 +148,43 @@ def _rollouts_update(stage: UpdateStage, state: TrainState, rollouts: Rollouts):
     metrics.update(update)
     metrics["clip_fraction"] = update.get("pg_clipfrac", 0.0)
     return dataclasses.replace(state, params=params, opt_state=opt_state), metrics, batch["attention_mask"]
+
+
+def prepare_rl_batch(cfg: RunConfig, batch: dict, policy_logprobs: Callable[[], jax.Array],
+                     reference_logprobs: Callable[[], jax.Array] | None = None,
+                     critic_values: Callable[[], jax.Array] | None = None) -> dict[str, float]:
+    """Makes a batch of scored rollouts (global arrays [rows, seq] with `rewards` [rows] and `sampler_logprobs`,
+    which it takes out) what the losses read, in verl's order: the old log-probs (the policy's, or the sampler's
+    with rollout_correction.bypass), the reference's, the critic's values, the rollout correction, whose mask
+    replaces `response_mask`, and then the advantages on that mask (REINFORCE++'s whitening and GAE read it:
+    a token the correction drops counts in neither). The overlong penalty reads the sampled lengths, as
+    verl's reward manager scores before the correction. Groups are whole on each process, so also in the
+    global rows. Sets old_logprobs, ref_logprobs, advantages, response_mask, is_weights (weights on), returns
+    and old_values (a critic) -> the metrics (sampler-vs-trainer gap, correction, reward_shaped_mean)."""
+    rewards = batch.pop("rewards")
+    sampler_logprobs = batch.pop("sampler_logprobs")
+    metrics, is_weights, corrected_mask = _old_logprobs(cfg, batch, sampler_logprobs, policy_logprobs)
+    if reference_logprobs is not None:
+        batch["ref_logprobs"] = reference_logprobs()
+    values = None if critic_values is None else critic_values()
+    sampled_mask, batch["response_mask"] = batch["response_mask"], corrected_mask  # the correction's out: no loss
+    algorithm = cfg.algorithm
+    correction = algorithm.rollout_correction
+    if algorithm.overlong_buffer and correction.mask != "off" and not correction.bypass:
+        # the penalty of the sampled length, then the estimator on the corrected mask without it
+        rewards = rewards + overlong_penalty(jnp.sum(sampled_mask, axis=-1), cfg.rollout.max_new_tokens,
+                                             algorithm.overlong_buffer, algorithm.overlong_penalty)
+        algorithm = dataclasses.replace(algorithm, overlong_buffer=None)
+    batch["advantages"], returns, scores = compute_advantages(
+        rewards, corrected_mask, algorithm, group_size=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
+        values=values)
+    if cfg.algorithm.overlong_buffer:
+        metrics["reward_shaped_mean"] = float(jnp.mean(scores))
+    if is_weights is not None:
+        batch["is_weights"] = is_weights
+    if values is not None:
+        batch["returns"], batch["old_values"] = returns, values
+    return metrics
 
 
 def _old_logprobs(cfg: RunConfig, batch: dict, sampler_logprobs: jax.Array, policy_logprobs: Callable[[], jax.Array]):
