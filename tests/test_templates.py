@@ -174,6 +174,7 @@ def test_messages_from_bad_row_names_the_row(row, message):
         ({"mode": "plan"}, "template mode: 'plan'"),
         ({"prompt_template": "base"}, "template prompt_template: 'base'"),
         ({"max_prompt_tokens": 0}, "template max_prompt_tokens"),
+        ({"split": "middle"}, "template split: 'middle' is not one of first, last"),
     ],
 )
 def test_bad_template_settings_name_the_setting(kwargs, message):

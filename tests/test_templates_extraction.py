@@ -117,6 +117,30 @@ def test_think_split_returns_plan_without_tags_and_validity():
     assert split_output("no tags at all", settings) == SplitOutput(plan="no tags at all", answer="[NULL]", valid=False)
 
 
+def test_training_splits_at_the_first_delimiter_and_evaluation_at_the_last():
+    # RLMT's reward worker keeps the text after the first `</think>`, its evaluation scripts after the last one
+    twice = "<think>a</think> b </think> c<|eot_id|>"
+    assert TemplateSettings().split == "first"  # what training scores
+    assert split_output(twice, TemplateSettings(mode="think"), EOS) == SplitOutput(
+        plan="a", answer="b </think> c", valid=True)
+    assert split_output(twice, TemplateSettings(mode="think", split="last"), EOS) == SplitOutput(
+        plan="a</think> b", answer="c", valid=True)
+    responses = "<think>p</think> <response>draft</response> <response>final</response>"
+    assert split_output(responses, TemplateSettings(mode="zero"), EOS).answer == "draft"
+    assert split_output(responses, TemplateSettings(mode="zero", split="last"), EOS).answer == "final"
+    assert split_output("no delimiter", TemplateSettings(mode="think", split="last"), EOS).answer == "[NULL]"
+
+
+@pytest.mark.parametrize("output", ["<think>\n\n</think>\n\nThe answer.<|eot_id|>", "<think></think>The answer.",
+                                    "</think>\n\nThe answer.", "  \n</think>The answer."])
+@pytest.mark.parametrize("split", ["first", "last"])
+def test_an_empty_plan_is_not_a_think_format_answer_in_strict_mode(output, split):
+    strict = TemplateSettings(mode="think", strict=True, split=split)
+    assert split_output(output, strict, EOS) == SplitOutput(plan="", answer="[NULL]", valid=False)
+    lenient = TemplateSettings(mode="think", strict=False, split=split)  # not strict: the answer is kept
+    assert split_output(output, lenient, EOS) == SplitOutput(plan="", answer="The answer.", valid=True)
+
+
 def test_zero_split_plan_drops_both_think_tags():
     settings = TemplateSettings(mode="zero")
     split = split_output(" <think> weigh options </think> <response> Go left. </response>", settings)

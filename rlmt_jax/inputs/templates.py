@@ -10,8 +10,12 @@ Outputs: the policy's EOS text is removed first, then the answer is split from t
   zero   the text between the first `<response>` and the next `</response>` (to the end when that is
          missing), stripped;
   none   the whole output (the non-thinking RLHF baseline).
+That is the split of the recipe's reward worker (training, `split="first"`); its evaluation scripts keep
+the text after the LAST delimiter instead (`split="last"`, what `rlmt-jax generate` does by default).
 A missing delimiter gives the literal `[NULL]` in strict mode (the reward model scores it) and the
-whole output otherwise.
+whole output otherwise. In strict think mode an empty plan (only whitespace between `<think>` and
+`</think>`, or before `</think>`) is no plan at all: the answer is `[NULL]` and the output not
+format-valid, as without the delimiter.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ BUILTIN_TEMPLATES = {
     "zero-nothink": "zero-nothink.jinja",
 }
 ANSWER_MODES = ("think", "zero", "none")
+# Where the answer starts when the delimiter occurs more than once: after the first (the reward worker, training)
+# or after the last (the paper's evaluation scripts).
+SPLITS = ("first", "last")
 PROMPT_TEMPLATES = ("chat", "zero")
 # The zero template's EOS, by family; with none named, the first of these the base tokenizer knows.
 ZERO_EOS_BY_FAMILY = {"llama": "<|eot_id|>", "qwen": "<|im_end|>"}
@@ -45,7 +52,10 @@ class TemplateSettings:
     """How prompts are rendered and how outputs are split into plan and answer.
 
     mode: think | zero | none, how the answer is found in the output (module docstring).
-    strict: a missing delimiter gives `null_answer` (True) or the whole output (False).
+    strict: a missing delimiter gives `null_answer` (True) or the whole output (False); in think mode an
+        empty plan gives `null_answer` too (True).
+    split: the answer follows the first delimiter (`first`, the reward worker's split, for training) or the
+        last one (`last`, the evaluation scripts' split).
     prompt_template: chat (the policy tokenizer's own) | zero (the paper's plain-text one); None picks
         zero for mode zero and chat otherwise.
     thinking: with the zero template, ask for a plan and a response (True) or a response only (the
@@ -66,10 +76,13 @@ class TemplateSettings:
     response_open: str = "<response>"
     response_close: str = "</response>"
     zero_eos_token: str | None = None
+    split: str = "first"
 
     def __post_init__(self):
         if self.mode not in ANSWER_MODES:
             raise UserError(f"template mode: {self.mode!r} is not one of {', '.join(ANSWER_MODES)}")
+        if self.split not in SPLITS:
+            raise UserError(f"template split: {self.split!r} is not one of {', '.join(SPLITS)}")
         if self.prompt_template is not None and self.prompt_template not in PROMPT_TEMPLATES:
             raise UserError(
                 f"template prompt_template: {self.prompt_template!r} is not one of {', '.join(PROMPT_TEMPLATES)}"
@@ -210,7 +223,8 @@ def remove_eos(output: str, eos_texts: Sequence[str]) -> str:
 class SplitOutput:
     """A policy output split into its plan and the answer the reward model sees.
 
-    valid: the output has the mode's delimiter (`</think>` / `<response>`); always True for mode none.
+    valid: the output has the mode's delimiter (`</think>` / `<response>`), and in strict think mode a plan
+        before it; always True for mode none.
     """
 
     plan: str
@@ -226,18 +240,22 @@ def _strip_tag(text: str, tag: str) -> str:
 
 
 def split_output(output: str, settings: TemplateSettings, eos_texts: Sequence[str] = ()) -> SplitOutput:
-    """Plan and answer of one decoded policy output (EOS text removed first), per `settings.mode`."""
+    """Plan and answer of one decoded policy output (EOS text removed first), per `settings.mode`, after the
+    first or the last delimiter (`settings.split`)."""
     text = remove_eos(output, eos_texts)
     if settings.mode == "none":
         return SplitOutput(plan="", answer=text, valid=True)
     delimiter = settings.think_close if settings.mode == "think" else settings.response_open
-    at = text.find(delimiter)
+    at = text.rfind(delimiter) if settings.split == "last" else text.find(delimiter)
     if at == -1:
         answer = settings.null_answer if settings.strict else text
         return SplitOutput(plan=_strip_tag(text, settings.think_open), answer=answer, valid=False)
     before, after = text[:at], text[at + len(delimiter) :]
     if settings.mode == "think":
-        return SplitOutput(plan=_strip_tag(before, settings.think_open), answer=after.lstrip(), valid=True)
+        plan = _strip_tag(before, settings.think_open)
+        if settings.strict and not plan:  # `<think>\n\n</think>`: no plan, as if the delimiter were missing
+            return SplitOutput(plan="", answer=settings.null_answer, valid=False)
+        return SplitOutput(plan=plan, answer=after.lstrip(), valid=True)
     close = after.find(settings.response_close)
     answer = after if close == -1 else after[:close]
     plan = _strip_tag(before, settings.think_open)

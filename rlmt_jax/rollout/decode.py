@@ -5,6 +5,12 @@ prompt bucket), with the model given as (graphdef, params) and merged inside so 
 - decode: one `lax.while_loop` per decode window that feeds one token per row per step into the (donated)
   cache and stops when every row has produced an EOS or `max_new_tokens` are out.
 
+Or, to report progress while a batch decodes (`rlmt-jax generate`; never in training), the same loop in chunks:
+decode_start makes the loop's state, each decode_steps call runs its steps up to a given one (the windows'
+loops as in `decode`, also stopping at that step) and returns the state with a DecodeProgress, and
+decode_finish lays the state out as `decode` does. The steps are the same computations in the same order, so
+the tokens and log-probs are those `decode` samples.
+
 R = prompts * n rows (row r is sample r % n of prompt r // n), P = the bucket's prompt length,
 N = max_new_tokens.
 """
@@ -54,6 +60,17 @@ def prefill(graphdef: nnx.GraphDef, config: SamplingConfig, params, prompt_ids, 
     return cache, tokens, logprobs, first_positions
 
 
+class DecodeProgress(NamedTuple):
+    """Where a chunked decode stands (decode_steps): replicated scalars over the whole batch's rows.
+
+    step: the next response token to choose (all rows have max(step, their length) tokens); rows_done: rows
+    that produced an EOS; tokens: response tokens so far over all rows (EOS included)."""
+
+    step: jax.Array
+    rows_done: jax.Array
+    tokens: jax.Array
+
+
 def decode(graphdef: nnx.GraphDef, config: SamplingConfig, params, cache, first, first_logprobs, first_positions,
            prompt_ids, prompt_mask, key):
     """The decode loop from the prefill's cache and first tokens (first, first_logprobs, first_positions: [R]).
@@ -63,6 +80,28 @@ def decode(graphdef: nnx.GraphDef, config: SamplingConfig, params, cache, first,
     loop = _DecodeLoop.of(model, config, first_positions, prompt_ids.shape[1], key)
     state = loop.run(loop.start(cache, first, first_logprobs, first_positions))
     return _rollout_arrays(config, state, prompt_ids, prompt_mask), state.cache
+
+
+def decode_start(config: SamplingConfig, cache, first, first_logprobs, first_positions) -> _DecodeState:
+    """The chunked decode's state before step 1 (the state `decode` starts its loop from)."""
+    eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
+    return _start_state(config, eos, cache, first, first_logprobs, first_positions)
+
+
+def decode_steps(graphdef: nnx.GraphDef, config: SamplingConfig, params, state: _DecodeState, first_positions,
+                 prompt_ids, key, until) -> tuple[_DecodeState, DecodeProgress]:
+    """Decode steps from `state` (donated) until step `until` (a traced int: no new program per chunk), every
+    row done, or max_new_tokens.  -> (the state, where it stands)"""
+    model = nnx.merge(graphdef, params)
+    loop = _DecodeLoop.of(model, config, first_positions, prompt_ids.shape[1], key)
+    state = loop.run(state, until)
+    progress = DecodeProgress(state.step, jnp.sum(state.done, dtype=jnp.int32), jnp.sum(state.lengths))
+    return state, progress
+
+
+def decode_finish(config: SamplingConfig, state: _DecodeState, prompt_ids, prompt_mask) -> tuple[jax.Array, ...]:
+    """The Rollout's arrays of a chunked decode's final state (those `decode` returns)."""
+    return _rollout_arrays(config, state, prompt_ids, prompt_mask)
 
 
 class _DecodeState(NamedTuple):
@@ -98,39 +137,33 @@ class _DecodeLoop:
 
     def is_eos(self, tokens: jax.Array) -> jax.Array:
         """[R] -> [R] bool."""
-        return jnp.any(tokens[:, None] == self.eos[None, :], axis=-1)
+        return _is_eos(self.eos, tokens)
 
     def start(self, cache, first, first_logprobs, first_positions) -> _DecodeState:
         """The state before step 1: the prefill's first tokens in column 0."""
-        rows, new = first.shape[0], self.config.max_new_tokens
-        return _DecodeState(
-            step=jnp.int32(1),
-            cache=cache,
-            last=first,
-            positions=first_positions,
-            done=self.is_eos(first),
-            lengths=jnp.ones((rows,), jnp.int32),
-            tokens=jnp.full((rows, new), self.config.pad_id, jnp.int32).at[:, 0].set(first),
-            logprobs=jnp.zeros((rows, new), jnp.float32).at[:, 0].set(first_logprobs),
-        )
+        return _start_state(self.config, self.eos, cache, first, first_logprobs, first_positions)
 
-    def run(self, state: _DecodeState) -> _DecodeState:
+    def run(self, state: _DecodeState, until=None) -> _DecodeState:
         """Every decode window in turn: window j feeds the tokens written to cache block j (its response slots)
-        and attends to blocks 0..j only. A window whose rows are all done runs no step."""
+        and attends to blocks 0..j only. A window whose rows are all done runs no step. With `until` (a chunk
+        of a chunked decode) no step >= until runs either: the windows before the state's step then run none,
+        and the next chunk goes on in the window where this one stopped."""
         attended = 0
         widths = cache_block_widths(self.config, self.prompt_len, decode_slot_multiple(self.model.config))
         for j, width in enumerate(widths if self.config.response_blocks() else ()):
             attended += width
             last_step = attended - self.prompt_len  # steps 1.. feed slot prompt_len + step - 1
             full = state.cache
-            state = jax.lax.while_loop(functools.partial(self.continues, last_step=last_step), self.advance,
-                                       state._replace(cache=window_view(full, j + 1, attended)))
+            state = jax.lax.while_loop(functools.partial(self.continues, last_step=last_step, until=until),
+                                       self.advance, state._replace(cache=window_view(full, j + 1, attended)))
             state = state._replace(cache=with_window(full, state.cache))
         return state
 
-    def continues(self, s: _DecodeState, last_step) -> jax.Array:
-        """Whether step s.step runs: tokens are still to choose, some row is not done, and the window holds it."""
-        return (s.step < self.config.max_new_tokens) & ~jnp.all(s.done) & (s.step <= last_step)
+    def continues(self, s: _DecodeState, last_step, until=None) -> jax.Array:
+        """Whether step s.step runs: tokens are still to choose, some row is not done, the window holds it (and
+        the chunk, with `until`)."""
+        runs = (s.step < self.config.max_new_tokens) & ~jnp.all(s.done) & (s.step <= last_step)
+        return runs if until is None else runs & (s.step < until)
 
     def advance(self, s: _DecodeState) -> _DecodeState:
         """Feeds each row's last token at cache slot P + step - 1 and chooses its response token `step` (a pad,
@@ -158,6 +191,27 @@ class _DecodeLoop:
             tokens=jax.lax.dynamic_update_slice(s.tokens, tokens[:, None], column),
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprobs[:, None], column),
         )
+
+
+def _is_eos(eos: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Whether each token is one of the EOS ids.  [R] -> [R] bool."""
+    return jnp.any(tokens[:, None] == eos[None, :], axis=-1)
+
+
+def _start_state(config: SamplingConfig, eos: jax.Array, cache, first, first_logprobs,
+                 first_positions) -> _DecodeState:
+    """The state before step 1: the prefill's first tokens in column 0."""
+    rows, new = first.shape[0], config.max_new_tokens
+    return _DecodeState(
+        step=jnp.int32(1),
+        cache=cache,
+        last=first,
+        positions=first_positions,
+        done=_is_eos(eos, first),
+        lengths=jnp.ones((rows,), jnp.int32),
+        tokens=jnp.full((rows, new), config.pad_id, jnp.int32).at[:, 0].set(first),
+        logprobs=jnp.zeros((rows, new), jnp.float32).at[:, 0].set(first_logprobs),
+    )
 
 
 def _rollout_arrays(config: SamplingConfig, s: _DecodeState, prompt_ids, prompt_mask) -> tuple[jax.Array, ...]:

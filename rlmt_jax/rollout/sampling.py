@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from rlmt_jax.core.errors import UserError
-from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH, STOP_REASONS, decode, prefill, token_positions
+from rlmt_jax.rollout.decode import (STOP_EOS, STOP_LENGTH, STOP_REASONS, decode, decode_finish, decode_start,
+                                     decode_steps, prefill, token_positions)
 from rlmt_jax.rollout.decode_cache import KEY_CACHE_AXES, VALUE_CACHE_AXES, cache_axes, cache_block_widths
 from rlmt_jax.rollout.decode_layout import DecodeLayout
 from rlmt_jax.rollout.sampling_config import (AUTO_DECODE_WINDOWS, CACHE_DTYPES, MIN_TOKENS_FOR_WINDOWS,
@@ -116,6 +117,19 @@ def padded_prompts(prompts: Sequence[Sequence[int]], config: SamplingConfig,
     return ids, mask, count
 
 
+class BatchProgress(NamedTuple):
+    """Where a batch's decode stands, given to a Sampler's `progress` callback after each chunk of steps.
+
+    step: response tokens chosen so far per row (of max_new_tokens); rows_done, rows: rows that produced an
+    EOS, rows of the global batch (filler rows included); tokens: response tokens so far over those rows."""
+
+    step: int
+    max_new_tokens: int
+    rows_done: int
+    rows: int
+    tokens: int
+
+
 class Sampler:
     """Samples `config.n` responses per prompt from a CausalLM given as (graphdef, params).
 
@@ -124,7 +138,8 @@ class Sampler:
         rollout = sampler(params, prompts, jax.random.key(0))   # prompts: list of token-id lists
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, hosts=None, layout: DecodeLayout | None = None):
+    def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, hosts=None, layout: DecodeLayout | None = None,
+                 progress: Callable[[BatchProgress], None] | None = None, progress_steps: int = 64):
         """hosts: a `multihost.HostRows` to sample on a mesh: each process passes its own prompts, the bucket
         fits the longest prompt of all processes, the programs run on global arrays split over the batch
         axes, and the Rollout holds this process's rows (numpy). None: one device, arrays as given.
@@ -132,14 +147,29 @@ class Sampler:
         layout: sample in a decode layout: every call first copies the params it is given into the layout
         (cast and resharded once), runs both programs on that copy under the layout's rules (rows split over
         its batch axes, HostRows of its mesh; `hosts` is then not used) and drops the copy before returning.
-        None: the params are used where they are, under the caller's activation rules."""
+        None: the params are used where they are, under the caller's activation rules.
+
+        progress: report while a batch decodes (`rlmt-jax generate`; None, the default and the trainer's, runs
+        each batch's decode as one program). The decode then runs in chunks of `progress_steps` steps, one
+        call of one program each (rlmt_jax.rollout.decode.decode_steps; the same tokens and log-probs), and
+        after each chunk `progress` gets a BatchProgress (on every process; all processes run the same
+        chunks)."""
+        if progress_steps < 1:
+            raise UserError(f"sampling progress_steps: must be >= 1, got {progress_steps}")
         self.graphdef = graphdef
         self.config = config
         self.layout = layout
         self.hosts = hosts if layout is None else HostRows(layout.mesh)
+        self.progress = progress
+        self.progress_steps = progress_steps
         self._copy = None  # the layout's copier, made at the first call (it needs the params' tree)
         self._prefill = jax.jit(functools.partial(prefill, graphdef, config))
         self._decode = jax.jit(functools.partial(decode, graphdef, config), donate_argnums=(1,))
+        self._chunked = None if progress is None else (
+            jax.jit(functools.partial(decode_start, config), donate_argnums=(0,)),
+            jax.jit(functools.partial(decode_steps, graphdef, config), donate_argnums=(1,)),
+            jax.jit(functools.partial(decode_finish, config)),
+        )
 
     @classmethod
     def for_model(cls, model: nnx.Module, config: SamplingConfig) -> tuple[Sampler, nnx.State]:
@@ -153,11 +183,28 @@ class Sampler:
         with self._in_layout():
             params = self.rollout_params(params)  # the layout's copy lives until this block ends
             cache, first, first_logprobs, positions = self._prefill(params, ids, mask, key)
-            arrays, _ = self._decode(params, cache, first, first_logprobs, positions, ids, mask, key)
+            if self._chunked is None:
+                arrays, _ = self._decode(params, cache, first, first_logprobs, positions, ids, mask, key)
+            else:
+                arrays = self._decode_in_chunks(params, cache, first, first_logprobs, positions, ids, mask, key)
             del params, cache
         if self.hosts is not None:
             arrays = tuple(rows[: count * self.config.n] for rows in self.hosts.take(arrays))
         return Rollout(*arrays, prompt_len=ids.shape[1], group_size=self.config.n)
+
+    def _decode_in_chunks(self, params, cache, first, first_logprobs, positions, ids, mask, key) -> tuple:
+        """The decode loop `progress_steps` steps at a time, reporting after each chunk.  -> the Rollout's arrays"""
+        start, steps, finish = self._chunked
+        state = start(cache, first, first_logprobs, positions)
+        rows, new, step = first.shape[0], self.config.max_new_tokens, 1
+        while True:
+            until = min(step + self.progress_steps, new)
+            state, where = steps(params, state, positions, ids, key, np.int32(until))
+            step, rows_done, tokens = (int(_local_scalar(x)) for x in where)
+            self.progress(BatchProgress(step, new, rows_done, rows, tokens))
+            if step >= new or rows_done == rows:
+                break
+        return finish(state, ids, mask)
 
     def compiled_decode_text(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array) -> str:
         """The optimised HLO of the decode program for these prompts (runs the prefill, not the decode): what
@@ -186,12 +233,20 @@ class Sampler:
         return contextlib.nullcontext() if self.layout is None else self.layout.activation_sharding()
 
     def compiled_programs(self) -> int:
-        """How many programs prefill and decode have compiled so far (one each per prompt count and bucket)."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        """How many programs prefill and decode have compiled so far (one each per prompt count and bucket; with
+        `progress`, the chunked decode's three instead of decode's one)."""
+        chunked = sum(program._cache_size() for program in self._chunked or ())
+        return self._prefill._cache_size() + self._decode._cache_size() + chunked
+
+
+def _local_scalar(value: jax.Array) -> np.ndarray:
+    """A replicated scalar of a program's result, read from this process's copy (no collective)."""
+    return np.asarray(value.addressable_shards[0].data)
 
 
 __all__ = [
     "AUTO_DECODE_WINDOWS", "CACHE_DTYPES", "KEY_CACHE_AXES", "MIN_TOKENS_FOR_WINDOWS", "STOP_EOS", "STOP_LENGTH",
-    "STOP_REASONS", "VALUE_CACHE_AXES", "DecodeLayout", "Rollout", "Sampler", "SamplingConfig", "bucket_length",
-    "cache_axes", "cache_block_widths", "default_prompt_buckets", "left_pad", "padded_prompts", "token_positions",
+    "STOP_REASONS", "VALUE_CACHE_AXES", "BatchProgress", "DecodeLayout", "Rollout", "Sampler", "SamplingConfig",
+    "bucket_length", "cache_axes", "cache_block_widths", "default_prompt_buckets", "left_pad", "padded_prompts",
+    "token_positions",
 ]

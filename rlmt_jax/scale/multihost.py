@@ -167,3 +167,20 @@ class HostRows:
     @staticmethod
     def gather(values: Any) -> np.ndarray:
         return all_gather(values)
+
+
+def gather_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data` (any lengths), in process order: two collectives, every process must call it.
+    One process: [data] (no collective)."""
+    if jax.process_count() == 1:
+        return [data]
+    lengths = all_gather(np.asarray([len(data)], np.int64))[:, 0]
+    padded = np.zeros(max(int(lengths.max()), 1), np.uint8)
+    padded[: len(data)] = np.frombuffer(data, np.uint8)
+    table = all_gather(padded)
+    return [table[process, :length].tobytes() for process, length in enumerate(lengths.tolist())]
+
+
+def process_zero_int(value: int) -> int:
+    """Process 0's `value`, on every process (a collective: every process must call it)."""
+    return int(all_gather(np.asarray([value], np.int64))[0, 0])
