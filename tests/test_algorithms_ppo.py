@@ -86,3 +86,16 @@ def test_vf_clipfrac_counts_no_token_inside_the_clip_band():
                          value_clip=0.5)
     assert float(m["vf_clipfrac"]) == 0.0
     assert float(loss) == pytest.approx(0.5 * float(np.mean((values - returns) ** 2)), rel=1e-5)
+
+
+def test_gae_keeps_the_reward_of_a_row_whose_last_sampled_token_a_correction_mask_dropped():
+    """Documented difference from verl: the score moves to the last kept token instead of being lost."""
+    from rlmt_jax.algorithms.advantages import gae
+    from rlmt_jax.algorithms.settings import AlgorithmConfig, PPOConfig
+
+    config = AlgorithmConfig(name="ppo", ppo=PPOConfig(gamma=1.0, gae_lambda=1.0, whiten_advantages=False))
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])  # 4 sampled tokens, the last one masked by the correction
+    values = jnp.zeros((1, 4))
+    advantages, returns = gae(jnp.array([2.0]), mask, config, group_size=1, values=values)
+    np.testing.assert_allclose(np.asarray(advantages), [[2.0, 2.0, 2.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(returns)[0, :3], [2.0, 2.0, 2.0])

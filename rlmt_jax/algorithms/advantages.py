@@ -97,7 +97,13 @@ def gae(scores, mask, config: AlgorithmConfig, *, group_size: int, values=None):
     """PPO's advantages (Schulman et al. 2016, arXiv 1506.02438): the score on the last response token,
     GAE with algorithm.ppo.gamma / gae_lambda over the critic's values, whitened over the batch's response
     tokens when algorithm.ppo.whiten_advantages (returns are not whitened).
-    values: [batch, seq] aligned like log-probs.  -> (advantages [batch, seq], returns [batch, seq])"""
+    values: [batch, seq] aligned like log-probs.  -> (advantages [batch, seq], returns [batch, seq])
+
+    With a rollout correction mask (applied to `mask` before this, as verl does) a row whose last sampled token
+    is masked gets its score on its last KEPT token, where verl (b178a3cd) places it on the last sampled token
+    and its masked GAE loop then drops it, so the row trains on no reward at all. We differ on purpose and
+    keep the reward: a masked-out last token says the sampler and trainer disagree on it, not that the
+    answer earned nothing."""
     rewards = last_token_rewards(scores, mask)
     advantages, returns = gae_advantages(rewards, values, mask, config.ppo.gamma, config.ppo.gae_lambda)
     if config.ppo.whiten_advantages:
