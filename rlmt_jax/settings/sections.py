@@ -222,7 +222,8 @@ class RuntimeConfig:
     dtype: DType = "bfloat16"
     param_dtype: DType = "float32"
     remat: Literal["none", "full", "dots"] = "full"
-    scan_layers: bool = True
+    # scan the decoder layers (one compiled block); "auto": from models.config.SCAN_LAYERS_FROM (10) layers on
+    scan_layers: bool | Literal["auto"] = True
     # full-sequence attention (training, log-probs, prefill, reward scoring), models/attention.py: auto = splash
     # on TPU, cuDNN flash on GPU (bfloat16), xla (the blocked path written for CPU) elsewhere
     attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
