@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -181,7 +182,7 @@ def load_pretrained(
     *,
     task: str | None = None,
     remat: str = "none",
-    scan_layers: bool = False,
+    scan_layers: bool | str = False,
     attention: str = "auto",
     place: PlaceFn | None = None,
     seed: int = 0,
@@ -293,7 +294,8 @@ def save_pretrained(
     never leaves a half-written export. `path` must be new, empty, or an earlier export of ours holding only
     the files it wrote (`check_destination`): a folder of anyone else's files is never replaced. writer: whether
     this process writes (default: process 0 only); every process must call it, as gathering a sharded param
-    is a collective.
+    is a collective. A write that fails (a full, read-only or forbidden disk) is an ExportWriteError, a
+    DestinationError naming `path`, and leaves nothing behind.
     """
     cfg: ModelConfig = model.config
     if cfg.kind not in ("causal_lm", "seq_cls") or type(model).__name__ == "ValueModel":
@@ -306,11 +308,12 @@ def save_pretrained(
         check_destination(path)
         remove_leftovers(path)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent) if is_writer else None
-    if tmp is not None:
-        _write_marker(tmp, [])
+    tmp = None
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent) if is_writer else None
+        if tmp is not None:
+            _write_marker(tmp, [])
         shards: list[dict[str, np.ndarray]] = [{}]
         shard_bytes = 0
         shard_files: list[str] = []
@@ -365,9 +368,20 @@ def save_pretrained(
         _move_into_place(tmp, path)
         tmp = None
         return path
+    except (OSError, SafetensorError) as err:  # a full, read-only or forbidden disk: nothing was written
+        raise ExportWriteError(f"{path}: cannot write the export ({_write_problem(err)}); nothing was "
+                               "written") from err
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_problem(err: Exception) -> str:
+    """The OS's words for a failed write: 'No space left on device' (safetensors: 'I/O error: ... (os error 28)')."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))
+    return found.group(1) if found else str(err)
 
 
 def process_umask() -> int:
@@ -415,6 +429,10 @@ class DestinationError(ValueError):
     """An export destination that holds something other than an earlier export of ours."""
 
 
+class ExportWriteError(DestinationError):
+    """An export that could not be written (a full, read-only or forbidden disk); nothing of it was left."""
+
+
 def _write_marker(folder: str, files: list[str]) -> None:
     record = {"files": [f for f in files if f != EXPORT_MARKER], "pid": os.getpid(), "host": socket.gethostname()}
     with open(os.path.join(folder, EXPORT_MARKER), "w") as f:
@@ -439,8 +457,15 @@ def check_destination(path: str | os.PathLike) -> None:
     if os.path.commonpath([path, cwd]) == path:
         raise DestinationError(f"{path} is the current folder or one of its parents; export into a new folder")
     if not os.path.lexists(path):
+        above = os.path.dirname(path)
+        while not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise DestinationError(f"{path}: {above} is a file, not a folder; export into a new folder")
         return
-    if os.path.islink(path) or not os.path.isdir(path):
+    if os.path.islink(path):
+        raise DestinationError(f"{path} is a symbolic link; export into a new folder")
+    if not os.path.isdir(path):
         raise DestinationError(f"{path} exists and is not a folder; export into a new folder")
     present = set(os.listdir(path))
     if not present:

@@ -1,28 +1,54 @@
-"""The `rlmt-jax` command line: train | generate | score | export | convert | plot | plan."""
+"""The `rlmt-jax` command line: train | generate | score | export | convert | plot | plan.
+
+The arguments are parsed before anything heavy is imported (JAX, transformers: each command imports what it
+needs when it runs) and before the process starts itself again for XLA:CPU (rlmt_jax/scale/host_memory.py), so
+`--help` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 
 from rlmt_jax.commands import COMMANDS
-from rlmt_jax.settings.config import check_distinct_overrides
+from rlmt_jax.commands.train import DISK_ERRORS, EXIT_INTERRUPTED
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.scale.host_memory import module_command, relaunch_with_reused_memory
 
+EXIT_STATUSES = ("exit status: 0 finished, 1 a non-finite loss/gradient/update/reward, 2 a user error (one line), "
+                 "3 stopped by a signal with a checkpoint, 130 interrupted (Ctrl-C) where it could not stop in order "
+                 "(train: before its first step)")
+# transformers' advice at import when torch is not installed: rlmt-jax needs no torch (its models are Flax).
+TORCH_ADVICE = "PyTorch was not found."
 
-# A full, read-only or forbidden disk is the user's to fix: one line naming the file, not a traceback.
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' "PyTorch was not found. Models won't be available ..." record, and only that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(TORCH_ADVICE))
+
+
+_NO_TORCH_ADVICE = _NoTorchAdvice()
+
+
+def silence_torch_advice() -> None:
+    """Keeps transformers from telling every command that PyTorch is missing (call it before transformers is
+    imported: the message is logged once, at import, on the `transformers` logger)."""
+    logger = logging.getLogger("transformers")
+    if _NO_TORCH_ADVICE not in logger.filters:
+        logger.addFilter(_NO_TORCH_ADVICE)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlmt-jax",
         description="RLMT in JAX: train chat models to plan before they answer, rewarded by a reward model.",
+        epilog=EXIT_STATUSES,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -73,8 +99,9 @@ def _without_current_folder() -> None:
                    or os.path.realpath(p) == os.path.dirname(os.path.dirname(os.path.realpath(__file__)))]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def parse(argv: list[str]) -> argparse.Namespace | int:
+    """The arguments of a command to run, or the exit status when there is none: argparse's message or the
+    help was printed (`--help` exits here, with status 0)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -86,8 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return args
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Runs the parsed command -> its exit status; a user error, a full or read-only disk and Ctrl-C are one
+    line on stderr."""
+    silence_torch_advice()
     try:
         if hasattr(args, "overrides"):
+            from rlmt_jax.settings.config import check_distinct_overrides
+
             given = [args.config] if args.config and "=" in args.config else []
             check_distinct_overrides([*given, *args.overrides])
         check_own_models_package()
@@ -101,13 +137,29 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"rlmt-jax {args.command}: error: {err.strerror}{where}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a command's own handler (train's, from its first step) was in place
+        print(f"rlmt-jax {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    return args if isinstance(args, int) else run_command(args)
 
 
 def entry() -> None:
-    """The `rlmt-jax` console script: main() in a process that reuses host memory between XLA:CPU steps."""
+    """The `rlmt-jax` console script: the arguments are checked, then the command runs in a process that reuses
+    host memory between XLA:CPU steps (started again, see rlmt_jax/scale/host_memory.py)."""
     _without_current_folder()
-    relaunch_with_reused_memory(module_command("rlmt_jax.cli", sys.argv[1:]))
-    sys.exit(main())
+    try:
+        args = parse(sys.argv[1:])
+        if isinstance(args, int):
+            sys.exit(args)
+        relaunch_with_reused_memory(module_command("rlmt_jax.cli", sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("rlmt-jax: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(run_command(args))
 
 
 if __name__ == "__main__":

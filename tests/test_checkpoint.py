@@ -522,3 +522,63 @@ def test_opening_a_store_leaves_no_orbax_thread_running(tmp_path):
         assert [t for t in started if type(t).__name__ == "_SignalingThread"] == []
     finally:
         store.close()
+
+
+def test_a_failed_orbax_run_closes_its_loop_only_after_the_reads_it_left_in_flight(tmp_path, monkeypatch):
+    """Orbax ran each restore in a loop it closed at the first failed array; the other arrays' reads, completed
+    into that loop from tensorstore's threads, each printed `RuntimeError: Event loop is closed`."""
+    import asyncio
+    import threading
+
+    from orbax.checkpoint._src import asyncio_utils
+
+    CheckpointStore(tmp_path / "checkpoints", async_save=False).close()  # a store has orbax close loops in order
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    completed = []
+
+    async def read(delay: float, fails: bool = False):  # like a tensorstore read, completed by another thread
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        threading.Timer(delay, lambda: loop.call_soon_threadsafe(done.set_result, None)).start()
+        if fails:
+            raise ValueError("OUT_OF_RANGE: a truncated file")
+        await done
+        completed.append(delay)
+
+    async def restore():
+        await asyncio.gather(read(0.0, fails=True), read(0.2), read(0.3))
+
+    with pytest.raises(ValueError, match="OUT_OF_RANGE"):
+        asyncio_utils.run_sync(restore())
+    assert sorted(completed) == [0.2, 0.3]
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.join()
+    assert thread_errors == []
+
+
+DAMAGED_NEWEST = """
+import sys
+import jax.numpy as jnp
+from rlmt_jax.run.checkpoint import CheckpointStore
+from tests.test_checkpoint import truncate_largest_file
+from pathlib import Path
+
+run_dir = Path(sys.argv[1])
+params = {f"w{i}": jnp.arange(40000.0).reshape(200, 200) + i for i in range(40)}  # many arrays read at once
+with CheckpointStore.for_run(run_dir, async_save=False) as store:
+    for step in (1, 2):
+        store.save(step, {"params": params}, final=True)
+truncate_largest_file(run_dir / "checkpoints" / "2" / "params")
+with CheckpointStore.for_run(run_dir, async_save=False) as store:
+    print("restored", store.restore({"params": None}).step)
+"""
+
+
+def test_falling_back_past_a_damaged_newest_checkpoint_prints_no_event_loop_tracebacks(tmp_path):
+    result = subprocess.run([sys.executable, "-c", DAMAGED_NEWEST, str(tmp_path)], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "restored 1"
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr[-3000:]

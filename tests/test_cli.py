@@ -91,21 +91,42 @@ def tree_of(folder):
 def test_export_refuses_a_folder_of_other_files_the_current_folder_and_the_run_dir(short_run, tmp_path, capsys,
                                                                                    monkeypatch):
     run_dir, _ = short_run
-    foreign, here = tmp_path / "mine", tmp_path / "here"
+    foreign, here, empty = tmp_path / "mine", tmp_path / "here", tmp_path / "empty"
     for folder in (foreign, here):
         folder.mkdir()
         (folder / "thesis.tex").write_text("years of work")
+    empty.mkdir()
+    (tmp_path / "link").symlink_to(empty)  # each of the last two was a DestinationError traceback
     monkeypatch.chdir(here)
     run_before = tree_of(run_dir)
     for out, message in [(foreign, "not an rlmt-jax export"), (".", "the current folder"),
                          (run_dir, "is the run dir"), (run_dir.parent, "holds it"),
-                         (run_dir / "checkpoints", "not an rlmt-jax export"), (foreign / "thesis.tex", "not a folder")]:
+                         (run_dir / "checkpoints", "not an rlmt-jax export"), (foreign / "thesis.tex", "not a folder"),
+                         (tmp_path / "link", "is a symbolic link"),
+                         (foreign / "thesis.tex" / "out", f"{foreign / 'thesis.tex'} is a file, not a folder")]:
         assert main(["export", str(run_dir), "--out", str(out)]) == 2, out
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert tree_of(foreign) == tree_of(here) == {"thesis.tex": b"years of work"}
     assert tree_of(run_dir) == run_before
-    assert not list(tmp_path.glob(".*.tmp-*"))
+    assert not list(tmp_path.glob(".*.tmp-*")) and os.listdir(empty) == []
+
+
+def test_export_onto_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(short_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """safetensors' SafetensorError on a full disk was a 24-line traceback."""
+    from models import hf_io
+
+    def full_disk(*args, **kwargs):
+        raise hf_io.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf_io, "save_file", full_disk)
+    run_dir, _ = short_run
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"rlmt-jax export: error: --out {out}: cannot write the export (No space left on device); nothing was written"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_replaces_an_earlier_export_of_its_own_and_removes_leftovers_of_an_interrupted_one(short_run, tmp_path):
@@ -175,3 +196,84 @@ def test_cli_errors_are_one_line_naming_the_problem(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--input", str(empty), "--output", str(tmp_path / "o")]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_before_the_first_step_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the models loaded (before the loop's own handler) was a 44-66 line traceback, status -2."""
+    import rlmt_jax.trainer.loop
+
+    def interrupted(cfg, allow_config_change=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlmt_jax.trainer.loop, "train", interrupted)
+    run_dir = tmp_path / "run"
+    assert main(["train", *SHORT, f"run.output_dir={run_dir}"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rlmt-jax train: interrupted (Ctrl-C) before the run could stop in order; start it again with the same "
+        f"command: rlmt-jax train {' '.join(SHORT)} run.output_dir={run_dir}"]
+
+    def interrupted_command(args):
+        raise KeyboardInterrupt
+
+    from rlmt_jax.commands import score
+
+    monkeypatch.setattr(score, "run", interrupted_command)
+    assert main(["score", "--reward-model", "rm", "--input", "in", "--output", "out"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["rlmt-jax score: interrupted (Ctrl-C)"]
+
+
+def test_a_full_disk_at_start_names_the_run_dir_when_the_os_names_no_file(tmp_path, capsys, monkeypatch):
+    """config.yaml on a full disk printed `No space left on device` and no path (the lock: tests/test_run_lock.py)."""
+    import errno
+
+    import rlmt_jax.trainer.loop
+
+    def full_disk(cfg, allow_config_change=False):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rlmt_jax.trainer.loop, "train", full_disk)
+    run_dir = tmp_path / "run"
+    assert main(["train", *SHORT, f"run.output_dir={run_dir}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"rlmt-jax train: error: cannot write in the run dir {run_dir} (No space left on device)"]
+
+
+def test_the_summary_compares_first_and_last_steps_that_do_not_overlap():
+    """A 3-step run printed the same three steps on both sides of its "first 3 vs last 3 steps"."""
+    from rlmt_jax.commands.train import summarize
+
+    def history(steps):
+        return [{"step": s, "loss": float(s), "kl": None} for s in range(1, steps + 1)]
+
+    assert summarize(history(3)).splitlines() == ["steps 1-3: first step vs last step",
+                                                  f"  {'kl':22s} {'nan':>10s} -> {'nan':>10s}",
+                                                  f"  {'loss':22s} {1.0:10.4f} -> {3.0:10.4f}"]
+    assert summarize(history(7)).splitlines()[::2] == ["steps 1-7: first 3 steps vs last 3 steps",
+                                                       f"  {'loss':22s} {2.0:10.4f} -> {6.0:10.4f}"]
+    assert summarize(history(40)).splitlines()[::2] == ["steps 1-40: first 10 steps vs last 10 steps",
+                                                        f"  {'loss':22s} {5.5:10.4f} -> {35.5:10.4f}"]
+    assert summarize(history(1)).splitlines()[::2] == ["step 1:", f"  {'loss':22s} {1.0:10.4f}"]
+
+
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # as where PyTorch is not installed: transformers advises at import
+from rlmt_jax.cli import main
+sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def test_transformers_advice_that_pytorch_is_missing_is_not_printed(tmp_path):
+    """Every command printed "PyTorch was not found. Models won't be available ..." (rlmt-jax needs no torch)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RLMT_JAX_HOST_MEMORY": "default"}
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, str(tmp_path / "no_run"), str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"rlmt-jax export: error: {tmp_path / 'no_run'}: no such run or checkpoint directory"]
+    result = subprocess.run(  # transformers' other warnings are still shown
+        [sys.executable, "-c", "import logging, sys; sys.modules['torch'] = None\n"
+         "from rlmt_jax.cli import silence_torch_advice; silence_torch_advice()\n"
+         "import transformers; logging.getLogger('transformers').warning('other advice')"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stderr.strip().splitlines() == ["[transformers] other advice"]

@@ -72,7 +72,7 @@ def test_no_config_resolves_to_the_tiny_default():
     assert cfg.template.format_penalty == -3.0
     assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens) == (8, 4, 48)
     assert cfg.run.total_steps == 50
-    assert (cfg.runtime.dtype, cfg.runtime.remat, cfg.runtime.scan_layers) == ("float32", "none", False)
+    assert (cfg.runtime.dtype, cfg.runtime.remat, cfg.runtime.scan_layers) == ("float32", "none", "auto")
 
 
 def test_grpo_instruct_configs_hold_the_papers_numbers():
@@ -200,6 +200,44 @@ def test_exponent_without_a_dot_is_read_as_a_number():
 def test_integer_for_a_float_key_becomes_a_float():
     cfg = minimal("rollout.temperature=1")
     assert cfg.rollout.temperature == 1.0 and isinstance(cfg.rollout.temperature, float)
+
+
+def _float_keys(cls=RunConfig, prefix=""):
+    """Every dotted key whose annotation takes one float (float, float | None); lists are tested apart."""
+    import dataclasses
+    import typing
+
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out += _float_keys(hint, f"{prefix}{name}.")
+        elif hint is float or (typing.get_origin(hint) is not tuple and float in typing.get_args(hint)):
+            out.append(f"{prefix}{name}")
+    return out
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_every_section_has_float_keys_the_finite_check_covers():
+    assert {"optimizer.lr", "algorithm.kl_coef", "algorithm.ppo.gae_lambda", "algorithm.dpo.beta",
+            "optimizer.grad_clip", "template.format_penalty"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-inf", "-.inf", "1e999", "nan", ".nan"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_a_non_finite_float_setting_is_one_error_naming_the_key(key, value):
+    """inf passed every range check (lr > 0, kl_coef >= 0) and ran ~45 s to a non-finite stop (exit 1)."""
+    with pytest.raises(UserError, match=rf"^config key '{key}' must be a finite number, got "):
+        minimal(f"{key}={value}")
+
+
+def test_a_non_finite_float_in_a_list_or_a_yaml_file_names_the_key():
+    with pytest.raises(UserError, match=r"^config key 'optimizer.betas\[1\]' must be a finite number, got inf"):
+        minimal("optimizer.betas=[0.9, .inf]")
+    text = "model: {policy: p, reward_model: rm}\ndata: {train_path: x}\nalgorithm: {kl_coef: .inf}\n"
+    with pytest.raises(UserError, match=r"^config key 'algorithm.kl_coef' must be a finite number, got inf"):
+        load_yaml_text(text)
 
 
 def test_prompt_buckets_end_at_the_prompt_limit():

@@ -83,3 +83,14 @@ def test_save_pretrained_folder_and_files_get_the_umask_modes(tmp_path, mask):
     assert names == [".rlmt-jax-export", "config.json", "generation_config.json", "model.safetensors",
                      "tokenizer.json"]
     assert {name: mode(os.path.join(out, name)) for name in names} == dict.fromkeys(names, file_mode)
+
+
+def test_a_disk_error_without_a_file_name_names_the_file_and_leaves_no_temp_file(tmp_path):
+    import errno
+
+    target = tmp_path / "config.yaml"
+    with pytest.raises(OSError) as caught, atomic_write(target):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a full disk raises on write or close
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(target))
+    assert str(caught.value) == f"[Errno 28] No space left on device: '{target}'"
+    assert list(tmp_path.iterdir()) == []

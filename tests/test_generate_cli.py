@@ -352,6 +352,32 @@ def test_generate_takes_the_runs_lengths_and_fits_a_models_positions(run_copy, p
         "the model's max_position_embeddings 2048: give at most 1024 (or lower --max-prompt-tokens)"]
 
 
+def test_generate_takes_a_builtin_model_and_fits_its_default_prompt_limit_into_a_short_context(
+        prompts_file, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    stopped_before_sampling(monkeypatch)
+    out = tmp_path / "builtin.json"
+    interrupted(["generate", "--model", "builtin:tiny-policy", "--input", str(prompts_file), "--output", str(out)])
+    assert (partial_settings(out)["max_prompt_tokens"], partial_settings(out)["max_new_tokens"]) == (1024, 1024)
+
+    short = tmp_path / "short"  # the tiny policy with a 256-token context: the default 1024-token prompt limit halves
+    shutil.copytree(tiny.tiny_assets_dir() / "policy", short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    out = tmp_path / "short.json"
+    capsys.readouterr()
+    interrupted(["generate", "--model", str(short), "--input", str(prompts_file), "--output", str(out)])
+    assert (partial_settings(out)["max_prompt_tokens"], partial_settings(out)["max_new_tokens"]) == (128, 128)
+    assert ("generate: --max-prompt-tokens is 128, not 1024 (the default): the prompt and the answer must fit the "
+            "model's max_position_embeddings 256") in capsys.readouterr().err
+    assert main(["generate", "--model", str(short), "--input", str(prompts_file), "--output", str(out),
+                 "--max-prompt-tokens", "256"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "rlmt-jax generate: error: the prompt limit 256 (--max-prompt-tokens) leaves no room for an answer in the "
+        "model's max_position_embeddings 256: lower --max-prompt-tokens"]
+
+
 def test_generate_refuses_an_output_path_that_cannot_be_a_file_before_loading_anything(prompts_file, tmp_path,
                                                                                        monkeypatch, capsys):
     from rlmt_jax.commands import generate

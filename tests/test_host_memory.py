@@ -1,8 +1,11 @@
 """The relaunch that makes glibc keep XLA:CPU's freed host memory for the next step."""
 
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from rlmt_jax.scale.host_memory import GLIBC_TUNABLES, runs_on_cpu, wants_relaunch
 
@@ -49,7 +52,57 @@ def test_a_relaunched_script_runs_once_with_the_tunables(tmp_path):
 
 
 def test_the_cli_entry_point_relaunches_and_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "rlmt_jax.cli", "plot", "/no/such/run"], env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "rlmt-jax plot: error: run directory /no/such/run: no such directory"
     result = subprocess.run([sys.executable, "-m", "rlmt_jax.cli", "plan", "--help"], env=clean_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: rlmt-jax plan" in result.stdout
+
+
+# `rlmt-jax ARGS` through the console script's entry(), with os.execve recorded instead of run: whether the process
+# would start again, and what it had imported by then.
+ENTRY_PROBE = """
+import json, os, sys
+starts = []
+
+def execve(path, args, env):
+    starts.append(args)
+    raise SystemExit(99)
+
+os.execve = execve
+sys.argv = ["rlmt-jax", *json.loads(sys.argv[1])]
+from rlmt_jax import cli
+try:
+    cli.entry()
+except SystemExit as stop:
+    code = stop.code
+heavy = sorted(m for m in ("jax", "jaxlib", "flax", "transformers", "orbax", "torch") if m in sys.modules)
+print(json.dumps({"code": code, "relaunched": bool(starts), "heavy": heavy}))
+"""
+
+
+def through_entry(*args: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", ENTRY_PROBE, json.dumps(args)], env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["--help"], 0), (["train", "--help"], 0), (["score", "--help"], 0), ([], 2), (["nosuch"], 2),
+    (["train", "--bogus"], 2), (["train", "--rollout.n=2"], 2), (["score"], 2),
+])
+def test_help_and_argument_errors_answer_before_jax_is_imported_or_the_process_starts_again(args, code):
+    """`rlmt-jax --help` took ~13 s: JAX was imported before the arguments were read, and again after the
+    relaunch."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the relaunch is for Linux")
+    assert through_entry(*args) == {"code": code, "relaunched": False, "heavy": []}
+
+
+def test_a_command_to_run_starts_again_once_its_arguments_are_read():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the relaunch is for Linux")
+    assert through_entry("plot", "/no/such/run") == {"code": 99, "relaunched": True, "heavy": []}

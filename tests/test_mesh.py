@@ -132,6 +132,43 @@ def test_param_without_a_divisible_embed_is_fsdp_sharded_on_its_largest_free_dim
     assert logical_to_spec(("layers", "heads", "head_dim"), (16, 28, 128), mesh) == P(None, "tensor", "fsdp")
 
 
+@pytest.mark.parametrize(("axes", "shape", "mesh", "kind", "spec"), [
+    # each logical axis alone on a (data 2, fsdp 4, tensor 2) mesh: the table's first choice
+    (("vocab", "embed"), (64, 32), (2, 4, 2), "param", P("tensor", "fsdp")),
+    (("embed", "heads", "head_dim"), (32, 8, 16), (2, 4, 2), "param", P("fsdp", "tensor", None)),
+    (("embed", "kv_heads", "head_dim"), (32, 2, 16), (2, 4, 2), "param", P("fsdp", "tensor", None)),
+    (("mlp", "embed"), (64, 32), (2, 4, 2), "param", P("tensor", "fsdp")),
+    (("embed", "labels"), (32, 2), (2, 4, 2), "param", P("fsdp", None)),
+    (("norm",), (32,), (2, 4, 2), "param", P(None)),
+    (("batch", "seq", "embed"), (16, 8, 32), (2, 4, 2), "activation", P(("data", "fsdp"), None, None)),
+    (("batch", "cache_seq", "kv_heads", "head_dim"), (2, 8, 2, 16), (2, 4, 2), "activation",
+     P("data", None, "tensor", None)),
+    # the fsdp fallback (no dimension on fsdp): the LARGEST free dimension divisible by fsdp, the first of equals
+    (("heads", "head_dim"), (32, 128), (1, 4, 1), "param", P(None, "fsdp")),
+    (("head_dim", "heads"), (128, 32), (1, 4, 1), "param", P("fsdp", None)),
+    (("heads", "head_dim"), (64, 64), (1, 4, 1), "param", P("fsdp", None)),
+    (("heads", "head_dim"), (32, 130), (1, 4, 1), "param", P("fsdp", None)),  # 130 does not divide by 4
+    (("embed", "heads", "head_dim"), (6, 32, 128), (1, 4, 1), "param", P(None, None, "fsdp")),  # embed 6: not by 4
+    (("embed", "mlp"), (6, 256), (1, 4, 2), "param", P(None, "tensor")),  # mlp on tensor: no free dim
+    (("layers", "heads", "head_dim"), (512, 8, 16), (1, 4, 1), "param", P(None, None, "fsdp")),  # never 'layers'
+    (("layers", "norm"), (512, 64), (1, 4, 1), "param", P(None, None)),  # a scanned vector stays a vector
+    (("heads", "head_dim"), (32, 128), (1, 4, 1), "activation", P(None, None)),  # params only
+])
+def test_each_rule_and_the_fsdp_fallback_pick_these_mesh_axes(axes, shape, mesh, kind, spec):
+    """Pinned choices: the fallback taking the smallest free dimension instead of the largest (max -> min) ran
+    the suite past its time limit instead of failing."""
+    assert logical_to_spec(axes, shape, abstract_mesh(*mesh), kind) == spec
+
+
+def test_the_rollout_table_splits_no_param_on_fsdp_not_even_by_the_fallback():
+    from rlmt_jax.scale.mesh import ROLLOUT_RULES
+
+    mesh = abstract_mesh(1, 4, 2)
+    assert logical_to_spec(("embed", "mlp"), (64, 256), mesh, rules=ROLLOUT_RULES) == P(None, "tensor")
+    assert logical_to_spec(("heads", "head_dim"), (32, 128), abstract_mesh(1, 4, 1), rules=ROLLOUT_RULES) == P(
+        None, None)
+
+
 def test_batch_takes_data_then_fsdp_while_they_divide_it():
     mesh = abstract_mesh(2, 4, 2)
     assert logical_to_spec(("batch", "seq", "vocab"), (16, 7, 64), mesh, "activation") == P(("data", "fsdp"), None, "tensor")

@@ -131,6 +131,92 @@ def test_save_pretrained_replaces_an_earlier_export_but_not_one_with_files_added
     assert sorted(os.listdir(tmp_path)) == ["export", "src"]
 
 
+@pytest.mark.parametrize("fails", ["safetensors", "config"])
+def test_an_export_that_cannot_be_written_is_a_destination_error_naming_it_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                                              fails):
+    """A full disk: safetensors' SafetensorError (a 24-line traceback; exit 1 at the end of a run, the status for
+    a non-finite stop) or an OSError without a path. A DestinationError is what the trainer's final export and
+    the export and convert commands turn into one line."""
+    import errno
+
+    from models import hf_io
+
+    path, _ = make_checkpoint(tmp_path / "src", "llama3")
+    model = models.load_pretrained(path)
+    if fails == "safetensors":
+        def full_disk(*args, **kwargs):
+            raise hf_io.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(hf_io, "save_file", full_disk)
+    else:
+        real_open = open
+
+        def full_disk(file, mode="r", *args, **kwargs):
+            if str(file).endswith("config.json") and "w" in mode:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", full_disk)
+    out = tmp_path / "out" / "export"
+    with pytest.raises(hf_io.ExportWriteError) as err:
+        models.save_pretrained(model, out)
+    assert isinstance(err.value, models.DestinationError)
+    assert str(err.value) == f"{out}: cannot write the export (No space left on device); nothing was written"
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_destination_under_a_file_or_that_is_a_symlink_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "folder")
+    with pytest.raises(models.DestinationError, match=f"^{tmp_path / 'notes.txt' / 'a' / 'b'}: "
+                                                      f"{tmp_path / 'notes.txt'} is a file, not a folder"):
+        models.check_destination(tmp_path / "notes.txt" / "a" / "b")
+    with pytest.raises(models.DestinationError, match=f"^{tmp_path / 'link'} is a symbolic link"):
+        models.check_destination(tmp_path / "link")
+    models.check_destination(tmp_path / "folder" / "new")  # a new folder in a folder: fine
+
+
+def _convert(tmp_path, capsys, source, out) -> tuple[int, list[str]]:
+    from rlmt_jax.cli import main
+
+    capsys.readouterr()
+    code = main(["convert", str(source), "--out", str(out)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_convert_onto_a_folder_of_files_under_a_file_or_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """Each was a DestinationError, FileExistsError or SafetensorError traceback."""
+    from models import hf_io
+
+    path, _ = make_checkpoint(tmp_path / "src", "llama3")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    code, lines = _convert(tmp_path, capsys, path, mine)
+    assert code == 2 and lines == [f"rlmt-jax convert: error: --out {mine} already holds files that are not an "
+                                   "rlmt-jax export (thesis.tex); export into a new folder (nothing was written)"]
+    code, lines = _convert(tmp_path, capsys, path, mine / "thesis.tex" / "out")
+    assert code == 2 and lines == [f"rlmt-jax convert: error: --out {mine / 'thesis.tex' / 'out'}: "
+                                   f"{mine / 'thesis.tex'} is a file, not a folder; export into a new folder"]
+
+    def full_disk(*args, **kwargs):
+        raise hf_io.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(hf_io, "save_file", full_disk)
+    code, lines = _convert(tmp_path, capsys, path, tmp_path / "out")
+    assert code == 2 and lines == [f"rlmt-jax convert: error: --out {tmp_path / 'out'}: cannot write the export "
+                                   "(No space left on device); nothing was written"]
+    assert sorted(os.listdir(tmp_path)) == ["mine", "src"] and os.listdir(mine) == ["thesis.tex"]
+
+
+def test_convert_takes_a_builtin_model_by_name(tiny_cache, tmp_path, capsys):
+    code, lines = _convert(tmp_path, capsys, "builtin:tiny-reward", tmp_path / "rm")
+    assert code == 0, lines
+    assert isinstance(models.load_pretrained(tmp_path / "rm"), models.RewardModel)
+    assert (tmp_path / "rm" / "tokenizer.json").is_file()
+
+
 def test_value_model_starts_from_the_policy_decoder(tmp_path):
     path, _ = make_checkpoint(tmp_path / "src", "llama3")
     policy = models.load_pretrained(path)

@@ -177,3 +177,19 @@ def test_a_two_label_reward_model_is_scored_on_the_label_given(tiny_cache, tmp_p
         scorer = RewardScorer.from_pretrained(rm_dir, dataclasses.replace(settings, label=index))
         np.testing.assert_allclose(rewards[label], scorer.score(prompts, answers)[0], atol=1e-5, rtol=0)
     assert not np.allclose(rewards["LABEL_0"], rewards["1"])
+
+
+def test_builtin_tiny_models_are_taken_by_name(tiny_cache, tmp_path, capsys):
+    """`--reward-model builtin:tiny-reward` was read as a Hugging Face repo id."""
+    from rlmt_jax.inputs.tiny import tiny_assets_dir
+
+    write_jsonl(tmp_path / "in.jsonl", ROWS)
+    args = ["--policy-tokenizer", "builtin:tiny-policy"]
+    assert score("builtin:tiny-reward", tmp_path / "in.jsonl", tmp_path / "by_name.jsonl", *args) == 0
+    assert score(tiny_assets_dir() / "reward", tmp_path / "in.jsonl", tmp_path / "by_path.jsonl",
+                 "--policy-tokenizer", str(tiny_assets_dir() / "policy")) == 0
+    assert (tmp_path / "by_name.jsonl").read_text() == (tmp_path / "by_path.jsonl").read_text()
+    capsys.readouterr()
+    assert score("builtin:tiny-rm", tmp_path / "in.jsonl", tmp_path / "x.jsonl") == 2
+    assert capsys.readouterr().err.strip() == ("rlmt-jax score: error: unknown built-in model 'builtin:tiny-rm'; "
+                                               "built-in models: builtin:tiny-policy, builtin:tiny-reward")

@@ -17,7 +17,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="validate, cast and re-shard a Hugging Face checkpoint",
                                    description=__doc__.split("\n\n")[1])
-    parser.add_argument("source", help="Hugging Face model directory (safetensors)")
+    parser.add_argument("source", help="Hugging Face model directory (safetensors), or builtin:tiny-policy / "
+                                       "builtin:tiny-reward")
     parser.add_argument("--out", required=True, help="directory to write (replaced only once complete)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="dtype of the written weights (default: as loaded, float32)")
@@ -28,13 +29,20 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import models
     from rlmt_jax.core.errors import UserError
+    from rlmt_jax.inputs.tiny import resolve_model_path
 
+    source = resolve_model_path(args.source)
     try:
-        model = models.load_pretrained(args.source, param_dtype=args.dtype or "float32",
-                                       dtype=args.dtype or "float32")
+        models.check_destination(args.out)  # before the weights are read: nothing of the user's is replaced
+        model = models.load_pretrained(source, param_dtype=args.dtype or "float32", dtype=args.dtype or "float32")
+    except models.DestinationError as err:
+        raise UserError(f"--out {err}") from None
     except (OSError, ValueError) as err:
         raise UserError(f"{args.source}: {err}") from err
-    extra = [os.path.join(args.source, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(args.source, f))]
-    out = models.save_pretrained(model, args.out, max_shard_size=args.max_shard_size, extra_files=extra)
+    extra = [os.path.join(source, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
+    try:
+        out = models.save_pretrained(model, args.out, max_shard_size=args.max_shard_size, extra_files=extra)
+    except models.DestinationError as err:  # the folder changed meanwhile, or the disk is full: nothing written
+        raise UserError(f"--out {err}") from None
     print(f"converted {args.source} ({model.config.architecture}) to {out}")
     return 0

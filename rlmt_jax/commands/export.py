@@ -33,6 +33,7 @@ def check_out_dir(out: Path, run_dir: Path) -> None:
     from models import DestinationError, check_destination
     from rlmt_jax.core.errors import UserError
 
+    given = Path(os.path.abspath(out))  # a symlink is refused as it is, not as the folder it points to
     out, run_dir = out.resolve(), run_dir.resolve()
     if out == run_dir or out in run_dir.parents:
         raise UserError(f"--out {out}: is the run dir {run_dir} or holds it; export into a new folder "
@@ -40,7 +41,7 @@ def check_out_dir(out: Path, run_dir: Path) -> None:
     if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
         raise UserError(f"--out {out}: is a run dir; export into a new folder")
     try:
-        check_destination(out)
+        check_destination(given)
     except DestinationError as err:
         raise UserError(f"--out {err}") from None
 
@@ -48,6 +49,7 @@ def check_out_dir(out: Path, run_dir: Path) -> None:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
+    from models import DestinationError
     from rlmt_jax.algorithms import import_variants
     from rlmt_jax.core.errors import UserError
     from rlmt_jax.rollout.scored import PolicyText, template_settings
@@ -65,7 +67,10 @@ def run(args) -> int:
     _, tokenizer_dir = policy_files(run_dir, cfg)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     text = PolicyText.create(tokenizer, template_settings(cfg), policy.config.eos_token_id)
-    out = export_policy(policy, text.tokenizer, os.fspath(args.out), dtype=args.dtype,
-                        max_shard_size=args.max_shard_size)
+    try:
+        out = export_policy(policy, text.tokenizer, os.fspath(args.out), dtype=args.dtype,
+                            max_shard_size=args.max_shard_size)
+    except DestinationError as err:  # the folder changed meanwhile, or the disk is full: nothing was written
+        raise UserError(f"--out {err}") from None
     print(f"exported {source} to {out}")
     return 0

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[1],
     )
     parser.add_argument("--model", required=True,
-                        help="a run dir, a run's export/, or a Hugging Face model directory")
+                        help="a run dir, a run's export/, a Hugging Face model directory, or builtin:tiny-policy")
     parser.add_argument("--step", type=int, default=None, help="with a run dir: the checkpoint step (default newest)")
     parser.add_argument("--input", required=True, help="JSONL or JSON list with `messages`, `prompt` or `instruction`")
     parser.add_argument("--output", required=True, help="file to write: .json (a list of records) or JSONL")
@@ -187,15 +187,27 @@ def template_from(args, run_cfg):
     )
 
 
-def max_new_tokens_of(args, run_cfg, prompt_limit: int, config_dir: str) -> tuple[int, str | None]:
-    """The response limit: --max-new-tokens, else the run's rollout.max_new_tokens, else DEFAULT_MAX_NEW_TOKENS,
-    such that the prompt limit and it fit the model's max_position_embeddings (config.json).  -> (limit, a note
-    when a default was lowered to fit). UserError when a given limit does not fit."""
+def prompt_limit_of(args, prompt_limit: int, config_dir: str) -> tuple[int, str | None]:
+    """The prompt limit, such that an answer fits after it in the model's max_position_embeddings: a default
+    that leaves no room is halved to half the context (with a note); a given --max-prompt-tokens that leaves
+    none is a UserError.  -> (limit, note)"""
     positions = _max_positions(config_dir)
-    room = None if positions is None else positions - prompt_limit
-    if room is not None and room < 1:
+    if positions is None or prompt_limit < positions:
+        return prompt_limit, None
+    if args.max_prompt_tokens is not None:
         raise UserError(f"the prompt limit {prompt_limit} (--max-prompt-tokens) leaves no room for an answer in the "
                         f"model's max_position_embeddings {positions}: lower --max-prompt-tokens")
+    fitted = max(positions // 2, 1)
+    return fitted, (f"generate: --max-prompt-tokens is {fitted}, not {prompt_limit} (the default): the prompt and "
+                    f"the answer must fit the model's max_position_embeddings {positions}")
+
+
+def max_new_tokens_of(args, run_cfg, prompt_limit: int, config_dir: str) -> tuple[int, str | None]:
+    """The response limit: --max-new-tokens, else the run's rollout.max_new_tokens, else DEFAULT_MAX_NEW_TOKENS,
+    such that the prompt limit (prompt_limit_of) and it fit the model's max_position_embeddings (config.json).
+    -> (limit, a note when a default was lowered to fit). UserError when a given limit does not fit."""
+    positions = _max_positions(config_dir)
+    room = None if positions is None else positions - prompt_limit
     if args.max_new_tokens is not None:
         if args.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -269,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from rlmt_jax.core.jsonl import write_records_atomic
+    from rlmt_jax.inputs.tiny import resolve_model_path
     from rlmt_jax.rollout.scored import PolicyText
     from rlmt_jax.scale import mesh as mesh_lib
     from rlmt_jax.scale.compile_cache import enable_compilation_cache
@@ -285,15 +298,18 @@ def run(args: argparse.Namespace) -> int:
     lengths = {}
 
     def check_lengths(run_cfg, config_dir: str) -> None:  # before the weights are read
-        template = template_from(args, run_cfg)
-        lengths["max_new_tokens"], note = max_new_tokens_of(args, run_cfg, template.max_prompt_tokens, config_dir)
-        if note and main:
-            print(note, file=sys.stderr)
+        prompt_limit, prompt_note = prompt_limit_of(args, template_from(args, run_cfg).max_prompt_tokens, config_dir)
+        lengths["max_prompt_tokens"] = prompt_limit
+        lengths["max_new_tokens"], note = max_new_tokens_of(args, run_cfg, prompt_limit, config_dir)
+        lengths["notes"] = [line for line in (prompt_note, note) if line]  # said once the model has loaded
 
     with mesh_lib.activation_sharding(mesh):
-        policy = load_policy(Path(args.model), args.step, dtype, mesh, before_loading=check_lengths)
-    tokenizer = _tokenizer(policy, args.model)
-    template = template_from(args, policy.run_cfg)
+        model_path = resolve_model_path(args.model)  # builtin:tiny-policy too
+        policy = load_policy(Path(model_path), args.step, dtype, mesh, before_loading=check_lengths)
+    for note in lengths["notes"] if main else ():
+        print(note, file=sys.stderr)
+    tokenizer = _tokenizer(policy, model_path)
+    template = dataclasses.replace(template_from(args, policy.run_cfg), max_prompt_tokens=lengths["max_prompt_tokens"])
     max_new_tokens = lengths["max_new_tokens"]
     generator = args.generator or policy.generator
     settings = _settings(args, policy, template, generator, dtype, max_new_tokens)

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         help="score policy outputs (JSONL or JSON list, e.g. generate's) with a reward model",
         description=__doc__.split("\n\n")[1],
     )
-    parser.add_argument("--reward-model", required=True, help="Hugging Face reward-model directory")
+    parser.add_argument("--reward-model", required=True,
+                        help="Hugging Face reward-model directory (or builtin:tiny-reward, the tiny default's)")
     parser.add_argument("--input", required=True,
                         help="JSONL or JSON list: `messages`, `prompt` or `instruction`; `raw_output` or `output`")
     parser.add_argument("--output", required=True,
@@ -36,8 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--strict", action="store_true", help="a missing delimiter gives the answer [NULL]")
     parser.add_argument(
         "--policy-tokenizer",
-        help="the policy's tokenizer directory, or its run dir: its EOS text is removed, lengths are counted in "
-        "its tokens",
+        help="the policy's tokenizer directory, or its run dir (or builtin:tiny-policy): its EOS text is removed, "
+        "lengths are counted in its tokens",
     )
     parser.add_argument(
         "--eos-text",
@@ -80,16 +81,18 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
 
 
 def policy_tokenizer_dir(path: str) -> str:
-    """A tokenizer directory, or a run dir: the tokenizer it trained with (RUN_DIR/policy)."""
+    """A tokenizer directory, a builtin: model, or a run dir: the tokenizer it trained with (RUN_DIR/policy)."""
+    from rlmt_jax.inputs.tiny import resolve_model_path
     from rlmt_jax.settings.config import load_resolved
     from rlmt_jax.run.run_dir import policy_files
 
     if (Path(path) / "config.yaml").is_file():
         return policy_files(Path(path), load_resolved(path))[1]
-    return path
+    return resolve_model_path(path)
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlmt_jax.inputs.tiny import resolve_model_path
     from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings
 
     input_path, output_path = Path(args.input), Path(args.output)
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         eos_texts = KNOWN_EOS_TEXTS
 
-    scorer = RewardScorer.from_pretrained(args.reward_model, settings)
+    scorer = RewardScorer.from_pretrained(resolve_model_path(args.reward_model), settings)
     prompts = [messages_from_row(row, f"{input_path} row {n}") for n, row in rows]
     batch = scorer.score_outputs(
         prompts, [raw_text(row) for _, row in rows], template, eos_texts, length_tokenizer=policy_tokenizer

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
 import sys
+
+EXIT_INTERRUPTED = 130  # Ctrl-C before a command could stop in order (128 + SIGINT, as shells report it)
+# A full, read-only or forbidden disk is the user's to fix: one line naming the file, not a traceback.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def register(subparsers) -> None:
@@ -41,6 +46,7 @@ def _split(config: str | None, overrides: list[str]) -> tuple[str | None, list[s
 
 def run(args) -> int:
     from rlmt_jax.algorithms import import_variants
+    from rlmt_jax.core.errors import UserError
     from rlmt_jax.scale.compile_cache import enable_compilation_cache
     from rlmt_jax.settings.config import resolve
     from rlmt_jax.run.stop_signals import EXIT_STOPPED
@@ -56,6 +62,15 @@ def run(args) -> int:
     except TrainingError as err:
         print(f"rlmt-jax train: stopped: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in DISK_ERRORS or err.filename:
+            raise  # with its file named, the command line says it in one line
+        # a write in the run dir that names no file (config.yaml, the metrics on a full disk)
+        raise UserError(f"cannot write in the run dir {cfg.run.output_dir} ({err.strerror})") from None
+    except KeyboardInterrupt:  # before the loop's own handler (from the first step on: a checkpoint, exit 3)
+        print(f"rlmt-jax train: interrupted (Ctrl-C) before the run could stop in order; start it again with the "
+              f"same command: rlmt-jax train {resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     history = summary["history"]
     if history:
         print(summarize(history))
@@ -96,15 +111,20 @@ def resume_command(args) -> str:
 
 
 def summarize(history: list[dict], window: int = 10) -> str:
-    """Means of the first and last `window` steps of the run's key metrics."""
+    """Means of the run's key metrics over its first and last steps: `window` steps each, fewer in a run shorter
+    than two windows, so that the two never share a step (a 3-step run: step 1 vs step 3)."""
     keys = [k for k in ("reward_mean", "format_valid_rate", "kl", "entropy", "response_tokens_mean", "loss")
             if any(k in h for h in history)]
-    first, last = history[:window], history[-window:]
 
     def mean(rows, key):
         values = [r[key] for r in rows if r.get(key) is not None]
         return sum(values) / len(values) if values else float("nan")
 
-    lines = [f"steps {history[0]['step']}-{history[-1]['step']}: first {len(first)} vs last {len(last)} steps"]
+    n = min(window, len(history) // 2)
+    if n == 0:  # one step: nothing to compare it with
+        return "\n".join([f"step {history[0]['step']}:", *(f"  {k:22s} {mean(history, k):10.4f}" for k in keys)])
+    first, last = history[:n], history[-n:]
+    steps = "step" if n == 1 else f"{n} steps"
+    lines = [f"steps {history[0]['step']}-{history[-1]['step']}: first {steps} vs last {steps}"]
     lines += [f"  {k:22s} {mean(first, k):10.4f} -> {mean(last, k):10.4f}" for k in keys]
     return "\n".join(lines)

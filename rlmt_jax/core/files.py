@@ -36,7 +36,9 @@ def atomic_write(path: str | os.PathLike, encoding: str = "utf-8") -> Iterator[T
         with os.fdopen(fd, "w", encoding=encoding) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a full disk's ENOSPC names no file: name it
+            raise OSError(err.errno, err.strerror, path) from err
         raise

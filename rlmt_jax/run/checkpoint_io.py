@@ -7,10 +7,16 @@ that are symbolic links are refused when it opens (pruning would fail on them).
 
 A write that cannot happen (a read-only or full disk) ends in one CheckpointWriteError line within seconds;
 the earlier steps stay intact.
+
+Orbax runs each read and write in an asyncio loop of its own, closed as soon as the first array fails (a
+damaged file, a disk turned read-only): the reads and writes still in flight then complete into a closed loop,
+and each printed `RuntimeError: Event loop is closed` (intermittently, dozens of tracebacks). The store has
+orbax close such a loop only after what runs in it is done (`_close_loops_after_their_tasks`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -53,6 +59,40 @@ class _OrbaxErrorFilter(logging.Filter):
 _ORBAX_ERROR_FILTER = _OrbaxErrorFilter()
 
 
+IN_FLIGHT_TIMEOUT_S = 120.0  # the longest a failed read or write waits for the others it started
+
+
+def _run_sync_closing_after_its_tasks(coro):
+    """orbax's `_run_sync_via_new_loop` (a coroutine run to its end in a fresh event loop), except that when it
+    fails, the tasks it started and left running (the other arrays' reads or writes: tensorstore completes them
+    into the loop from its own threads) finish before the loop is closed. Orbax closed it at once, and each late
+    completion printed `RuntimeError: Event loop is closed`."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    except Exception:  # not on Ctrl-C: that stops at once
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=IN_FLIGHT_TIMEOUT_S))
+            for task in pending:  # their errors are the same failure, reported once by the caller
+                if task.done() and not task.cancelled():
+                    task.exception()
+        raise
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _close_loops_after_their_tasks() -> None:
+    """Has orbax run its reads and writes with `_run_sync_closing_after_its_tasks`; an orbax without that helper
+    (another version) is left as it is."""
+    from orbax.checkpoint._src import asyncio_utils
+
+    if callable(getattr(asyncio_utils, "_run_sync_via_new_loop", None)):
+        asyncio_utils._run_sync_via_new_loop = _run_sync_closing_after_its_tasks
+
+
 def _first_line(err: BaseException) -> str:
     """The error's first line, its middle left out when long (the cause, e.g. the OS error, is at its end)."""
     text = str(err).strip().splitlines()
@@ -80,6 +120,7 @@ class CheckpointFiles:
         self.failed = False  # a write failed: nothing more is written
         self._writing: int | None = None  # the step of a save in flight
         self._closed = False
+        _close_loops_after_their_tasks()
         self._warn_about_unfinished_writes()
         if not read_only:
             self._refuse_symlinked_steps()

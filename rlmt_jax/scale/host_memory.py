@@ -7,7 +7,8 @@ training step page-faults its whole working set again: about a million faults (4
 for large blocks and no trimming, the second step reuses the first one's pages: no faults at all.
 
 These settings are read by glibc when a process starts, so `rlmt-jax` starts itself again with them
-(`relaunch_with_reused_memory`) when JAX will run on the CPU. Set RLMT_JAX_HOST_MEMORY=default to keep
+(`relaunch_with_reused_memory`) when JAX will run on the CPU: once its arguments are read, so that `--help` and
+argument errors answer from the first process, which imports no JAX. Set RLMT_JAX_HOST_MEMORY=default to keep
 glibc's defaults; a GLIBC_TUNABLES already in the environment is left as it is.
 """
 

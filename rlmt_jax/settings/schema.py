@@ -7,12 +7,14 @@
 
 Supported annotations: bool, int, float, str, None, Literal[...], unions of these, tuple[T, ...],
 tuple[A, B] (from YAML lists), and nested dataclasses (sections). Missing keys take the field defaults.
+A float field takes finite numbers only: `inf`, `.inf`, `1e999` and `nan` are refused naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -42,6 +44,16 @@ def type_words(hint: Any) -> str:
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether `value` is a number (or the text of one, as YAML 1.1 leaves `inf` and `nan`) that is not finite."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 class Schema:
@@ -97,6 +109,8 @@ class Schema:
             args = typing.get_args(hint)
             if value is None and type(None) in args:
                 return None
+            if float in args and _non_finite(value):  # the finite-number message, not "a number or null"
+                return self._convert(float, value, key)
             for arg in args:
                 if arg is type(None):
                     continue
@@ -132,6 +146,8 @@ class Schema:
                     raise UserError(f"config key '{key}' must be a number, got {value!r}") from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"config key '{key}' must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
         if hint is str:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
