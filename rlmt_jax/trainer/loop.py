@@ -97,17 +97,17 @@ class Trainer:
         self.rolled_back_to: int | None = None  # a checkpoint.restore_step this run's checkpoints descend from
 
     def _claim_run_dir(self, allow_config_change: bool) -> None:
-        """Process 0 takes the run dir's lock and checks the config against the saved ones, the run dir's
-        config.yaml and the config of the checkpoint the resume starts from (a run dir without config.yaml, a
-        checkpoint dir kept apart), before anything is written (and that the final export may be written);
-        every process raises the same UserError when that fails."""
+        """Before anything is written: process 0 takes the run dir's lock and checks the config against the run
+        dir's config.yaml (and that the final export may be written), every process raises the same UserError
+        when that fails; then every process checks it against the config of the checkpoint the resume starts
+        from (a run dir without config.yaml, a checkpoint dir kept apart). Every process opens the checkpoints
+        together: orbax synchronises the processes that open them."""
         error = None
         if jax.process_index() == 0:
             try:
                 self.lock.acquire()
                 try:
                     check_config_unchanged(self.run_dir, self.cfg, allow_config_change)
-                    check_checkpoint_config(self.cfg, allow_config_change)
                     if self.cfg.run.export_at_end:
                         models.check_destination(os.path.join(self.run_dir, EXPORT_DIR))
                 except BaseException:
@@ -119,6 +119,11 @@ class Trainer:
                 error = UserError(f"the run's export folder: {err}")
         if multihost.global_max_int(int(error is not None)):
             raise error or UserError(f"process 0 refused the run dir {self.run_dir} (see its message)")
+        try:
+            check_checkpoint_config(self.cfg, allow_config_change)
+        except BaseException:
+            self.lock.release()  # process 0's; a no-op on the others
+            raise
 
     # ------------------------------------------------------------------------------------ setup
     @property
