@@ -5,10 +5,6 @@ batch decodes, and `score` reads what it writes."""
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +12,7 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
+from clusters import finish_all, last_json_line, start_cluster
 from models.hf_io import process_umask
 from rlmt_jax.inputs import tiny
 from rlmt_jax.run.checkpoint import params_only
@@ -400,41 +397,16 @@ def test_generate_refuses_an_output_path_that_cannot_be_a_file_before_loading_an
 
 # ------------------------------------------------------------------------------------ on two processes
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def generate_on_two_processes(runs: list[list[str]]) -> list[dict]:
     """tests/generate_worker.py on two processes of one simulated CPU device each (one cluster), each running
-    `generate` with each entry of `runs` in turn.  -> each process's summary and stderr. A worker that fails, or
-    a pair still running after WORKER_TIMEOUT_S (a deadlock), fails the test."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    port = _free_port()
-    workers = [subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "generate_worker.py"),
-         json.dumps({"process_id": i, "num_processes": 2, "port": port, "runs": runs})],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    deadline, summaries = time.monotonic() + WORKER_TIMEOUT_S, []
-    try:
-        for worker in workers:
-            out, err = worker.communicate(timeout=max(deadline - time.monotonic(), 1))
-            assert worker.returncode == 0, err[-4000:]
-            summaries.append({**json.loads(out.strip().splitlines()[-1]), "stdout": out, "stderr": err})
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the workers did not finish in {WORKER_TIMEOUT_S} s (a deadlock between the processes?)")
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.communicate()
-    return summaries
+    `generate` with each entry of `runs` in turn.  -> each process's summary, stdout and stderr. A worker that
+    fails, or a pair still running after WORKER_TIMEOUT_S (a deadlock), fails the test."""
+    workers = start_cluster("generate_worker.py", 2, 1, {"runs": runs})
+    outputs = finish_all(workers, WORKER_TIMEOUT_S)
+    return [{**last_json_line(outputs[w][0]), "stdout": outputs[w][0], "stderr": outputs[w][1]} for w in workers]
 
 
 def test_generate_on_two_processes_writes_the_rows_one_process_writes_and_resumes(

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from clusters import finish_all, last_json_line, start_cluster
 from models import ModelConfig, build_model
 from rlmt_jax.settings.config import MeshConfig, resolve
 from rlmt_jax.core.errors import UserError
@@ -141,45 +140,15 @@ def test_sampler_on_hosts_refuses_different_prompt_counts(tiny_policy):
 # ------------------------------------------------------------------------------------ two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def start(processes: int, runs: list[list[str]]) -> list[subprocess.Popen]:
     """`processes` workers forming one cluster of 4 simulated devices, each training `runs` in turn."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes}")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "multihost_worker.py"),
-             json.dumps({"process_id": i, "num_processes": processes, "port": port, "runs": runs})],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(processes)
-    ]
+    return start_cluster("multihost_worker.py", processes, 4 // processes, {"runs": runs})
 
 
 def finish(**clusters: list[subprocess.Popen]) -> dict[str, list[dict]]:
-    """Each cluster's worker summaries (with their stderr). A worker that fails, or a cluster still running
-    after TIMEOUT_S (a process stuck in a collective never exits by itself), fails the test, and every
-    worker still running is killed first."""
-    workers = [w for cluster in clusters.values() for w in cluster]
-    deadline = time.monotonic() + TIMEOUT_S
-    outputs = {}
-    try:
-        for worker in workers:
-            outputs[worker] = worker.communicate(timeout=max(deadline - time.monotonic(), 1))
-            assert worker.returncode == 0, outputs[worker][1][-4000:]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the workers did not finish in {TIMEOUT_S} s (a deadlock between the processes?)")
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.communicate()
-    return {name: [{**json.loads(outputs[w][0].strip().splitlines()[-1]), "stderr": outputs[w][1]} for w in cluster]
+    """Each cluster's worker summaries (with their stderr); see clusters.finish_all."""
+    outputs = finish_all([w for cluster in clusters.values() for w in cluster], TIMEOUT_S)
+    return {name: [{**last_json_line(outputs[w][0]), "stderr": outputs[w][1]} for w in cluster]
             for name, cluster in clusters.items()}
 
 
