@@ -281,7 +281,6 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from rlmt_jax.core.jsonl import write_records_atomic
-    from rlmt_jax.inputs.tiny import resolve_model_path
     from rlmt_jax.rollout.scored import PolicyText
     from rlmt_jax.scale import mesh as mesh_lib
     from rlmt_jax.scale.compile_cache import enable_compilation_cache
@@ -295,22 +294,7 @@ def run(args: argparse.Namespace) -> int:
     partial = output.with_name(output.name + PARTIAL_SUFFIX)
     dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     mesh = mesh_lib.make_mesh(MeshConfig())
-    lengths = {}
-
-    def check_lengths(run_cfg, config_dir: str) -> None:  # before the weights are read
-        prompt_limit, prompt_note = prompt_limit_of(args, template_from(args, run_cfg).max_prompt_tokens, config_dir)
-        lengths["max_prompt_tokens"] = prompt_limit
-        lengths["max_new_tokens"], note = max_new_tokens_of(args, run_cfg, prompt_limit, config_dir)
-        lengths["notes"] = [line for line in (prompt_note, note) if line]  # said once the model has loaded
-
-    with mesh_lib.activation_sharding(mesh):
-        model_path = resolve_model_path(args.model)  # builtin:tiny-policy too
-        policy = load_policy(Path(model_path), args.step, dtype, mesh, before_loading=check_lengths)
-    for note in lengths["notes"] if main else ():
-        print(note, file=sys.stderr)
-    tokenizer = _tokenizer(policy, model_path)
-    template = dataclasses.replace(template_from(args, policy.run_cfg), max_prompt_tokens=lengths["max_prompt_tokens"])
-    max_new_tokens = lengths["max_new_tokens"]
+    policy, tokenizer, template, max_new_tokens = _load_fitted(args, dtype, mesh, main)
     generator = args.generator or policy.generator
     settings = _settings(args, policy, template, generator, dtype, max_new_tokens)
     first = _resume(partial, settings, rows, output, batch, main)
@@ -345,6 +329,30 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     return 0
+
+
+def _load_fitted(args, dtype: str, mesh, main: bool):
+    """The policy (--model: a run dir, an export, a HF dir or builtin:tiny-policy), its tokenizer, the template
+    settings and the response limit, the lengths fitted to the model's context before its weights are read.
+    -> (policy, tokenizer, template, max_new_tokens)"""
+    from rlmt_jax.inputs.tiny import resolve_model_path
+    from rlmt_jax.scale import mesh as mesh_lib
+
+    lengths = {}
+
+    def check_lengths(run_cfg, config_dir: str) -> None:  # before the weights are read
+        prompt_limit, prompt_note = prompt_limit_of(args, template_from(args, run_cfg).max_prompt_tokens, config_dir)
+        lengths["max_prompt_tokens"] = prompt_limit
+        lengths["max_new_tokens"], note = max_new_tokens_of(args, run_cfg, prompt_limit, config_dir)
+        lengths["notes"] = [line for line in (prompt_note, note) if line]  # said once the model has loaded
+
+    model_path = resolve_model_path(args.model)
+    with mesh_lib.activation_sharding(mesh):
+        policy = load_policy(Path(model_path), args.step, dtype, mesh, before_loading=check_lengths)
+    for note in lengths["notes"] if main else ():
+        print(note, file=sys.stderr)
+    template = dataclasses.replace(template_from(args, policy.run_cfg), max_prompt_tokens=lengths["max_prompt_tokens"])
+    return policy, _tokenizer(policy, model_path), template, lengths["max_new_tokens"]
 
 
 def batch_size(given: int | None, processes: int, prompts: int) -> int:
