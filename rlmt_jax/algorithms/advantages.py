@@ -121,14 +121,15 @@ def overlong_penalty(lengths: jax.Array, max_new_tokens: int, buffer: int, penal
 
 @functools.partial(jax.jit, static_argnames=("config", "group_size", "max_new_tokens"))
 def compute_advantages(scores, mask, config: AlgorithmConfig, *, group_size: int, max_new_tokens: int,
-                       values=None):
+                       values=None, lengths=None):
     """The run's advantages: scores shaped by the overlong penalty when algorithm.overlong_buffer is set,
     then the registered `config.advantage` estimator (name resolved by the algorithm's spec).
 
-    scores: [batch]; mask: [batch, seq]; values: [batch, seq] or None.
+    scores: [batch]; mask: [batch, seq]; values: [batch, seq] or None; lengths: [batch] the sampled response
+    lengths the penalty reads (None: the mask's; a rollout correction mask may have dropped tokens of them).
     -> (advantages, returns or None, shaped scores [batch])"""
     if config.overlong_buffer:
-        lengths = jnp.sum(mask, axis=-1)
+        lengths = jnp.sum(mask, axis=-1) if lengths is None else lengths
         scores = scores + overlong_penalty(lengths, max_new_tokens, config.overlong_buffer, config.overlong_penalty)
     advantages, returns = ADVANTAGES(config.advantage)(scores, mask, config, group_size=group_size, values=values)
     return advantages, returns, scores

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlmt_jax.algorithms import GROUP_FILTERS, choose_groups
+from rlmt_jax.algorithms import GROUP_FILTERS, choose_groups, varied_groups
 from rlmt_jax.rollout.rewards import RewardScorer
 from rlmt_jax.rollout.sampling import Rollout, Sampler
 from rlmt_jax.rollout.scored import Conversation, PolicyText, ScoredRollouts
@@ -34,12 +34,9 @@ SIGNAL_METRIC = "groups_with_signal_fraction"
 
 
 def groups_with_reward_spread(group_rewards: np.ndarray) -> int:
-    """How many groups have rewards that are not all equal: max > min, compared exactly (a std can be a rounding
-    error above 0 for equal rewards). A group of one sample has no spread.  group_rewards: [groups, n]."""
-    rewards = np.asarray(group_rewards)
-    if rewards.ndim != 2 or rewards.shape[1] < 2:
-        return 0
-    return int(np.count_nonzero(rewards.max(axis=1) > rewards.min(axis=1)))
+    """How many groups have rewards that are not all equal: the `varied` group filter's rule (max > min,
+    compared exactly). A group of one sample has no spread.  group_rewards: [groups, n]."""
+    return int(np.count_nonzero(varied_groups(jnp.asarray(group_rewards))))
 
 
 class NonFiniteReward(ArithmeticError):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlmt_jax.algorithms import compute_advantages, overlong_penalty, rollout_correction, spec_of
+from rlmt_jax.algorithms import compute_advantages, rollout_correction, spec_of
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.scale import multihost
 from rlmt_jax.settings.config import RunConfig
@@ -168,16 +168,9 @@ def prepare_rl_batch(cfg: RunConfig, batch: dict, policy_logprobs: Callable[[], 
         batch["ref_logprobs"] = reference_logprobs()
     values = None if critic_values is None else critic_values()
     sampled_mask, batch["response_mask"] = batch["response_mask"], corrected_mask  # the correction's out: no loss
-    algorithm = cfg.algorithm
-    correction = algorithm.rollout_correction
-    if algorithm.overlong_buffer and correction.mask != "off" and not correction.bypass:
-        # the penalty of the sampled length, then the estimator on the corrected mask without it
-        rewards = rewards + overlong_penalty(jnp.sum(sampled_mask, axis=-1), cfg.rollout.max_new_tokens,
-                                             algorithm.overlong_buffer, algorithm.overlong_penalty)
-        algorithm = dataclasses.replace(algorithm, overlong_buffer=None)
     batch["advantages"], returns, scores = compute_advantages(
-        rewards, corrected_mask, algorithm, group_size=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
-        values=values)
+        rewards, corrected_mask, cfg.algorithm, group_size=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
+        values=values, lengths=jnp.sum(sampled_mask, axis=-1))
     if cfg.algorithm.overlong_buffer:
         metrics["reward_shaped_mean"] = float(jnp.mean(scores))
     if is_weights is not None:
