@@ -170,13 +170,10 @@ class Attention(nnx.Module):
             out = causal_self_attention(q, k, v, mask)
         if cache is not None:
             key_blocks, value_blocks = (c.blocks if isinstance(c, CacheBlocks) else (c,) for c in cache)
-            # the new tokens go into the last block given, whose first slot is the slots of the others
-            start = sum(block.shape[-2] for block in value_blocks[:-1])  # values: [..., slots, head_dim]
-            local = index - start if start else index
             # Write, then read what was written: the reads then come after the write in the data flow, which
             # lets XLA update the cache in place inside a decode loop instead of copying it.
-            key_blocks = (*key_blocks[:-1], write_cache(key_blocks[-1], k, layer, local, self.key_layout))
-            value_blocks = (*value_blocks[:-1], write_cache(value_blocks[-1], v, layer, local, "bnsk"))
+            key_blocks = write_blocks(key_blocks, k, layer, index, self.key_layout)
+            value_blocks = write_blocks(value_blocks, v, layer, index, "bnsk")
 
             def read(block):
                 block = block if layer is None else jax.lax.dynamic_index_in_dim(block, layer, keepdims=False)
@@ -195,13 +192,42 @@ class Attention(nnx.Module):
         return out, cache
 
 
+def write_blocks(blocks: tuple, new: jax.Array, layer, index, layout: str) -> tuple:
+    """Writes new [batch, seq, kv_heads, head_dim] into consecutive cache blocks (KVCache layouts) at slot
+    `index`, numbered over all blocks. A scalar index (one slot for every row): the tokens go into the last
+    block, whose first slot is the slots of the others. An index per row ([batch], seq 1: the slot engine,
+    whose rows each fill their own cache from slot 0): every block takes the rows whose slot it holds; a slot
+    past the last block is not written."""
+    slot_axis = -1 if layout == "bnks" else -2
+    if jnp.ndim(index) == 0:
+        start = sum(block.shape[slot_axis] for block in blocks[:-1])
+        local = index - start if start else index
+        return (*blocks[:-1], write_cache(blocks[-1], new, layer, local, layout))
+    written, start = [], 0
+    for block in blocks:
+        width = block.shape[slot_axis]
+        local = index - start
+        # a row whose slot is in another block writes out of bounds, which the scatter drops
+        local = jnp.where((local >= 0) & (local < width), local, width)
+        written.append(write_cache(block, new, layer, local, layout))
+        start += width
+    return tuple(written)
+
+
 def write_cache(cache: jax.Array, new: jax.Array, layer, index, layout: str) -> jax.Array:
     """Writes new [batch, seq, kv_heads, head_dim] at slots index..index+seq-1 of one layer's cache (layer None)
-    or of layer `layer` of every layer's cache (a leading layers axis).  Layouts (KVCache): "bnks"
+    or of layer `layer` of every layer's cache (a leading layers axis); index [batch] (seq 1): row b at its
+    own slot index[b].  Layouts (KVCache): "bnks"
     [batch, kv_heads, head_dim, cache_len] (keys on the xla path), "bnsk" [batch, kv_heads, cache_len,
     head_dim] (values; keys for the decode kernel)."""
     transposed = layout == "bnks"
     new = jnp.transpose(new, (0, 2, 3, 1) if transposed else (0, 2, 1, 3)).astype(cache.dtype)
+    if jnp.ndim(index) == 1:  # a slot per row (seq 1); an index past the cache is dropped
+        rows = jnp.arange(new.shape[0])
+        lead = () if layer is None else (layer,)
+        at = (*lead, rows, slice(None), slice(None), index) if transposed else \
+            (*lead, rows, slice(None), index, slice(None))
+        return cache.at[at].set(new[..., 0] if transposed else new[:, :, 0], mode="drop")
     start = (0, 0, 0, index) if transposed else (0, 0, index, 0)
     if layer is None:
         return jax.lax.dynamic_update_slice(cache, new, start)

@@ -156,10 +156,11 @@ def attention_mask_for(cfg: ModelConfig, attention_mask: jax.Array) -> jax.Array
 
 
 def cache_mask(valid: jax.Array, index: jax.Array, seq: int) -> jax.Array:
-    """mask[b, t, s] = valid[b, s] and s <= index + t.  valid: [batch, cache_len] -> [batch, seq, cache_len]."""
+    """mask[b, t, s] = valid[b, s] and s <= index + t (index a scalar, or [batch]: a slot per row).
+    valid: [batch, cache_len] -> [batch, seq, cache_len]."""
     slots = jnp.arange(valid.shape[1], dtype=jnp.int32)
-    query_slots = index + jnp.arange(seq, dtype=jnp.int32)
-    return valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+    query_slots = jnp.reshape(index, (-1, 1)) + jnp.arange(seq, dtype=jnp.int32)  # [1 or batch, seq]
+    return valid[:, None, :] & (slots[None, None, :] <= query_slots[:, :, None])
 
 
 class _WithDecoder(nnx.Module):
@@ -233,7 +234,8 @@ class CausalLM(_WithDecoder):
     ) -> tuple[jax.Array, KVCache]:
         """Runs `seq` new tokens against the cache: prefill (seq = prompt length) or one decode step (seq = 1).
 
-        input_ids, positions, attention_mask: [batch, seq]; index: int32 scalar, the first cache slot to write.
+        input_ids, positions, attention_mask: [batch, seq]; index: int32 scalar, the first cache slot to write,
+        or [batch] (seq 1), each row's own slot (a row past the cache writes nothing).
         -> (logits [batch, seq, vocab], cache with slots index..index+seq-1 filled).
         """
         hidden, cache = self.decode_hidden_states(input_ids, positions, attention_mask, cache, index)
@@ -268,7 +270,13 @@ class CausalLM(_WithDecoder):
                           and resolve_attention(cfg.attention, cfg.dtype) != "xla")
         kernel_decode = contiguous_rows and input_ids.shape[1] == 1 and decodes_with_kernel(cfg)
         index = jnp.asarray(index, jnp.int32)
-        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
+        if index.ndim == 1:  # a slot per row, one token each (the slot engine)
+            if input_ids.shape[1] != 1:
+                raise ValueError(f"decode: a write slot per row takes one token a row, got {input_ids.shape[1]}")
+            rows = jnp.arange(index.shape[0])
+            valid = cache.valid.at[rows, index].set(attention_mask[:, 0].astype(bool), mode="drop")
+        else:
+            valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
         cache = cache._replace(valid=valid)
         if kernel_prefill:
             mask = CausalTokens(attention_mask.astype(bool))

@@ -54,7 +54,7 @@ def prefill(graphdef: nnx.GraphDef, config: SamplingConfig, params, prompt_ids, 
 
     logits = jnp.repeat(last_logits, config.n, axis=0)
     tokens, logprobs = choose_next_token(
-        logits, _uniform(key, 0, logits.shape[0]), config.temperature, config.top_k, config.top_p
+        logits, row_uniforms(key, jnp.arange(logits.shape[0]), 0), config.temperature, config.top_k, config.top_p
     )
     first_positions = jnp.repeat(positions[:, -1] + 1, config.n, axis=0)
     return cache, tokens, logprobs, first_positions
@@ -176,7 +176,7 @@ class _DecodeLoop:
         logits, cache = _last_logits(self.model, s.last[:, None], s.positions[:, None], feed_mask, s.cache, slot,
                                      rope, self.head, decode_step=True)
         tokens, logprobs = choose_next_token(
-            logits, _uniform(self.key, s.step, rows), cfg.temperature, cfg.top_k, cfg.top_p
+            logits, row_uniforms(self.key, jnp.arange(rows), s.step), cfg.temperature, cfg.top_k, cfg.top_p
         )
         tokens = jnp.where(s.done, cfg.pad_id, tokens)
         logprobs = jnp.where(s.done, 0.0, logprobs)
@@ -256,6 +256,13 @@ def vocab_major_head(model) -> jax.Array:
     return constrain(model.lm_head_weight().T, ("vocab", "embed"))
 
 
-def _uniform(key: jax.Array, step, rows: int) -> jax.Array:
-    """One uniform in [0, 1) per row for response token `step`.  -> [rows]"""
-    return jax.random.uniform(jax.random.fold_in(key, step), (rows,))
+def row_uniforms(key: jax.Array, row_ids: jax.Array, token_index) -> jax.Array:
+    """One uniform in [0, 1) per row for its response token `token_index` (a scalar, or [rows]), from the
+    row's own stream: fold_in(fold_in(key, row id), token index). A row draws the same numbers wherever it
+    runs: in any slot of the slot engine, at any batch position, with any other rows.  row_ids: [rows] -> [rows]"""
+    token_index = jnp.broadcast_to(jnp.asarray(token_index, jnp.int32), row_ids.shape)
+
+    def draw(row, index):
+        return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, row), index), ())
+
+    return jax.vmap(draw)(row_ids, token_index)

@@ -1,0 +1,190 @@
+"""The slot engine's programs, jitted by rlmt_jax.rollout.slot_sampler.SlotSampler, with the model given as
+(graphdef, params) and merged inside so a new policy never recompiles:
+
+- empty_slots: S idle slots, each with its own KV cache of C slots (blocks of cache_block_widths, as the
+  static sampler's), numbered from position 0;
+- admit: prefills up to A rows' prompts (right-padded, from position 0) into chosen free slots and chooses
+  their first tokens (one program per admission bucket A);
+- decode_chunk: up to `chunk_tokens` decode steps of every active slot, each at its own cache slot and
+  position, attending to the first `window + 1` cache blocks only (one program per window); it returns early
+  once `refill_at` rows have stopped, so that freed slots do not idle while rows wait.
+
+A row's tokens come from its own random stream (decode.row_uniforms over its row id and token index), so
+they do not depend on which slot it runs in, nor on which rows share the batch.
+
+S = slots, C = the cache's slots (the largest prompt bucket + max_new_tokens - 1, rounded up to the decode
+kernel's block multiple), N = max_new_tokens, P = the admission's prompt bucket.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from typing import NamedTuple
+
+from models.attention import decode_slot_multiple
+from models.layers import CacheBlocks
+from models.sharding import constrain
+from models.transformer import KVCache
+from rlmt_jax.rollout.decode import _is_eos, _last_logits, row_uniforms, vocab_major_head
+from rlmt_jax.rollout.decode_cache import cache_axes, cache_block_widths, window_view, with_window
+from rlmt_jax.rollout.next_token import choose_next_token
+from rlmt_jax.rollout.sampling_config import SamplingConfig
+
+
+class SlotState(NamedTuple):
+    """The engine's device state, S slots (sharded over the rollout mesh's batch axes)."""
+
+    cache: KVCache  # k, v: CacheBlocks (a tuple of them per layer when layers are not scanned); valid [S, C]
+    last: jax.Array  # [S] int32: the token to feed next
+    index: jax.Array  # [S] int32: the cache slot it is fed at, which is also its position
+    row: jax.Array  # [S] int32: the row id the slot holds (its random stream); -1 when never used
+    count: jax.Array  # [S] int32: response tokens chosen so far (EOS included)
+    active: jax.Array  # [S] bool: the slot's row is still decoding
+    tokens: jax.Array  # [S, N] int32: the row's response so far (pads after `count`)
+    logprobs: jax.Array  # [S, N] float32: their log-probs (0 after `count`)
+
+
+class ChunkSummary(NamedTuple):
+    """What the host reads after each chunk: which slots still decode and how many tokens each has."""
+
+    active: jax.Array  # [S] bool
+    count: jax.Array  # [S] int32
+
+
+def slot_widths(config: SamplingConfig, model_config, longest_prompt: int) -> tuple[int, ...]:
+    """Slots of each cache block of a slot: the static sampler's blocks for a prompt of `longest_prompt`."""
+    return cache_block_widths(config, longest_prompt, decode_slot_multiple(model_config))
+
+
+def empty_slots(model_config, config: SamplingConfig, slots: int, longest_prompt: int) -> SlotState:
+    """S idle slots with zeroed caches of slot_widths blocks."""
+    widths = slot_widths(config, model_config, longest_prompt)
+    layers, kv, hd = model_config.num_hidden_layers, model_config.num_key_value_heads, model_config.head_dim
+    dtype = jnp.dtype(config.cache_dtype)
+    key_axes, value_axes = cache_axes(model_config)
+
+    def blocks(axes):
+        def shape(width):  # the axes name the layout: (layers, batch, kv_heads, {head_dim, cache_seq} ...)
+            sizes = {"batch": slots, "kv_heads": kv, "head_dim": hd, "cache_seq": width}
+            return (layers, *(sizes[axis] for axis in axes[1:]))
+        return CacheBlocks(constrain(jnp.zeros(shape(width), dtype), axes) for width in widths)
+
+    k, v = blocks(key_axes), blocks(value_axes)
+    if not model_config.scan_layers:
+        k, v = (tuple(CacheBlocks(b[layer] for b in x.blocks) for layer in range(layers)) for x in (k, v))
+    cache = KVCache(k=k, v=v, valid=constrain(jnp.zeros((slots, sum(widths)), bool), ("batch", None)))
+    per_slot = lambda value, dtype: constrain(jnp.full((slots,), value, dtype), ("batch",))  # noqa: E731
+    new = config.max_new_tokens
+    return SlotState(
+        cache=cache, last=per_slot(config.pad_id, jnp.int32), index=per_slot(0, jnp.int32),
+        row=per_slot(-1, jnp.int32), count=per_slot(0, jnp.int32), active=per_slot(False, bool),
+        tokens=constrain(jnp.full((slots, new), config.pad_id, jnp.int32), ("batch", None)),
+        logprobs=constrain(jnp.zeros((slots, new), jnp.float32), ("batch", None)),
+    )
+
+
+def admit(graphdef: nnx.GraphDef, config: SamplingConfig, params, state: SlotState, prompt_ids, prompt_lengths,
+          slot_ids, row_ids, key) -> SlotState:
+    """Prefills A rows into free slots and chooses their first tokens.
+
+    prompt_ids: [A, P] right-padded (token p of a prompt at position p); prompt_lengths, slot_ids, row_ids: [A]
+    (a slot id >= S admits nothing: filler rows of the bucket). -> the state with those slots active (or done
+    already, when the first token is an EOS or max_new_tokens is 1)."""
+    model = nnx.merge(graphdef, params)
+    rows, prompt_len = prompt_ids.shape
+    columns = jnp.arange(prompt_len, dtype=jnp.int32)
+    mask = columns[None, :] < prompt_lengths[:, None]
+    positions = jnp.broadcast_to(columns, prompt_ids.shape)
+    cache = model.init_cache(rows, prompt_len, jnp.dtype(config.cache_dtype))
+    hidden, cache = model.decode_hidden_states(prompt_ids, positions, mask, cache, 0)
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
+    logits = model.lm_logits(last)[:, 0]
+    first, first_logprobs = choose_next_token(logits, row_uniforms(key, row_ids, 0), config.temperature,
+                                              config.top_k, config.top_p)
+    eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
+    new = config.max_new_tokens
+    put = lambda x, values: x.at[slot_ids].set(values, mode="drop")  # noqa: E731
+    valid = jnp.pad(mask, ((0, 0), (0, state.cache.valid.shape[1] - prompt_len)))
+    key_axes, value_axes = cache_axes(model.config)
+    return SlotState(
+        cache=KVCache(k=_put_prompts(state.cache.k, cache.k, slot_ids, key_axes),
+                      v=_put_prompts(state.cache.v, cache.v, slot_ids, value_axes),
+                      valid=put(state.cache.valid, valid)),
+        last=put(state.last, first),
+        index=put(state.index, prompt_lengths),
+        row=put(state.row, row_ids),
+        count=put(state.count, jnp.ones_like(first)),
+        active=put(state.active, ~_is_eos(eos, first) & (new > 1)),
+        tokens=put(state.tokens, jnp.full((rows, new), config.pad_id, jnp.int32).at[:, 0].set(first)),
+        logprobs=put(state.logprobs, jnp.zeros((rows, new), jnp.float32).at[:, 0].set(first_logprobs)),
+    )
+
+
+def _put_prompts(blocks, prompt_cache: jax.Array, slot_ids, axes: tuple):
+    """The slots' caches with the prompts' [layers, A, ...] (P slots each) written into their first P slots
+    (block 0 holds the largest prompt bucket)."""
+    slot_axis = axes.index("cache_seq")
+    prompt_len = prompt_cache.shape[slot_axis]
+
+    def put(block, prompts):  # block [layers?, S, ...], prompts [layers?, A, ...] with the same leading axes
+        lead = block.ndim - len(axes)  # 0 stacked, -1 one layer's
+        at = [slice(None)] * block.ndim
+        at[1 + lead] = slot_ids
+        at[slot_axis + lead] = slice(0, prompt_len)
+        return block.at[tuple(at)].set(prompts.astype(block.dtype), mode="drop")
+
+    if isinstance(blocks, CacheBlocks):
+        return CacheBlocks((put(blocks.blocks[0], prompt_cache), *blocks.blocks[1:]))
+    return tuple(CacheBlocks((put(layer.blocks[0], prompt_cache[i]), *layer.blocks[1:]))
+                 for i, layer in enumerate(blocks))
+
+
+def decode_chunk(graphdef: nnx.GraphDef, config: SamplingConfig, longest_prompt: int, chunk_tokens: int,
+                 window: int, params, state: SlotState, key, refill_at) -> tuple[SlotState, ChunkSummary]:
+    """Up to `chunk_tokens` steps of every active slot: each feeds its last token at its own cache slot (its
+    position) and chooses its next response token, attending to the cache blocks 0..window. The loop ends after
+    `chunk_tokens` steps, when no slot is active, or once `refill_at` rows have stopped in this chunk (a traced
+    int: no program per value). The caller picks `window` so that no active slot passes its blocks.
+    -> (the state, its summary)"""
+    model = nnx.merge(graphdef, params)
+    widths = slot_widths(config, model.config, longest_prompt)
+    attended = sum(widths[:window + 1])
+    slots, new = state.last.shape[0], config.max_new_tokens
+    eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
+    positions = state.index[:, None] + jnp.arange(chunk_tokens, dtype=jnp.int32)[None, :]
+    rope = tuple(model.rotary_tables(positions))  # [S, chunk, head_dim] each, once per chunk
+    head = vocab_major_head(model)
+    every = jnp.arange(slots)
+
+    def continues(carry):
+        step, s, stopped = carry
+        return (step < chunk_tokens) & jnp.any(s.active) & (stopped < refill_at)
+
+    def advance(carry):
+        step, s, stopped = carry
+        step_rope = tuple(jax.lax.dynamic_slice_in_dim(t, step, 1, axis=1) for t in rope)
+        logits, cache = _last_logits(model, s.last[:, None], s.index[:, None], jnp.ones((slots, 1), bool), s.cache,
+                                     s.index, step_rope, head, decode_step=True)
+        tokens, logprobs = choose_next_token(logits, row_uniforms(key, s.row, s.count), config.temperature,
+                                             config.top_k, config.top_p)
+        column = jnp.where(s.active, s.count, new)  # idle and stopped slots write nothing
+        count = s.count + s.active.astype(jnp.int32)
+        active = s.active & ~_is_eos(eos, tokens) & (count < new)
+        return step + 1, SlotState(
+            cache=cache,
+            last=jnp.where(s.active, tokens, s.last),
+            index=s.index + s.active.astype(jnp.int32),
+            row=s.row,
+            count=count,
+            active=active,
+            tokens=s.tokens.at[every, column].set(tokens, mode="drop"),
+            logprobs=s.logprobs.at[every, column].set(logprobs, mode="drop"),
+        ), stopped + jnp.sum(s.active & ~active, dtype=jnp.int32)
+
+    full = state.cache
+    view = state._replace(cache=window_view(full, window + 1, attended))
+    _, view, _ = jax.lax.while_loop(continues, advance, (jnp.int32(0), view, jnp.int32(0)))
+    state = view._replace(cache=with_window(full, view.cache))
+    return state, ChunkSummary(state.active, state.count)
