@@ -16,7 +16,7 @@ from flax import nnx
 from models.attention import (CacheRows, CausalTokens, decode_attention, kernel_attention, key_cache_layout,
                               resolve_attention)
 from models.config import ModelConfig, RopeScaling
-from models.sharding import constrain, param
+from models.sharding import constrain, param, per_device
 
 # A large finite negative, not -inf: a query whose keys are all masked (a pad row) then gets a uniform
 # softmax instead of NaN, as in transformers.
@@ -222,16 +222,43 @@ def write_cache(cache: jax.Array, new: jax.Array, layer, index, layout: str) -> 
     head_dim] (values; keys for the decode kernel)."""
     transposed = layout == "bnks"
     new = jnp.transpose(new, (0, 2, 3, 1) if transposed else (0, 2, 1, 3)).astype(cache.dtype)
-    if jnp.ndim(index) == 1:  # a slot per row (seq 1); an index past the cache is dropped
-        rows = jnp.arange(new.shape[0])
-        lead = () if layer is None else (layer,)
-        at = (*lead, rows, slice(None), slice(None), index) if transposed else \
-            (*lead, rows, slice(None), index, slice(None))
-        return cache.at[at].set(new[..., 0] if transposed else new[:, :, 0], mode="drop")
+    if jnp.ndim(index) == 1:  # a slot per row (seq 1)
+        axes = ("batch", "kv_heads", "head_dim", "cache_seq") if transposed else \
+            ("batch", "kv_heads", "cache_seq", "head_dim")
+        values = new[..., 0] if transposed else new[:, :, 0]
+        if layer is None:
+            return write_rows(cache, values, index, axes, axes.index("cache_seq"))
+        return write_rows(cache, values, index, (None, *axes), 1 + axes.index("cache_seq"), layer)
     start = (0, 0, 0, index) if transposed else (0, 0, index, 0)
     if layer is None:
         return jax.lax.dynamic_update_slice(cache, new, start)
     return jax.lax.dynamic_update_slice(cache, new[None], (layer, *start))
+
+
+def write_rows(array: jax.Array, values: jax.Array, index: jax.Array, axes: tuple, slot_axis: int,
+               layer=None) -> jax.Array:
+    """array[b, ..., index[b], ...] = values[b, ...] for every row b: one element per row along `slot_axis`
+    (with `layer`, in layer `layer` of a leading layers axis); a row whose index is past the axis writes
+    nothing. Rows are the axis named "batch" in `axes`, the array's logical axes; values has the array's axes
+    without the slot and layers axes.
+
+    A scatter by rows as such is one XLA cannot keep on the devices that hold the rows (it gathers the indices
+    and values of every row to every device, every decode step): this one runs per device (models.sharding
+    .per_device), each device writing its own rows."""
+    batch_axis = axes.index("batch")
+    values_axes = tuple(a for i, a in enumerate(axes) if i != slot_axis and (layer is None or i != 0))
+
+    def local(array, values, index, *layer):
+        at = [slice(None)] * array.ndim
+        at[batch_axis] = jnp.arange(index.shape[0])
+        at[slot_axis] = index
+        if layer:
+            at[0] = layer[0]
+        return array.at[tuple(at)].set(values.astype(array.dtype), mode="drop")
+
+    lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+    run = per_device(local, (axes, values_axes, ("batch",), *((),) * len(lead)), axes)
+    return run(array, values, index, *lead)
 
 
 @jax.tree_util.register_pytree_node_class

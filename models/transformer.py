@@ -10,7 +10,7 @@ from flax import nnx
 
 from models.attention import CacheRows, CausalTokens, decodes_with_kernel, key_cache_layout, resolve_attention
 from models.config import ModelConfig
-from models.layers import DecoderBlock, RMSNorm, _normal, rope_inverse_frequencies, rope_tables
+from models.layers import DecoderBlock, RMSNorm, _normal, rope_inverse_frequencies, rope_tables, write_rows
 from models.sharding import constrain, param
 
 _REMAT_POLICIES = {
@@ -273,8 +273,7 @@ class CausalLM(_WithDecoder):
         if index.ndim == 1:  # a slot per row, one token each (the slot engine)
             if input_ids.shape[1] != 1:
                 raise ValueError(f"decode: a write slot per row takes one token a row, got {input_ids.shape[1]}")
-            rows = jnp.arange(index.shape[0])
-            valid = cache.valid.at[rows, index].set(attention_mask[:, 0].astype(bool), mode="drop")
+            valid = write_rows(cache.valid, attention_mask[:, 0].astype(bool), index, ("batch", "cache_seq"), 1)
         else:
             valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), (0, index))
         cache = cache._replace(valid=valid)

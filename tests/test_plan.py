@@ -326,3 +326,144 @@ def test_the_gpu_decode_kernel_reads_each_rows_slots_so_far_and_the_xla_path_its
     assert xla.hbm_bytes - kernel.hbm_bytes == pytest.approx(
         4096 * 512 * (xla_keys - kernel_keys) * kv_per_slot / 8, rel=1e-9)
     assert "~3072 cache slots" in kernel.how and "~3583 cache slots" in xla.how
+
+
+# ------------------------------------------------------------------ the slot engine and response lengths
+SLOTS = [*H100_OVERRIDES, "rollout.engine=slots"]  # the recipe's 32 slots per replica; 2 replicas (tensor 4 of 8)
+LLAMA_MATMUL_PARAMS = LLAMA_PARAMS - LLAMA_TABLE - LLAMA_VECTORS  # every kernel and the lm head, not the embedding
+KV_PER_SLOT = 2 * 32 * 8 * 128 * 2  # keys and values of one row at one slot, every layer, bfloat16
+
+
+def h100_time(overrides, response_mean=None):
+    from rlmt_jax.plans.time_plan import time_plan
+
+    return time_plan(resolve("grpo_llama31_8b_instruct", overrides), DeviceSpec.parse("h100"),
+                     response_mean=response_mean)
+
+
+def test_default_response_mean_is_the_cap_and_gives_the_static_decode_of_every_row_at_the_cap():
+    default, at_cap = h100_time(H100_OVERRIDES), h100_time(H100_OVERRIDES, response_mean=4096)
+    assert default.response_mean == 4096.0 and default.engine == "static"
+    # 4096 steps x 512 rows: the README's 49.6 s, unchanged since the plan had no length distribution
+    assert default.phase("rollout decode").seconds == pytest.approx(49.62172408276697, rel=1e-12)
+    assert at_cap.phases == default.phases
+    assert default.decode_by_engine["static"] == default.phase("rollout decode")
+    assert default.sampled_tokens == 512 * 4096 and default.sequence_tokens == 512 * (1024 + 4096)
+    # static decodes every row until the step's longest stops (at the cap): the mean changes its decode not at all
+    short = h100_time(H100_OVERRIDES, response_mean=1024)
+    assert short.phase("rollout decode") == default.phase("rollout decode")
+    assert short.sampled_tokens == 512 * 1024 and short.sequence_tokens == 512 * (1024 + 1024)
+
+
+def test_slots_decode_a_quarter_length_mean_on_fewer_slots_than_rows_reads_far_less_than_static():
+    plan = h100_time(SLOTS, response_mean=1024)
+    static, slots = plan.decode_by_engine["static"], plan.decode_by_engine["slots"]
+    assert plan.engine == "slots" and plan.phase("rollout decode") == slots
+    # R = 512 rows / 2 replicas = 256 per replica > S = 32: ceil(256 x 1024 / 32) = 8192 steps (> the cap 4096),
+    # each on 32 x 2 = 64 slots reading their prompt (1024) + the mean written response (1024) slots
+    steps, rows, keys = 8192, 64, 1024 + 1024
+    weights = LLAMA_MATMUL_PARAMS * 2 / 4  # the bfloat16 copy split over tensor 4
+    assert slots.hbm_bytes == pytest.approx(steps * (weights + rows * keys * KV_PER_SLOT / 8), rel=1e-12)
+    assert slots.how.startswith(
+        "8192 steps = max(4096, ceil(256 rows x 1024 mean / 32 slots)) x 64 rows (32 slots x 2 replicas)")
+    assert "~2048 cache slots" in slots.how
+    assert slots.seconds == pytest.approx(23.816984688894724, rel=1e-9)
+    assert slots.seconds < static.seconds / 2  # 23.8 s vs 49.6 s
+    assert static == h100_time(H100_OVERRIDES).phase("rollout decode")
+
+
+def test_slots_steps_are_bounded_below_by_the_cap():
+    # ceil(256 x 256 / 32) = 2048 < 4096: the longest row at the cap bounds the step's rollout
+    slots = h100_time(SLOTS, response_mean=256).phase("rollout decode")
+    assert slots.how.startswith("4096 steps = max(4096, ceil(256 rows x 256 mean / 32 slots)) x 64 rows")
+    assert "~1280 cache slots" in slots.how  # prompt 1024 + mean 256
+    # at the cap every row writes N: a running row has written (N + 1) / 2 on average, the static count
+    at_cap = h100_time(SLOTS).phase("rollout decode")
+    assert at_cap.how.startswith("32768 steps = max(4096, ceil(256 rows x 4096 mean / 32 slots))")
+    assert "~3072 cache slots" in at_cap.how
+
+
+def test_partial_rollouts_k1_drop_the_cap_bound_and_are_labelled_projected():
+    plan = h100_time([*SLOTS, "rollout.slots=128"], response_mean=1024)
+    slots, k1 = plan.decode_by_engine["slots"], plan.decode_by_engine["slots k=1"]
+    assert slots.how.startswith("4096 steps = max(4096, ceil(256 rows x 1024 mean / 128 slots)) x 256 rows")
+    assert k1.how.startswith("2048 steps = ceil(256 rows x 1024 mean / 128 slots) x 256 rows")
+    assert k1.how.endswith("(projected, not built)") and "projected" not in slots.how
+    assert k1.seconds == pytest.approx(slots.seconds / 2, rel=1e-12)  # the same steps, half as many
+    assert plan.phase("rollout decode") == slots  # the step uses the configured engine, never the projection
+
+
+def test_plan_cli_prints_the_decode_by_engine_and_puts_it_in_the_json(capsys):
+    args = ["plan", "grpo_llama31_8b_instruct", *SLOTS, "--device-kind", "h100", "--response-mean", "1024"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert ("decode by engine (1024-token mean responses, h100): static 49.6 s | slots 23.8 s | slots k=1 23.8 s "
+            "(projected, not built)") in out
+    assert "rollout.engine slots, responses 1024 tokens on average" in out
+    assert "rollout 512 rows through 64 slots x 5119 cache slots" in out
+    assert main([*args, "--json"]) == 0
+    timing = json.loads(capsys.readouterr().out)["time"]
+    assert timing["engine"] == "slots" and timing["response_mean"] == 1024
+    assert {engine: (round(d["seconds"], 1), d["built"]) for engine, d in timing["decode_by_engine"].items()} == {
+        "static": (49.6, True), "slots": (23.8, True), "slots k=1": (23.8, False)}
+
+
+def test_response_lengths_reads_the_mean_of_a_runs_metrics_and_equals_that_response_mean(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "time": 1.0, "response_tokens_mean": 1000.0}\n'
+                       '{"step": 2, "time": 2.0, "loss": 0.5}\n'  # a line without the metric: skipped
+                       '{"step": 3, "time": 3.0, "response_tokens_mean": 1048.0}\n')
+    base = ["plan", "grpo_llama31_8b_instruct", *SLOTS, "--device-kind", "h100", "--json"]
+    assert main([*base, "--response-lengths", str(metrics)]) == 0
+    from_file = json.loads(capsys.readouterr().out)["time"]
+    assert main([*base, "--response-mean", "1024"]) == 0
+    assert from_file == json.loads(capsys.readouterr().out)["time"]
+    assert from_file["response_mean"] == 1024.0
+
+
+def test_response_length_options_name_what_is_wrong(tmp_path, capsys):
+    from rlmt_jax.plans.time_plan import response_mean_of
+
+    base = ["plan", "grpo_llama31_8b_instruct", *SLOTS, "--device-kind", "h100"]
+    with pytest.raises(SystemExit):
+        main([*base, "--response-mean", "1024", "--response-lengths", str(tmp_path / "metrics.jsonl")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    missing = tmp_path / "missing.jsonl"
+    assert main([*base, "--response-lengths", str(missing)]) == 2
+    assert f"--response-lengths {missing}: cannot read it" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match=f"--response-lengths {empty}: the file is empty"):
+        response_mean_of(str(empty))
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "response_tokens_mean": null}\n')
+    with pytest.raises(UserError, match=f"--response-lengths {other}: no line has the metric 'response_tokens_mean'"):
+        response_mean_of(str(other))
+    with pytest.raises(UserError, match="response mean 5000 tokens .*at most rollout.max_new_tokens \\(4096\\)"):
+        h100_time(SLOTS, response_mean=5000)
+
+
+def test_slots_engine_kv_cache_holds_the_slots_not_the_steps_rows():
+    def kv(overrides):
+        cfg = resolve("grpo_llama31_8b_instruct", [*H100_OVERRIDES, *overrides])
+        return memory_plan(cfg, DeviceSpec.parse("h100")).item("KV cache").bytes
+
+    def cache(rows, slots):  # per device: rows over data 2, kv heads over tensor 4; the valid mask over data
+        return 2 * 32 * rows * slots * 8 * 128 * 2 // 4 + rows * slots
+
+    # 32 slots x 2 replicas = 64 rows of 5119 slots, + the first admission's 64 rows of the 1024-token prompt
+    assert kv(["rollout.engine=slots"]) == cache(64 // 2, 5119) + cache(64 // 2, 1024)
+    assert kv(["rollout.engine=slots", "rollout.prompts_per_step=128"]) == kv(["rollout.engine=slots"])
+    assert kv(["rollout.engine=slots", "rollout.slots=64"]) == 2 * kv(["rollout.engine=slots"])
+    assert kv(["rollout.prompts_per_step=128"]) == 2 * kv([])  # static: every row of the step
+
+
+def test_slots_engine_counts_its_token_and_logprob_buffers():
+    cfg = resolve("grpo_llama31_8b_instruct", SLOTS)
+    plan = memory_plan(cfg, DeviceSpec.parse("h100"))
+    buffers = plan.item("slot buffers")
+    assert buffers.phase == "rollout"
+    assert buffers.bytes == 64 // 2 * 4096 * (4 + 4)  # [S, N] int32 + float32, slots over the 2 replicas
+    assert plan.shapes["cache_rows"] == 64 and plan.shapes["rollout_rows"] == 512
+    static = memory_plan(resolve("grpo_llama31_8b_instruct", H100_OVERRIDES), DeviceSpec.parse("h100"))
+    assert "slot buffers" not in [item.name for item in static.items]

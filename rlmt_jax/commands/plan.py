@@ -5,7 +5,9 @@ Nothing is allocated and no device is needed: the models are built abstractly fr
 on an abstract mesh of the run's shape, and the table says what each device holds in each phase, the
 peak, whether it fits the device's memory, and the largest item. For GRPO and PPO it also estimates each
 phase's time per step from its FLOPs, memory and interconnect bytes at the device's published peak figures
-(rlmt_jax.plans.time_plan), the step time and the tokens per second per chip.
+(rlmt_jax.plans.time_plan), the step time and the tokens per second per chip. The decode follows rollout.engine
+and the responses' mean length (--response-mean, or --response-lengths a run's metrics.jsonl; default: every
+response at rollout.max_new_tokens), and a line compares the decode of each engine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ FORMULAS = (
     "full: B*T*D*b",
     "  attention: xla B*H*T^2*(4+b); splash and cudnn B*H*T*4 + B*T*(H+2K)*Dh*b (splash: T rounded up to 128)",
     "  total = layers x kept + one layer rebuilt (with remat) + embedding/final norm B*T*D*(2b+4) + mask B*T^2 "
-    "(kernels: B*T); logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes. XLA temporaries are not counted.",
+    "(kernels: B*T); logits chunk B*C*V*(2b+8); KV cache 2*L*R*S*K*Dh*bytes (R: the step's rows, or with "
+    "rollout.engine=slots the slots). XLA temporaries are not counted.",
 )
 
 
@@ -47,6 +50,16 @@ def register(subparsers) -> None:
         "default: from the slice type, 8 for h100/h200, 1 for cpu",
     )
     parser.add_argument("--slices", type=int, default=1, help="TPU slices (multi-slice over DCN; default 1)")
+    lengths = parser.add_mutually_exclusive_group()
+    lengths.add_argument(
+        "--response-mean", type=float, default=None, metavar="TOKENS",
+        help="mean response length for the time plan's decode (default: rollout.max_new_tokens, every response "
+        "at the cap)",
+    )
+    lengths.add_argument(
+        "--response-lengths", default=None, metavar="PATH",
+        help="a run's metrics.jsonl: the time plan takes the mean of its response_tokens_mean over its lines",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_import_option(parser)
     parser.set_defaults(func=run)
@@ -58,7 +71,7 @@ def run(args) -> int:
     from rlmt_jax.settings.config import DEFAULT_CONFIG, find_config, resolve
     from rlmt_jax.plans.memory_plan import DeviceSpec, memory_plan
     from rlmt_jax.algorithms.specs import spec_of
-    from rlmt_jax.plans.time_plan import CHIPS, time_plan
+    from rlmt_jax.plans.time_plan import CHIPS, response_mean_of, time_plan
 
     import_variants(args.imports)
     config, overrides = _split(args.config, args.overrides)
@@ -67,10 +80,13 @@ def run(args) -> int:
     source = str(find_config(config or DEFAULT_CONFIG))
     if overrides:
         source += " " + " ".join(overrides)
+    response_mean = args.response_mean
+    if args.response_lengths is not None:
+        response_mean = response_mean_of(args.response_lengths)
     plan = memory_plan(cfg, device, source)
     timing = None
     if spec_of(cfg).loop == "rollouts" and device.kind in CHIPS:
-        timing = time_plan(cfg, device)
+        timing = time_plan(cfg, device, response_mean=response_mean)
     if args.json:
         print(json.dumps({**plan.to_dict(), "time": timing.to_dict() if timing else None}, indent=2))
     else:
@@ -98,8 +114,10 @@ def format_plan(plan, algorithm: str = "") -> str:
     lines.append(
         f"shapes: update {shapes['micro_batch_rows']} sequences x {shapes['update_seq']} tokens per micro-batch, "
         f"{shapes['micro_batches']} micro-batches"
-        + (f"; rollout {shapes['rollout_rows']} rows x {shapes['cache_slots']} cache slots; reward model "
-           f"{shapes['reward_rows']} rows x {shapes['reward_seq']} tokens" if "rollout_rows" in shapes else "")
+        + (f"; rollout {shapes['rollout_rows']} rows"
+           + (f" through {shapes['cache_rows']} slots" if shapes["cache_rows"] != shapes["rollout_rows"] else "")
+           + f" x {shapes['cache_slots']} cache slots; reward model {shapes['reward_rows']} rows x "
+           f"{shapes['reward_seq']} tokens" if "rollout_rows" in shapes else "")
     )
     lines += ["", f"{'per device':34s} {'phase':14s} {'GiB':>8s}  how"]
     for item in plan.items:
@@ -124,15 +142,21 @@ def format_plan(plan, algorithm: str = "") -> str:
 
 def format_time_plan(timing) -> str:
     """The time plan as a table: each phase's per-device work, its estimated seconds, the step."""
-    lines = [f"time per step (estimate at peak figures: {timing.chip.source})",
+    from rlmt_jax.plans.time_plan import PROJECTED
+
+    lines = [f"time per step (estimate at peak figures: {timing.chip.source}); rollout.engine {timing.engine}, "
+             f"responses {timing.response_mean:g} tokens on average",
              f"{'phase':22s} {'TFLOP':>9s} {'HBM GB':>9s} {'link GB':>9s} {'seconds':>9s}  how"]
     for p in timing.phases:
         lines.append(f"{p.name:22s} {p.flops / 1e12:9.2f} {p.hbm_bytes / 1e9:9.2f} {p.link_bytes / 1e9:9.2f} "
                      f"{p.seconds:9.2f}  {p.how}")
+    by_engine = timing.decode_by_engine
     lines += [
         f"step: {timing.step_seconds:.1f} s; {timing.tokens_per_second_per_chip:,.0f} sequence tokens/s per chip "
-        f"({timing.sequence_tokens:,} prompt + response tokens, {timing.sampled_tokens:,} sampled, every response "
-        "at max_new_tokens)",
+        f"({timing.sequence_tokens:,} prompt + response tokens, {timing.sampled_tokens:,} sampled)",
+        f"decode by engine ({timing.response_mean:g}-token mean responses, {timing.device.kind}): "
+        f"static {by_engine['static'].seconds:.1f} s | slots {by_engine['slots'].seconds:.1f} s | "
+        f"slots k=1 {by_engine['slots k=1'].seconds:.1f} s ({PROJECTED})",
         "per device: max(FLOPs / peak, HBM bytes / bandwidth) + link bytes / link bandwidth + collectives x latency;"
         f" a decode step reads at {timing.chip.stream:.0%} of the bandwidth; a real step reaches a fraction of the"
         " peaks",

@@ -15,7 +15,9 @@ docstrings below.
 Not everything is alive at once, so memory is counted by phase:
   resident       policy params, optimizer state, reference, reward model, critic and its optimizer state
   rollout        the policy's copy in the decode layout (rollout.mesh), the KV cache of the whole rollout
-                 batch, one layer of the prompts' prefill: all split by the decode layout
+                 batch (rollout.engine static) or of its slots (slots: rollout.slots rows per data-parallel
+                 replica, + their token and log-prob buffers), one layer of the prompts' prefill: all split by
+                 the decode layout
 Frozen models (reference, reward model) are counted in the dtype the trainer stores them in
 (config.frozen_param_dtype: bfloat16 when runtime.dtype is).
   reward         one layer of the reward model's forward on a scoring batch
@@ -529,16 +531,30 @@ def _rollout_and_reward_items(cfg: RunConfig, device: DeviceSpec, models: dict[s
     policy = models["policy"]
     rollout_mesh, rollout_rules = plan_rollout_mesh(cfg, device)
     items = [_rollout_copy_item(cfg, policy, rollout_mesh, rollout_rules)] if cfg.rollout.mesh.reshard else []
-    items += [_kv_cache_item(cfg, policy, rollout_mesh),
-              _decode_copies_item(policy, rollout_mesh, rollout_rules),
+    items.append(_kv_cache_item(cfg, policy, rollout_mesh))
+    if cfg.rollout.engine == "slots":
+        items.append(_slot_buffers_item(cfg, rollout_mesh))
+    items += [_decode_copies_item(policy, rollout_mesh, rollout_rules),
               _prefill_item(cfg, policy, rollout_mesh, attention)]
     reward_rows, reward_len = _reward_length(cfg, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     items.append(_reward_forward_item(cfg, models["reward model"], mesh, reward_rows, reward_len, attention))
-    shapes = dict(rollout_rows=cfg.rollout.prompts_per_step * cfg.rollout.n, cache_slots=_cache_slots(cfg),
-                  reward_rows=reward_rows, reward_seq=reward_len,
-                  rollout_data=rollout_mesh.shape["data"] * rollout_mesh.shape["fsdp"],
-                  rollout_tensor=rollout_mesh.shape["tensor"])
+    shapes = dict(rollout_rows=cfg.rollout.prompts_per_step * cfg.rollout.n, cache_rows=_cache_rows(cfg, rollout_mesh),
+                  cache_slots=_cache_slots(cfg), reward_rows=reward_rows, reward_seq=reward_len,
+                  rollout_data=rollout_replicas(rollout_mesh), rollout_tensor=rollout_mesh.shape["tensor"])
     return items, shapes
+
+
+def rollout_replicas(rollout_mesh: AbstractMesh) -> int:
+    """Data-parallel replicas of the rollout mesh: the devices its rows split over (data x fsdp)."""
+    return rollout_mesh.shape["data"] * rollout_mesh.shape["fsdp"]
+
+
+def _cache_rows(cfg: RunConfig, rollout_mesh: AbstractMesh) -> int:
+    """Rows the sampler's KV cache holds: every row of the step (rollout.engine static), or rollout.slots per
+    data-parallel replica of the rollout mesh (slots), however many rows the step has."""
+    if cfg.rollout.engine == "slots":
+        return cfg.rollout.slots * rollout_replicas(rollout_mesh)
+    return cfg.rollout.prompts_per_step * cfg.rollout.n
 
 
 def _cache_slots(cfg: RunConfig) -> int:
@@ -556,18 +572,40 @@ def _rollout_copy_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: Abstra
 
 
 def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh) -> Item:
-    """The KV cache of every rollout row at once, and the prompts' cache while it is copied to their samples."""
+    """The sampler's KV cache and the prefill's cache while it is copied into it.
+
+    static: every rollout row at once, + the prompts' cache (one row a prompt) while it is copied to their samples.
+    slots: rollout.slots rows per data-parallel replica (S in all) whatever the step's rows, + an admission's
+    prefill cache (at most S rows of the prompt length) while it is written into the free slots.
+    Each row holds _cache_slots slots."""
     prompts, n = cfg.rollout.prompts_per_step, cfg.rollout.n
     prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
     slots = _cache_slots(cfg)
     cache_dtype = cfg.rollout.cache_dtype or cfg.runtime.dtype
-    decode_cache = kv_cache_bytes(policy.module, prompts * n, slots, cache_dtype, rollout_mesh)
+    rows = _cache_rows(cfg, rollout_mesh)
+    rows_local = local_shape((rows,), ("batch",), rollout_mesh)[0]
+    decode_cache = kv_cache_bytes(policy.module, rows, slots, cache_dtype, rollout_mesh)
+    shape = f"x {slots} slots (prompt {prompt_len} + {new} new - 1), {cache_dtype}"
+    if cfg.rollout.engine == "slots":
+        admitted = min(rows, prompts * n)  # the first admission fills every slot (or takes every row)
+        prefill_cache = kv_cache_bytes(policy.module, admitted, prompt_len, cache_dtype, rollout_mesh)
+        return Item("KV cache", "rollout", decode_cache + prefill_cache,
+                    f"slots engine: {cfg.rollout.slots} slots x {rollout_replicas(rollout_mesh)} replicas = {rows} "
+                    f"rows ({rows_local} per device; the step's {prompts * n} rows stream through them) {shape}, "
+                    f"+ an admission's prefill cache ({admitted} rows x {prompt_len}) while it is written to the slots")
     prompt_cache = kv_cache_bytes(policy.module, prompts, prompt_len, cache_dtype, rollout_mesh)
-    rows_local = local_shape((prompts * n,), ("batch",), rollout_mesh)[0]
     return Item("KV cache", "rollout", decode_cache + prompt_cache,
-                f"{prompts} prompts x {n} = {prompts * n} rows ({rows_local} per device) x {slots} slots "
-                f"(prompt {prompt_len} + {new} new - 1), {cache_dtype}, + the prompts' cache while it is copied "
-                "to their samples")
+                f"{prompts} prompts x {n} = {rows} rows ({rows_local} per device) {shape}, + the prompts' cache "
+                "while it is copied to their samples")
+
+
+def _slot_buffers_item(cfg: RunConfig, rollout_mesh: AbstractMesh) -> Item:
+    """The slot engine's per-slot responses (rollout.slot_programs.SlotState): tokens [S, N] int32 and their
+    log-probs [S, N] float32, rows split over the rollout mesh's batch axes: S * N * (4 + 4)."""
+    rows, new = _cache_rows(cfg, rollout_mesh), cfg.rollout.max_new_tokens
+    local_rows, local_new = local_shape((rows, new), ("batch", None), rollout_mesh)
+    return Item("slot buffers", "rollout", local_rows * local_new * (4 + 4),
+                f"{rows} slots ({local_rows} per device) x {new} tokens: int32 tokens + float32 log-probs")
 
 
 def _decode_copies_item(policy: ModelShapes, rollout_mesh: AbstractMesh, rules) -> Item:
@@ -581,12 +619,16 @@ def _decode_copies_item(policy: ModelShapes, rollout_mesh: AbstractMesh, rules) 
 
 
 def _prefill_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh, attention: str) -> Item:
-    """One layer's forward on every prompt of the step at its longest."""
-    prompts, prompt_len = cfg.rollout.prompts_per_step, cfg.data.max_prompt_tokens
+    """One layer's forward on every prompt of the step at its longest (static), or on the largest admission of
+    the slot engine: a prompt per row, as many rows as there are slots (slots)."""
+    prompt_len = cfg.data.max_prompt_tokens
+    prompts, what = cfg.rollout.prompts_per_step, "prompts"
+    if cfg.rollout.engine == "slots":
+        prompts, what = min(_cache_rows(cfg, rollout_mesh), prompts * cfg.rollout.n), "admitted rows"
     prefill = LocalDims.of(policy.config, prompts, rollout_mesh)
     return Item("prefill activations", "rollout",
                 layer_activation_bytes(prefill, prompt_len, itemsize(cfg.runtime.dtype), attention)["none"],
-                f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device")
+                f"one layer's forward on {prefill.rows} {what} x {prompt_len} tokens per device")
 
 
 def _reward_forward_item(cfg: RunConfig, reward_model: ModelShapes, mesh: AbstractMesh, rows: int, length: int,
@@ -667,5 +709,5 @@ __all__ = [
     "DEVICE_HBM_GIB", "DEVICE_KINDS", "DeviceSpec", "Item", "LocalDims", "MemoryPlan", "ModelShapes",
     "abstract_model", "activation_bytes", "attention_bytes", "global_bytes", "kv_cache_bytes",
     "layer_activation_bytes", "local_shape", "logits_chunk_bytes", "memory_plan", "model_architecture",
-    "per_device_bytes", "plan_mesh", "plan_rollout_mesh", "run_models", "update_shape",
+    "per_device_bytes", "plan_mesh", "plan_rollout_mesh", "rollout_replicas", "run_models", "update_shape",
 ]

@@ -16,18 +16,41 @@ Each phase is counted on one device (the work splits evenly over the devices tha
                + collectives x latency (compute and memory overlap; collectives are counted as not overlapped);
                a decode step's reads (its weights and KV cache, by matmuls of a few rows each) reach only
                `stream` of the HBM bandwidth (ChipFigures.stream)
-Decode assumes every response runs to rollout.max_new_tokens (an upper bound: real responses stop earlier).
 Peak figures are the published ones (CHIPS, with sources); a real step reaches a fraction of them.
+
+The decode phase depends on the engine (rollout.engine) and on the responses' mean length m (`response_mean`;
+default rollout.max_new_tokens N: every response at the cap, the upper bound). Per data-parallel replica of the
+rollout mesh, R rows, prompt p (data.max_prompt_tokens), S = rollout.slots:
+  static       N decode steps, each on every row: the step's rows stop at different lengths, and under a skewed
+               (long-tailed) length distribution the longest of its many rows reaches the cap; finished rows
+               keep their place in the batch. Each row reads the cache as it fills (_mean_decode_keys). m does
+               not change it.
+  slots        max(N, ceil(R x m / S)) decode steps, each on the S slots: the S slots share out R x m tokens,
+               but the longest row (at the cap) still bounds the step's rollout. Rows refill freed slots at once
+               (chunk boundaries and the admissions' small programs are not counted). A running row has written
+               on average E[L^2] / (2 E[L]) response slots (a slot sampled at a random time holds a row weighted
+               by its length): m for exponential lengths, and at most (N + 1) / 2 for any lengths capped at N
+               (every row at the cap: the static count), so the decode kernel reads p + min(m, (N + 1) / 2) slots;
+               the xla path reads the windows so far, as static. Each row's prompt is prefilled on its own (not
+               once per prompt): the prefill phase counts R x p tokens.
+  slots k=1    (projected, not built: the engine does not carry rows across steps yet) partial rollouts with
+               max_staleness 1: the next step's rows fill the slots freed in this step's tail, so the cap no
+               longer bounds the step: ceil(R x m / S) steps, each as slots'.
+The step's phases use the configured engine; `decode_by_engine` holds the decode phase of all three for the same
+m. The reward and update phases stay at prompt + N tokens a row (a batch is padded to its longest row, at the
+cap); the step's token counts use m.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 from models import ModelConfig
 from models.attention import decodes_with_kernel
 from rlmt_jax.algorithms.specs import spec_of
+from rlmt_jax.core.errors import UserError
 from rlmt_jax.settings.config import RunConfig, frozen_param_dtype
 from rlmt_jax.plans.memory_plan import (DEVICE_PLATFORMS, DeviceSpec, itemsize, plan_mesh, plan_rollout_mesh,
                                         run_models, update_shape)
@@ -83,13 +106,23 @@ class PhaseTime:
     how: str
 
 
+# The decode engines the plan compares: rollout.engine's two, and partial rollouts across steps (not built).
+ENGINES = ("static", "slots", "slots k=1")
+PROJECTED = "projected, not built"  # said wherever the k=1 figure is printed
+# The metric of a run's metrics.jsonl that holds the step's mean response length (rollout.scored.length_metrics).
+RESPONSE_LENGTH_METRIC = "response_tokens_mean"
+
+
 @dataclasses.dataclass(frozen=True)
 class TimePlan:
     device: DeviceSpec
     chip: ChipFigures
     phases: tuple[PhaseTime, ...]
-    sampled_tokens: int  # response tokens a step generates (every row to max_new_tokens)
+    sampled_tokens: int  # response tokens a step generates (rows x the mean response length)
     sequence_tokens: int  # prompt + response tokens a step trains on
+    engine: str = "static"  # rollout.engine: whose decode phase is in `phases`
+    response_mean: float = 0.0  # the mean response length the decode phase assumes (tokens)
+    decode_by_engine: dict[str, PhaseTime] = dataclasses.field(default_factory=dict)  # ENGINES -> decode phase
 
     @property
     def step_seconds(self) -> float:
@@ -106,7 +139,10 @@ class TimePlan:
     def to_dict(self) -> dict:
         return {"chip": dataclasses.asdict(self.chip), "phases": [dataclasses.asdict(p) for p in self.phases],
                 "step_seconds": self.step_seconds, "tokens_per_second_per_chip": self.tokens_per_second_per_chip,
-                "sampled_tokens": self.sampled_tokens, "sequence_tokens": self.sequence_tokens}
+                "sampled_tokens": self.sampled_tokens, "sequence_tokens": self.sequence_tokens,
+                "engine": self.engine, "response_mean": self.response_mean,
+                "decode_by_engine": {engine: {"seconds": p.seconds, "how": p.how, "built": engine != "slots k=1"}
+                                     for engine, p in self.decode_by_engine.items()}}
 
 
 def _phase(name: str, flops: float, hbm: float, link: float, chip: ChipFigures, how: str,
@@ -134,17 +170,50 @@ def _ring(n: int) -> float:
     return (n - 1) / n if n > 1 else 0.0
 
 
-def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = None) -> TimePlan:
-    """The estimated time of one GRPO/PPO step of `cfg` on `device` (chip: the device's figures; default CHIPS)."""
+def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = None,
+              response_mean: float | None = None) -> TimePlan:
+    """The estimated time of one GRPO/PPO step of `cfg` on `device` (chip: the device's figures; default CHIPS).
+
+    response_mean: the responses' mean length in tokens (default rollout.max_new_tokens: every response at the
+    cap); the decode phase of rollout.engine follows it (the module docstring's model)."""
     if spec_of(cfg).loop != "rollouts":
         raise ValueError("the time plan covers the algorithms that sample every step (grpo, ppo, ...)")
     chip = chip or CHIPS[device.kind]
     models = run_models(cfg)
     policy, rm = models["policy"].config, models["reward model"].config
-    sizes = _StepSizes.of(cfg, device, policy)
-    phases = [*_rollout_phases(cfg, device, chip, sizes), _reward_phase(cfg, chip, rm, sizes),
+    sizes = _StepSizes.of(cfg, device, policy, response_mean)
+    layout = _SamplerLayout.of(cfg, device)
+    by_engine = {engine: _decode_phase(cfg, device, chip, sizes, layout, engine) for engine in ENGINES}
+    phases = [*_rollout_phases(cfg, chip, sizes, layout, by_engine[cfg.rollout.engine]),
+              _reward_phase(cfg, chip, rm, sizes),
               *_update_phases(cfg, chip, sizes, with_reference="reference" in models)]
-    return TimePlan(device, chip, tuple(phases), sizes.rows * sizes.new, sizes.rows * sizes.seq)
+    sampled = round(sizes.rows * sizes.mean)
+    return TimePlan(device, chip, tuple(phases), sampled, sizes.rows * sizes.prompt_len + sampled, cfg.rollout.engine,
+                    sizes.mean, by_engine)
+
+
+def response_mean_of(metrics_file: str) -> float:
+    """The mean of RESPONSE_LENGTH_METRIC over the lines of a run's metrics.jsonl (lines without it skipped)."""
+    try:
+        with open(metrics_file) as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as err:
+        raise UserError(f"--response-lengths {metrics_file}: cannot read it ({err.strerror or err})") from None
+    if not lines:
+        raise UserError(f"--response-lengths {metrics_file}: the file is empty")
+    values = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--response-lengths {metrics_file}: line {number} is not JSON ({err.msg})") from None
+        value = record.get(RESPONSE_LENGTH_METRIC) if isinstance(record, dict) else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            values.append(float(value))
+    if not values:
+        raise UserError(f"--response-lengths {metrics_file}: no line has the metric {RESPONSE_LENGTH_METRIC!r} "
+                        "(a run's metrics.jsonl has it on every rollout step)")
+    return sum(values) / len(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,15 +232,20 @@ class _StepSizes:
     prompt_len: int  # data.max_prompt_tokens
     new: int  # rollout.max_new_tokens
     weights: int  # the policy's matmul params (_matmul_params)
+    mean: float  # the responses' mean length (tokens), at most `new`
 
     @classmethod
-    def of(cls, cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -> _StepSizes:
+    def of(cls, cfg: RunConfig, device: DeviceSpec, policy: ModelConfig,
+           response_mean: float | None = None) -> _StepSizes:
         mesh = plan_mesh(cfg, device)
-        prompts = cfg.rollout.prompts_per_step
+        prompts, new = cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens
+        mean = float(new if response_mean is None else response_mean)
+        if not 0 < mean <= new:
+            raise UserError(f"response mean {response_mean:g} tokens (--response-mean / --response-lengths): must be "
+                            f"> 0 and at most rollout.max_new_tokens ({new})")
         return cls(policy, device.count, mesh.shape["fsdp"], mesh.shape["tensor"], itemsize(cfg.runtime.dtype),
                    itemsize(cfg.runtime.param_dtype), itemsize(frozen_param_dtype(cfg.runtime)), prompts,
-                   prompts * cfg.rollout.n, cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens,
-                   _matmul_params(policy))
+                   prompts * cfg.rollout.n, cfg.data.max_prompt_tokens, new, _matmul_params(policy), mean)
 
     @property
     def seq(self) -> int:
@@ -225,16 +299,17 @@ class _SamplerLayout:
         return (2 * layers * (self.tensor > 1) if self.resharded else 4 * layers * (sizes.fsdp > 1)) + 1
 
 
-def _rollout_phases(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures, sizes: _StepSizes) -> list[PhaseTime]:
-    """The sampler's phases: the policy's copy into the decode layout (when one is made), the prefill, the decode."""
-    layout = _SamplerLayout.of(cfg, device)
+def _rollout_phases(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout: _SamplerLayout,
+                    decode: PhaseTime) -> list[PhaseTime]:
+    """The sampler's phases: the policy's copy into the decode layout (when one is made), the prefill, the
+    `decode` phase of the configured engine."""
     phases = []
     if layout.copies(sizes):
         copy_hbm = sizes.weights * sizes.param / sizes.training_shards + layout.weight_bytes(sizes)  # read, write
         copy_link = sizes.weights * sizes.act * _ring(sizes.devices)  # gather the bfloat16 shards once
         phases.append(_phase("rollout copy", 0.0, copy_hbm, copy_link, chip,
                              "cast + all-gather the policy once into the decode layout"))
-    return [*phases, _prefill_phase(cfg, chip, sizes, layout), _decode_phase(cfg, device, chip, sizes, layout)]
+    return [*phases, _prefill_phase(cfg, chip, sizes, layout), decode]
 
 
 def _kv_bytes_per_slot(cfg: RunConfig, policy: ModelConfig) -> int:
@@ -244,28 +319,68 @@ def _kv_bytes_per_slot(cfg: RunConfig, policy: ModelConfig) -> int:
 
 
 def _prefill_phase(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout: _SamplerLayout) -> PhaseTime:
-    """Every prompt once through the policy, its KV cache written."""
+    """Every prompt once through the policy, its KV cache written (static); the slot engine admits rows, each
+    with its own prompt's prefill (rollout.n per prompt)."""
     policy, prompts, prompt_len = sizes.policy, sizes.prompts, sizes.prompt_len
+    what = f"{prompts} prompts"
+    if cfg.rollout.engine == "slots":
+        prompts, what = sizes.rows, f"{sizes.rows} rows (slots engine: a prefill per row)"
     flops = 2 * sizes.weights * prompts * prompt_len + _attention_flops(policy, prompts, prompt_len, prompt_len)
     flops /= sizes.devices
     hbm = layout.weight_bytes(sizes) + prompts * prompt_len * _kv_bytes_per_slot(cfg, policy) / sizes.devices
     return _phase("rollout prefill", flops, hbm, layout.link_bytes(sizes, prompts, prompt_len), chip,
-                  f"{prompts} prompts x {prompt_len} tokens")
+                  f"{what} x {prompt_len} tokens")
 
 
 def _decode_phase(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures, sizes: _StepSizes,
-                  layout: _SamplerLayout) -> PhaseTime:
-    """max_new_tokens decode steps: each reads every device's weights and the cache slots its rows attend to."""
-    policy, rows, new = sizes.policy, sizes.rows, sizes.new
-    mean_keys = _mean_decode_keys(cfg, device, policy)
+                  layout: _SamplerLayout, engine: str) -> PhaseTime:
+    """The decode steps of `engine` (ENGINES; the module docstring's model): each reads every device's weights
+    and the cache slots its rows attend to."""
+    policy = sizes.policy
+    steps, rows, mean_keys, shape = _decode_shape(cfg, device, sizes, layout, engine)
     step_flops = (2 * sizes.weights * rows + _attention_flops(policy, rows, 1, mean_keys)) / sizes.devices
     step_hbm = layout.weight_bytes(sizes) + rows * mean_keys * _kv_bytes_per_slot(cfg, policy) / sizes.devices
     step = _phase("decode step", step_flops, step_hbm, layout.link_bytes(sizes, rows, 1), chip, "",
                   layout.decode_collectives(sizes), streamed=True)
-    return PhaseTime("rollout decode", step.flops * new, step.hbm_bytes * new, step.link_bytes * new,
-                     step.seconds * new,
-                     f"{new} steps x {rows} rows, ~{mean_keys:.0f} cache slots read per row per step, "
-                     f"{step.seconds * 1e3:.2f} ms a step")
+    return PhaseTime("rollout decode", step.flops * steps, step.hbm_bytes * steps, step.link_bytes * steps,
+                     step.seconds * steps,
+                     f"{shape}, ~{mean_keys:.0f} cache slots read per row per step, {step.seconds * 1e3:.2f} ms a step"
+                     + (f" ({PROJECTED})" if engine == "slots k=1" else ""))
+
+
+def _decode_shape(cfg: RunConfig, device: DeviceSpec, sizes: _StepSizes, layout: _SamplerLayout,
+                  engine: str) -> tuple[int, int, float, str]:
+    """(decode steps, rows each step runs over all replicas, cache slots a row reads per step, how) of `engine`.
+
+    static: N steps x every row. slots: max(N, ceil(R m / S)) steps x S slots a replica; k=1: ceil(R m / S) steps
+    (R rows a replica, m the mean response, N the cap, S = rollout.slots)."""
+    new = sizes.new
+    if engine == "static":
+        return new, sizes.rows, _mean_decode_keys(cfg, device, sizes.policy), f"{new} steps x {sizes.rows} rows"
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {ENGINES}")
+    replicas, slots = layout.data, cfg.rollout.slots
+    rows = math.ceil(sizes.rows / replicas)  # R: per replica
+    shared = math.ceil(rows * sizes.mean / slots)  # the steps S slots take to write R x m tokens
+    steps = max(new, shared) if engine == "slots" else shared
+    bound = f"max({new}, " if engine == "slots" else ""
+    how = (f"{steps} steps = {bound}ceil({rows} rows x {sizes.mean:g} mean / {slots} slots){')' if bound else ''} "
+           f"x {slots * replicas} rows ({slots} slots x {replicas} replicas)")
+    return steps, slots * replicas, _slot_decode_keys(cfg, device, sizes), how
+
+
+def _slot_decode_keys(cfg: RunConfig, device: DeviceSpec, sizes: _StepSizes) -> float:
+    """Cache slots a slot's decode step reads, on average: with the decode kernel, the prompt + the response
+    slots a running row has written, E[L^2] / (2 E[L]) (m for exponential lengths, at most (N + 1) / 2 under the
+    cap N); on the xla path the windows so far, as the static sampler (_mean_decode_keys)."""
+    if _decodes_with_kernel(cfg, device, sizes.policy):
+        return sizes.prompt_len + min(sizes.mean, (sizes.new + 1) / 2)
+    return _mean_decode_keys(cfg, device, sizes.policy)
+
+
+def _decodes_with_kernel(cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -> bool:
+    return decodes_with_kernel(dataclasses.replace(policy, attention=cfg.runtime.attention, dtype=cfg.runtime.dtype),
+                               DEVICE_PLATFORMS[device.kind])
 
 
 def _mean_decode_keys(cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -> float:
@@ -273,8 +388,7 @@ def _mean_decode_keys(cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -
     from rlmt_jax.rollout.sampling_config import SamplingConfig
 
     prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
-    if decodes_with_kernel(dataclasses.replace(policy, attention=cfg.runtime.attention, dtype=cfg.runtime.dtype),
-                           DEVICE_PLATFORMS[device.kind]):
+    if _decodes_with_kernel(cfg, device, policy):
         return prompt_len + (new + 1) / 2  # the decode kernel reads each row's slots up to the one written
     # the xla path reads every slot of the windows so far, filled or not
     blocks = SamplingConfig(max_new_tokens=new, decode_windows=cfg.rollout.decode_windows).response_blocks()

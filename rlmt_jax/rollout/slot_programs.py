@@ -24,7 +24,7 @@ from flax import nnx
 from typing import NamedTuple
 
 from models.attention import decode_slot_multiple
-from models.layers import CacheBlocks
+from models.layers import CacheBlocks, write_rows
 from models.sharding import constrain
 from models.transformer import KVCache
 from rlmt_jax.rollout.decode import _is_eos, _last_logits, row_uniforms, vocab_major_head
@@ -156,7 +156,6 @@ def decode_chunk(graphdef: nnx.GraphDef, config: SamplingConfig, longest_prompt:
     positions = state.index[:, None] + jnp.arange(chunk_tokens, dtype=jnp.int32)[None, :]
     rope = tuple(model.rotary_tables(positions))  # [S, chunk, head_dim] each, once per chunk
     head = vocab_major_head(model)
-    every = jnp.arange(slots)
 
     def continues(carry):
         step, s, stopped = carry
@@ -179,8 +178,8 @@ def decode_chunk(graphdef: nnx.GraphDef, config: SamplingConfig, longest_prompt:
             row=s.row,
             count=count,
             active=active,
-            tokens=s.tokens.at[every, column].set(tokens, mode="drop"),
-            logprobs=s.logprobs.at[every, column].set(logprobs, mode="drop"),
+            tokens=write_rows(s.tokens, tokens, column, ("batch", None), 1),
+            logprobs=write_rows(s.logprobs, logprobs, column, ("batch", None), 1),
         ), stopped + jnp.sum(s.active & ~active, dtype=jnp.int32)
 
     full = state.cache

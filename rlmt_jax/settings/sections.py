@@ -150,6 +150,13 @@ class RolloutConfig:
     # Windows of the decode loop: in window j attention reads the prompt and the response slots of windows 0..j
     # only. null: 4 from max_new_tokens >= 128 on, else 1 (rlmt_jax.rollout.sampling.SamplingConfig.decode_windows).
     decode_windows: int | None = None
+    # How a batch's rows are decoded (rlmt_jax.rollout): static, all rows together until the longest stops
+    # (rollout.sampling.Sampler); slots, a fixed number of slots per data-parallel replica of the rollout mesh,
+    # each with its own KV cache, refilled with the next rows between jitted chunks of chunk_tokens steps
+    # (rollout.slot_sampler.SlotSampler). Both give the same tokens for the same key.
+    engine: Literal["static", "slots"] = "static"
+    slots: int = 64  # per data-parallel replica (engine: slots); the KV cache holds this many rows, not all
+    chunk_tokens: int = 64  # decode steps per jitted chunk (engine: slots); stopped rows are handed back between
     mesh: RolloutMeshConfig = field(default_factory=RolloutMeshConfig)
     # DAPO's dynamic sampling: a registered group filter (rlmt_jax.algorithms.group_filters; `varied` drops the
     # groups whose rewards are all equal) and more rounds of prompts_per_step prompts until prompts_per_step
@@ -169,6 +176,8 @@ class RolloutConfig:
         check(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1 or null (off)")
         check(self.decode_windows is None or self.decode_windows >= 1, "decode_windows",
               "must be >= 1 or null (automatic)")
+        check(self.slots >= 1, "slots", f"must be >= 1, got {self.slots}")
+        check(self.chunk_tokens >= 1, "chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
         self.mesh.check(f"{section}.mesh")
         buckets = self.prompt_buckets
         check(all(b >= 1 for b in buckets), "prompt_buckets", "must hold positive lengths")

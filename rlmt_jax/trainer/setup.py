@@ -20,6 +20,7 @@ from rlmt_jax.core.errors import UserError
 from rlmt_jax.inputs.tiny import resolve_model_path
 from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings
 from rlmt_jax.rollout.sampling import DecodeLayout, Sampler, SamplingConfig
+from rlmt_jax.rollout.slot_sampler import SlotSampler
 from rlmt_jax.rollout.scored import PolicyText, template_settings
 from rlmt_jax.scale import mesh as mesh_lib
 from rlmt_jax.scale import multihost
@@ -109,11 +110,14 @@ def make_sampler(cfg: RunConfig, mesh, hosts: multihost.HostRows, graphdef, text
     rollout.mesh.reshard is off (then on the training layout)."""
     r = cfg.rollout
     layout = DecodeLayout.of(mesh, r.mesh, cfg.runtime.dtype) if r.mesh.reshard else None
-    return Sampler(graphdef, SamplingConfig(
+    config = SamplingConfig(
         n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         eos_ids=text.stop_ids, pad_id=text.pad_id, prompt_buckets=cfg.prompt_buckets,
         cache_dtype=r.cache_dtype or cfg.runtime.dtype, decode_windows=r.decode_windows,
-    ), hosts=hosts, layout=layout)
+    )
+    if r.engine == "slots":
+        return SlotSampler(graphdef, config, slots=r.slots, chunk_tokens=r.chunk_tokens, hosts=hosts, layout=layout)
+    return Sampler(graphdef, config, hosts=hosts, layout=layout)
 
 
 def load_critic(cfg: RunConfig, mesh) -> tuple[Any, nnx.State]:

@@ -1,0 +1,178 @@
+"""The slot engine (rollout.engine: slots) on tiny checkpoints: the static sampler's rollouts, token for token,
+whatever the number of slots; rows prefilled into freed slots; greedy == transformers; log-probs == a
+teacher-forced forward; the cache written at a slot per row; each row's own random stream; compiles; errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from rlmt_jax.core.errors import UserError
+from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH, row_uniforms
+from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
+from rlmt_jax.rollout.slot_sampler import SlotSampler, _admission_bucket
+from tests.hf_factory import PAD_ID, make_checkpoint
+from tests.test_sampling import EOS, PROMPTS, hf_greedy
+
+# 4 prompts of different lengths (right-padding bugs show), x n=3 = 12 rows
+MORE_PROMPTS = [*PROMPTS, [77, 5, 19, 200, 4]]
+FIELDS = ("tokens", "prompt_mask", "response_mask", "prompt_lengths", "response_lengths", "stop_reason")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("llama31"), "llama31")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("qwen25"), "qwen25")
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(path, scan_layers):
+    return nnx.split(models.load_pretrained(path, scan_layers=scan_layers))
+
+
+def config(**settings) -> SamplingConfig:
+    return SamplingConfig(**{"pad_id": PAD_ID, "prompt_buckets": (16, 32), "eos_ids": EOS, **settings})
+
+
+def both(path, scan_layers=False, slots=2, chunk_tokens=3, **settings):
+    """(static sampler, slot sampler, params) for the same sampling settings."""
+    graphdef, params = _loaded(path, scan_layers)
+    cfg = config(**settings)
+    return Sampler(graphdef, cfg), SlotSampler(graphdef, cfg, slots=slots, chunk_tokens=chunk_tokens), params
+
+
+def assert_same_rollout(static, slots):
+    for field in FIELDS:
+        np.testing.assert_array_equal(np.asarray(getattr(slots, field)), np.asarray(getattr(static, field)),
+                                      err_msg=field)
+    np.testing.assert_allclose(np.asarray(slots.logprobs), np.asarray(static.logprobs), atol=1e-5)
+    assert (slots.prompt_len, slots.group_size) == (static.prompt_len, static.group_size)
+
+
+@pytest.mark.parametrize("name, scan_layers", [("llama", False), ("qwen", True)])
+def test_greedy_equals_transformers_and_the_static_sampler_with_rows_in_freed_slots(request, name, scan_layers):
+    path, reference = request.getfixturevalue(name)
+    static, slots, params = both(path, scan_layers, slots=1, temperature=0.0, max_new_tokens=16)
+    rollout = slots(params, PROMPTS, jax.random.key(0))  # one slot: rows 1 and 2 wait for it, then fill it
+    np.testing.assert_array_equal(rollout.tokens[:, 16:], hf_greedy(reference, PROMPTS, 16))
+    assert_same_rollout(static(params, PROMPTS, jax.random.key(0)), rollout)
+
+
+@pytest.mark.parametrize("slots, chunk_tokens, windows", [(12, 5, None), (3, 3, 3), (1, 4, 3), (5, 1, 2)])
+def test_seeded_sampling_gives_the_static_rollout_whatever_the_slots(llama, slots, chunk_tokens, windows):
+    static, engine, params = both(llama[0], slots=slots, chunk_tokens=chunk_tokens, n=3, temperature=1.0,
+                                  max_new_tokens=14, decode_windows=windows)
+    reference = static(params, MORE_PROMPTS, jax.random.key(7))
+    rollout = engine(params, MORE_PROMPTS, jax.random.key(7))
+    assert_same_rollout(reference, rollout)
+    lengths = np.asarray(rollout.response_lengths)
+    assert len(set(lengths.tolist())) > 2 and 14 in lengths and lengths.min() < 14  # rows stop apart
+    assert set(np.asarray(rollout.stop_reason).tolist()) == {STOP_EOS, STOP_LENGTH}
+
+
+def test_rows_wait_for_slots_and_fill_them_as_others_stop(llama):
+    _, engine, params = both(llama[0], slots=4, chunk_tokens=2, n=3, temperature=1.0, max_new_tokens=14)
+    admitted, calls = [], []
+    admit = engine._admit
+
+    def counting(params, state, ids, lengths, slot_ids, row_ids, key):
+        taken = np.asarray(slot_ids) < engine.slots
+        admitted.append(np.asarray(row_ids)[taken].tolist())
+        calls.append(np.asarray(slot_ids)[taken].tolist())
+        return admit(params, state, ids, lengths, slot_ids, row_ids, key)
+
+    engine._admit = counting
+    engine(params, MORE_PROMPTS, jax.random.key(7))
+    assert admitted[0] == [0, 1, 2, 3] and calls[0] == [0, 1, 2, 3]  # the first rows fill every slot
+    assert len(admitted) > 2  # the rest came in as slots freed, in row order, each row once
+    assert sum(admitted, []) == list(range(12))
+    assert all(0 <= slot < 4 for call in calls for slot in call)
+
+
+@pytest.mark.parametrize("name, temperature, top_p, top_k", [("llama", 0.7, 1.0, None), ("qwen", 1.3, 0.8, 20)])
+def test_logprobs_equal_a_teacher_forced_forward(request, name, temperature, top_p, top_k):
+    path, _ = request.getfixturevalue(name)
+    _, engine, params = both(path, slots=2, n=2, temperature=temperature, top_p=top_p, top_k=top_k,
+                             max_new_tokens=16)
+    rollout = engine(params, PROMPTS, jax.random.key(1))
+    model = models.load_pretrained(path)
+    logits = model(jnp.asarray(rollout.tokens), jnp.asarray(rollout.attention_mask), rollout.positions)
+    logp = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
+    forward = jnp.take_along_axis(logp, jnp.asarray(rollout.tokens)[:, 1:, None], axis=-1)[..., 0]
+    forward = np.pad(np.asarray(forward), ((0, 0), (1, 0)))
+    mask = np.asarray(rollout.response_mask)
+    assert mask.sum() > 20
+    np.testing.assert_allclose(rollout.logprobs[mask], forward[mask], atol=1e-5)
+    assert np.all(rollout.logprobs[~mask] == 0)
+
+
+def test_a_first_token_eos_and_one_new_token_stop_at_admission(llama):
+    static, engine, params = both(llama[0], slots=2, temperature=0.0, max_new_tokens=6, eos_ids=())
+    first = [int(t) for t in np.asarray(static(params, PROMPTS, jax.random.key(0)).tokens[:, 16])]
+    for settings in ({"eos_ids": (first[1],)}, {"max_new_tokens": 1}):
+        static, engine, params = both(llama[0], slots=2, temperature=0.0, **{"max_new_tokens": 6, **settings})
+        rollout = engine(params, PROMPTS, jax.random.key(0))
+        assert_same_rollout(static(params, PROMPTS, jax.random.key(0)), rollout)
+        assert int(rollout.response_lengths[1]) == 1
+
+
+def test_a_cache_slot_per_row_equals_each_row_decoded_alone(llama):
+    """models: decode_hidden_states with index [batch] writes and attends row by row."""
+    model = models.load_pretrained(llama[0])
+    prompts = [[5, 17, 99, 42, 8], [140, 7]]
+    cache = model.init_cache(2, 8)
+    ids = jnp.asarray([[5, 17, 99, 42, 8], [140, 7, PAD_ID, PAD_ID, PAD_ID]])
+    mask = jnp.asarray([[True] * 5, [True, True, False, False, False]])
+    _, cache = model.decode(ids, jnp.broadcast_to(jnp.arange(5), (2, 5)), mask, cache, 0)
+    index = jnp.asarray([5, 2])  # each row's next slot; row 1 overwrites its pads
+    logits, batch_cache = model.decode(jnp.asarray([[9], [11]]), index[:, None], jnp.ones((2, 1), bool), cache, index)
+    for row, (prompt, token) in enumerate(zip(prompts, (9, 11))):
+        alone = model(jnp.asarray([prompt + [token]]))[0, -1]
+        np.testing.assert_allclose(logits[row, 0], alone, atol=1e-5)
+    valid = np.asarray(batch_cache.valid)
+    assert valid[0].tolist() == [True] * 6 + [False] * 2
+    assert valid[1].tolist() == [True] * 3 + [False] * 5
+
+
+def test_each_row_draws_from_its_own_stream():
+    key = jax.random.key(3)
+    alone = row_uniforms(key, jnp.asarray([5]), 2)
+    among = row_uniforms(key, jnp.asarray([0, 5, 9]), jnp.asarray([7, 2, 2]))
+    assert float(among[1]) == float(alone[0])  # the same row and token, wherever it sits
+    assert len({float(x) for x in row_uniforms(key, jnp.arange(4), 2)}) == 4
+    assert float(row_uniforms(key, jnp.asarray([5]), 3)[0]) != float(alone[0])
+
+
+def test_programs_compile_once_per_window_and_admission_bucket(llama):
+    _, engine, params = both(llama[0], slots=4, chunk_tokens=4, n=2, temperature=1.0, max_new_tokens=12,
+                             decode_windows=2)
+    engine(params, PROMPTS, jax.random.key(0))
+    first = engine.compiled_programs()
+    engine(params, [[3, 4, 5], [6] * 9, [7, 8], [1, 2, 3, 4]], jax.random.key(1))  # same bucket, more rows
+    # empty state 1, windows <= 2, admission buckets of 1, 2 and 4 rows <= 3
+    assert first <= engine.compiled_programs() <= 1 + 2 + 3
+    assert [_admission_bucket(k, 8, 1) for k in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert _admission_bucket(3, 8, 2) == 4 and _admission_bucket(1, 8, 2) == 2
+
+
+def test_bad_settings_name_the_key():
+    graphdef, _ = nnx.split(models.build_model(models.ModelConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1), nnx.Rngs(0)))
+    with pytest.raises(UserError, match="rollout slots: must be >= 1"):
+        SlotSampler(graphdef, config(), slots=0)
+    with pytest.raises(UserError, match="rollout chunk_tokens: must be >= 1"):
+        SlotSampler(graphdef, config(), slots=2, chunk_tokens=0)
+    from rlmt_jax.settings.config import resolve
+    with pytest.raises(UserError, match="rollout.slots"):
+        resolve(None, ["rollout.slots=0"])
+    with pytest.raises(UserError, match="rollout.engine"):
+        resolve(None, ["rollout.engine=paged"])
