@@ -41,8 +41,9 @@ Decode steps (one query per row against the KV cache):
           kernels (pallas.ops.tpu paged_attention, ragged_paged_attention) read a paged cache and take one
           length per row (`lengths`, `kv_lens`) counted from its first page's slot 0, with no start offset:
           our left-padded rows would attend to their pads (a row's first real token sits anywhere inside a
-          page). Using them would need a cache that writes each row from its own slot 0 (a write position per
-          row, a paged layout) instead of one shared slot per step, so splash decodes on the xla path.
+          page), so the static sampler's splash decodes on the xla path. The slot engine's rows do start at
+          slot 0, each written at its own slot (`index` per row, layers.write_rows): its layout is the one those
+          kernels read, but it is not wired to them yet (still the xla path on TPU).
 """
 
 from __future__ import annotations

@@ -204,3 +204,18 @@ def test_empty_prompt_file_names_the_file(tmp_path, tiny_cache):
     empty.write_text("")
     with pytest.raises(UserError, match="empty.jsonl"):
         Trainer(run_config(tmp_path, f"data.train_path={empty}"))
+
+
+def test_a_slot_engine_run_equals_the_static_run(tmp_path, tiny_cache):
+    # rollout.engine reaches the trainer's sampler: 8 rows through 3 slots sample the static engine's rows (each row
+    # has its own random stream), so the runs' rewards, lengths and losses are the same
+    runs = {}
+    for engine in ("static", "slots"):
+        cfg = resolve(None, [*FAST, f"run.output_dir={tmp_path / engine}", "run.total_steps=2",
+                             f"rollout.engine={engine}", "rollout.slots=3",
+                             "rollout.chunk_tokens=4"])
+        train(cfg)
+        runs[engine] = read_metrics(cfg.run.output_dir)
+    for static, slots in zip(runs["static"], runs["slots"], strict=True):
+        for key in ("reward_mean", "response_tokens_mean", "length_stop_rate", "loss", "grad_norm"):
+            assert slots[key] == pytest.approx(static[key], rel=1e-5, abs=1e-6), key
