@@ -43,3 +43,19 @@ def test_slots_over_the_replicas_sample_the_one_device_static_rollout(observed, 
     assert len(set(lengths)) > 2 and max(lengths) == 10 and min(lengths) < 10  # rows stop apart
     same = observed[f"same/tensor{tensor}"]
     assert same["tokens"] and same["lengths"] and same["logprob_gap"] <= 1e-5
+
+
+def test_two_processes_stream_their_own_rows_in_lockstep_and_sample_the_static_rollout():
+    from clusters import finish_all, last_json_line, start_cluster
+
+    workers = start_cluster("slot_cluster_worker.py", 2, 1, {})
+    outputs = finish_all(workers, 600)
+    summaries = [last_json_line(outputs[w][0]) for w in workers]
+    assert [(s["process_index"], s["process_count"]) for s in summaries] == [(0, 2), (1, 2)]
+    for summary in summaries:  # each process's own 3 prompts x 2 rows, through its one slot
+        assert len(summary["slots"]) == 6
+        assert summary["slots"] == summary["static"] and summary["lengths"] == summary["static_lengths"]
+        assert summary["logprob_gap"] <= 1e-5
+    # the processes' rows differ (different prompts and row ids) and stop apart
+    assert summaries[0]["slots"] != summaries[1]["slots"]
+    assert sum(summaries[0]["lengths"]) != sum(summaries[1]["lengths"])
