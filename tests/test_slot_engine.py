@@ -80,21 +80,25 @@ def test_seeded_sampling_gives_the_static_rollout_whatever_the_slots(llama, slot
 
 def test_rows_wait_for_slots_and_fill_them_as_others_stop(llama):
     _, engine, params = both(llama[0], slots=4, chunk_tokens=2, n=3, temperature=1.0, max_new_tokens=14)
-    admitted, calls = [], []
-    admit = engine._admit
+    admitted, calls, sources = [], [], []
+    put = engine._put
 
-    def counting(params, state, ids, lengths, slot_ids, row_ids, key):
-        taken = np.asarray(slot_ids) < engine.slots
-        admitted.append(np.asarray(row_ids)[taken].tolist())
-        calls.append(np.asarray(slot_ids)[taken].tolist())
-        return admit(params, state, ids, lengths, slot_ids, row_ids, key)
+    def recording(arrays):  # the host's admissions: (prompt, slot, row id) of each admitted row
+        if len(arrays) == 3:
+            source, slot_ids, row_ids = (np.asarray(a) for a in arrays)
+            taken = slot_ids < engine.slots
+            sources.append(source[taken].tolist())
+            calls.append(slot_ids[taken].tolist())
+            admitted.append(row_ids[taken].tolist())
+        return put(arrays)
 
-    engine._admit = counting
+    engine._put = recording
     engine(params, MORE_PROMPTS, jax.random.key(7))
     assert admitted[0] == [0, 1, 2, 3] and calls[0] == [0, 1, 2, 3]  # the first rows fill every slot
     assert len(admitted) > 2  # the rest came in as slots freed, in row order, each row once
     assert sum(admitted, []) == list(range(12))
     assert all(0 <= slot < 4 for call in calls for slot in call)
+    assert sum(sources, []) == [row // 3 for row in range(12)]  # each row copies its own prompt's cache
 
 
 @pytest.mark.parametrize("name, temperature, top_p, top_k", [("llama", 0.7, 1.0, None), ("qwen", 1.3, 0.8, 20)])
@@ -157,8 +161,8 @@ def test_programs_compile_once_per_window_and_admission_bucket(llama):
     engine(params, PROMPTS, jax.random.key(0))
     first = engine.compiled_programs()
     engine(params, [[3, 4, 5], [6] * 9, [7, 8], [1, 2, 3, 4]], jax.random.key(1))  # same bucket, more rows
-    # empty state 1, windows <= 2, admission buckets of 1, 2 and 4 rows <= 3
-    assert first <= engine.compiled_programs() <= 1 + 2 + 3
+    # empty state 1, a prefill per prompt count (3, 4) 2, windows <= 2, admission buckets of 1, 2 and 4 rows <= 3
+    assert first <= engine.compiled_programs() <= 1 + 2 + 2 + 3
     assert [_admission_bucket(k, 8, 1) for k in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert _admission_bucket(3, 8, 2) == 4 and _admission_bucket(1, 8, 2) == 2
 

@@ -3,8 +3,9 @@
 
 - empty_slots: S idle slots, each with its own KV cache of C slots (blocks of cache_block_widths, as the
   static sampler's), numbered from position 0;
-- admit: prefills up to A rows' prompts (right-padded, from position 0) into chosen free slots and chooses
-  their first tokens (one program per admission bucket A);
+- prefill_prompts: every prompt of a call once (right-padded, from position 0), as the static sampler's prefill;
+- admit: up to A rows into chosen free slots, each copying its prompt's prefilled cache and choosing its first
+  token (one program per admission bucket A; no model compute);
 - decode_chunk: up to `chunk_tokens` decode steps of every active slot, each at its own cache slot and
   position, attending to the first `window + 1` cache blocks only (one program per window); it returns early
   once `refill_at` rows have stopped, so that freed slots do not idle while rows wait.
@@ -85,35 +86,52 @@ def empty_slots(model_config, config: SamplingConfig, slots: int, longest_prompt
     )
 
 
-def admit(graphdef: nnx.GraphDef, config: SamplingConfig, params, state: SlotState, prompt_ids, prompt_lengths,
-          slot_ids, row_ids, key) -> SlotState:
-    """Prefills A rows into free slots and chooses their first tokens.
+class PromptCache(NamedTuple):
+    """Every prompt of a call prefilled once (B prompts, P slots each): what admissions copy into the slots."""
 
-    prompt_ids: [A, P] right-padded (token p of a prompt at position p); prompt_lengths, slot_ids, row_ids: [A]
-    (a slot id >= S admits nothing: filler rows of the bucket). -> the state with those slots active (or done
-    already, when the first token is an EOS or max_new_tokens is 1)."""
+    k: jax.Array  # [layers, B, ...] in the cache's key layout
+    v: jax.Array  # [layers, B, ...]
+    valid: jax.Array  # [B, P] bool
+    lengths: jax.Array  # [B] int32
+    logits: jax.Array  # [B, vocab] float32: the next token's logits after each prompt
+
+
+def prefill_prompts(graphdef: nnx.GraphDef, config: SamplingConfig, params, prompt_ids, prompt_lengths) -> PromptCache:
+    """prompt_ids: [B, P] right-padded (token p of a prompt at position p); prompt_lengths: [B]. One forward
+    over every prompt, once, however many of its n samples later take a slot (as the static sampler's
+    prefill)."""
     model = nnx.merge(graphdef, params)
-    rows, prompt_len = prompt_ids.shape
+    prompts, prompt_len = prompt_ids.shape
     columns = jnp.arange(prompt_len, dtype=jnp.int32)
     mask = columns[None, :] < prompt_lengths[:, None]
     positions = jnp.broadcast_to(columns, prompt_ids.shape)
-    cache = model.init_cache(rows, prompt_len, jnp.dtype(config.cache_dtype))
+    cache = model.init_cache(prompts, prompt_len, jnp.dtype(config.cache_dtype))
     hidden, cache = model.decode_hidden_states(prompt_ids, positions, mask, cache, 0)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
-    logits = model.lm_logits(last)[:, 0]
-    first, first_logprobs = choose_next_token(logits, row_uniforms(key, row_ids, 0), config.temperature,
-                                              config.top_k, config.top_p)
+    logits = model.lm_logits(last)[:, 0].astype(jnp.float32)
+    return PromptCache(cache.k, cache.v, mask, prompt_lengths, logits)
+
+
+def admit(config: SamplingConfig, model_config, state: SlotState, prompts: PromptCache, source, slot_ids, row_ids,
+          key) -> SlotState:
+    """Rows into free slots: each copies its prompt's prefilled cache and chooses its first token from the
+    prompt's logits with its own random stream. source, slot_ids, row_ids: [A], the prompt (of B), slot and row
+    id of each admitted row (a slot id >= S admits nothing: filler rows of the bucket). -> the state with those
+    slots active (or done already, when the first token is an EOS or max_new_tokens is 1)."""
+    rows, new = source.shape[0], config.max_new_tokens
+    first, first_logprobs = choose_next_token(prompts.logits[source], row_uniforms(key, row_ids, 0),
+                                              config.temperature, config.top_k, config.top_p)
     eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
-    new = config.max_new_tokens
     put = lambda x, values: x.at[slot_ids].set(values, mode="drop")  # noqa: E731
-    valid = jnp.pad(mask, ((0, 0), (0, state.cache.valid.shape[1] - prompt_len)))
-    key_axes, value_axes = cache_axes(model.config)
+    prompt_len = prompts.valid.shape[1]
+    valid = jnp.pad(prompts.valid[source], ((0, 0), (0, state.cache.valid.shape[1] - prompt_len)))
+    key_axes, value_axes = cache_axes(model_config)
     return SlotState(
-        cache=KVCache(k=_put_prompts(state.cache.k, cache.k, slot_ids, key_axes),
-                      v=_put_prompts(state.cache.v, cache.v, slot_ids, value_axes),
+        cache=KVCache(k=_put_prompts(state.cache.k, prompts.k[:, source], slot_ids, key_axes),
+                      v=_put_prompts(state.cache.v, prompts.v[:, source], slot_ids, value_axes),
                       valid=put(state.cache.valid, valid)),
         last=put(state.last, first),
-        index=put(state.index, prompt_lengths),
+        index=put(state.index, prompts.lengths[source]),
         row=put(state.row, row_ids),
         count=put(state.count, jnp.ones_like(first)),
         active=put(state.active, ~_is_eos(eos, first) & (new > 1)),

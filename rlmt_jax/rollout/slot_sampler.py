@@ -33,7 +33,7 @@ from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH
 from rlmt_jax.rollout.decode_layout import DecodeLayout
 from rlmt_jax.rollout.sampling import Rollout, Sampler, bucket_length, left_pad
 from rlmt_jax.rollout.sampling_config import SamplingConfig
-from rlmt_jax.rollout.slot_programs import admit, decode_chunk, empty_slots, slot_widths
+from rlmt_jax.rollout.slot_programs import admit, decode_chunk, empty_slots, prefill_prompts, slot_widths
 from rlmt_jax.scale import mesh as mesh_lib
 
 # A chunk returns early once this fraction of the slots has stopped in it (and rows wait for slots).
@@ -66,7 +66,8 @@ class SlotSampler(Sampler):
         self.chunk_tokens = chunk_tokens
         self.model_config = None  # the policy's, read at the first call
         self._empty = {}  # longest prompt bucket -> jitted empty_slots
-        self._admit = jax.jit(functools.partial(admit, graphdef, config), donate_argnums=(1,))
+        self._prefill_prompts = jax.jit(functools.partial(prefill_prompts, graphdef, config))
+        self._admit = None  # jitted admit, made at the first call (it needs the model config)
         self._chunks = {}  # (longest prompt bucket, window) -> jitted decode_chunk
 
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array) -> Rollout:
@@ -78,10 +79,11 @@ class SlotSampler(Sampler):
             params = self.rollout_params(params)
             self._know_model(params)
             state = self._empty_state(prompt_len)
+            cache = self._prompt_cache(params, prompts, prompt_len)
             pending = collections.deque(range(count * n))
             slot_row = np.full(self.local_slots, -1)  # the local row each local slot holds, -1: free
             while True:
-                state = self._refill(params, state, prompts, prompt_len, first_row, pending, slot_row, key)
+                state = self._refill(cache, state, pending, slot_row, first_row, key)
                 if not self._agree_max(int((slot_row >= 0).any())):
                     break
                 window = self._window(prompt_len, prompts, slot_row, rows)
@@ -94,28 +96,41 @@ class SlotSampler(Sampler):
                     tokens, logprobs = self._local((state.tokens, state.logprobs))
                     rows.take(slot_row[stopped], tokens[stopped], logprobs[stopped], counts[stopped])
                     slot_row[stopped] = -1
-            del params, state
+            del params, state, cache
         return rows.rollout(prompts, prompt_len, n, self.config)
 
     # ------------------------------------------------------------------------------------------ the calls
-    def _refill(self, params, state, prompts, prompt_len, first_row, pending, slot_row, key):
-        """The next pending rows prefilled into the free local slots (every process calls the same program)."""
+    def _prompt_cache(self, params, prompts, prompt_len: int):
+        """Every prompt of the call prefilled once (with hosts: every process's, filler copies making the
+        prompts split over the mesh, as the static sampler's)."""
+        if self.hosts is not None:
+            prompts = [*prompts, *[prompts[-1]] * (-len(prompts) % self.hosts.rows_multiple)]
+        ids, _ = _right_pad(prompts, prompt_len, self.config.pad_id, len(prompts))
+        lengths = np.asarray([len(p) for p in prompts], np.int32)
+        return self._prefill_prompts(params, *self._put((ids, lengths)))
+
+    def _refill(self, cache, state, pending, slot_row, first_row, key):
+        """The next pending rows into the free local slots (every process calls the same program)."""
         free = np.flatnonzero(slot_row < 0)
         admitted = [pending.popleft() for _ in range(min(len(free), len(pending)))]
         bucket = self._agree_max(_admission_bucket(len(admitted), self.local_slots, self._rows_multiple()))
         if bucket == 0:
             return state
         n = self.config.n
-        offset = 0 if self.hosts is None else jax.process_index() * self.local_slots
-        ids, _ = _right_pad([prompts[r // n] for r in admitted], prompt_len, self.config.pad_id, bucket)
-        lengths = np.ones(bucket, np.int32)
-        lengths[:len(admitted)] = [len(prompts[r // n]) for r in admitted]
+        slot_offset, prompt_offset = 0, 0
+        if self.hosts is not None:
+            slot_offset = jax.process_index() * self.local_slots
+            prompt_offset = first_row // n  # this process's first prompt in the global prompt cache
+        source = np.zeros(bucket, np.int32)
+        source[:len(admitted)] = prompt_offset + np.asarray(admitted, np.int32) // n
         slot_ids = np.full(bucket, self.slots, np.int32)  # past the last slot: a filler row admits nothing
-        slot_ids[:len(admitted)] = offset + free[:len(admitted)]
+        slot_ids[:len(admitted)] = slot_offset + free[:len(admitted)]
         row_ids = np.zeros(bucket, np.int32)
         row_ids[:len(admitted)] = first_row + np.asarray(admitted, np.int32)
         slot_row[free[:len(admitted)]] = admitted
-        return self._admit(params, state, *self._put((ids, lengths, slot_ids, row_ids)), key)
+        if self._admit is None:
+            self._admit = jax.jit(functools.partial(admit, self.config, self.model_config), donate_argnums=(0,))
+        return self._admit(state, cache, *self._put((source, slot_ids, row_ids)), key)
 
     def _window(self, prompt_len: int, prompts, slot_row: np.ndarray, rows: _RowsOut) -> int:
         """The first cache window whose blocks hold every active slot's next chunk_tokens slots."""
@@ -195,15 +210,17 @@ class SlotSampler(Sampler):
         with self._in_layout():
             params = self.rollout_params(params)
             self._know_model(params)
-            state = self._refill(params, self._empty_state(prompt_len), prompts, prompt_len, first_row,
-                                 collections.deque(range(count * self.config.n)), np.full(self.local_slots, -1),
-                                 key)
+            cache = self._prompt_cache(params, prompts, prompt_len)
+            state = self._refill(cache, self._empty_state(prompt_len), collections.deque(range(count * self.config.n)),
+                                 np.full(self.local_slots, -1), first_row, key)
             lowered = self._chunk(prompt_len, 0).lower(params, state, key, np.int32(self.slots + 1))
             return lowered.compile().as_text()
 
     def compiled_programs(self) -> int:
-        """Programs compiled so far: admissions (one per bucket), chunks (one per window), empty states."""
-        return (self._admit._cache_size() + sum(p._cache_size() for p in self._chunks.values())
+        """Programs compiled so far: prefills (one per prompt count and bucket), admissions (one per bucket),
+        chunks (one per window), empty states."""
+        admit_programs = 0 if self._admit is None else self._admit._cache_size()
+        return (self._prefill_prompts._cache_size() + admit_programs + sum(p._cache_size() for p in self._chunks.values())
                 + sum(p._cache_size() for p in self._empty.values()))
 
 
