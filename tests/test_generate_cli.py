@@ -140,6 +140,21 @@ def test_generate_json_is_an_alpaca_eval_list_of_records_named_after_the_run(gen
     assert generated[2]["messages"] == PROMPTS[2]["messages"]
 
 
+def test_generate_through_decode_slots_samples_the_static_batches_answers(run_copy, prompts_file, generated,
+                                                                         tmp_path, monkeypatch, capsys):
+    from rlmt_jax.commands import generate
+
+    monkeypatch.setattr(generate, "PROGRESS_STEPS", 2)  # chunks of 2 steps, progress after each
+    out = tmp_path / "slots.json"
+    # all 3 prompts in one batch through one slot: the second and third take it as the one before stops
+    assert main(["generate", "--model", str(run_copy), "--input", str(prompts_file), "--output", str(out),
+                 "--max-new-tokens", "6", "--batch-size", "3", "--slots", "1", "--progress-seconds", "0.000001"]) == 0
+    assert json.loads(out.read_text()) == generated
+    decoding = [line for line in capsys.readouterr().err.splitlines() if " decoding: " in line]
+    assert decoding[0].startswith("generate: batch 1/1 decoding: 3/6 tokens a row, 0/3 rows done, ")
+    assert " 3/3 rows done, " in decoding[-1]
+
+
 def test_generate_from_the_export_names_the_run_and_samples_the_same_answers(run_copy, prompts_file, generated,
                                                                             tmp_path):
     out = tmp_path / "from_export.jsonl"  # not .json: JSON lines

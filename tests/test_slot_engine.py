@@ -14,7 +14,7 @@ import models
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH, row_uniforms
 from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
-from rlmt_jax.rollout.slot_sampler import SlotSampler, _admission_bucket
+from rlmt_jax.rollout.slot_sampler import SlotSampler, _admission_bucket, _RowsOut
 from tests.hf_factory import PAD_ID, make_checkpoint
 from tests.test_sampling import EOS, PROMPTS, hf_greedy
 
@@ -180,3 +180,19 @@ def test_bad_settings_name_the_key():
         resolve(None, ["rollout.slots=0"])
     with pytest.raises(UserError, match="rollout.engine"):
         resolve(None, ["rollout.engine=paged"])
+
+
+@pytest.mark.parametrize("prompt, tokens_so_far, window", [
+    (16, 0, 1), (16, 1, 1), (15, 0, 0), (15, 1, 0), (15, 2, 1), (16, 4, 1), (16, 5, 2), (16, 12, 2)])
+def test_a_chunk_attends_to_the_first_window_that_holds_its_rows_next_slots(prompt, tokens_so_far, window):
+    # 13 new tokens in 3 windows: blocks of 16 + 4, 4 and 4 slots (ends 20, 24, 28); a chunk of 5 steps from
+    # slot prompt + tokens - 1 writes up to slot prompt + tokens + 3, which its window must hold (0 tokens: just
+    # admitted, its first token chosen); past the last window, the last
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
+    graphdef, _ = nnx.split(models.build_model(cfg, nnx.Rngs(0)))
+    engine = SlotSampler(graphdef, config(max_new_tokens=13, decode_windows=3), slots=2, chunk_tokens=5)
+    engine.model_config = cfg
+    rows = _RowsOut(2, 13, PAD_ID)
+    rows.counts[:] = [tokens_so_far, 1]
+    assert engine._window(16, [[1] * prompt, [2] * 3], np.asarray([0, 1]), rows) == window

@@ -70,6 +70,11 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"prompts per sampler call over all processes, a multiple of their number "
                              f"(default: {BATCH_PER_PROCESS} per process)")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="stream each batch's prompts through this many decode slots per device (the slot "
+                             "engine: a slot that finishes takes the next prompt; the same answers for the same "
+                             "seed) with a --batch-size larger than the slots; default: a static batch, decoded "
+                             "until its longest answer stops")
     parser.add_argument("--progress-seconds", type=float, default=30.0,
                         help="while a batch decodes, print its progress (tokens, rows done, tok/s) about this "
                              "often (default 30; 0: only after each batch)")
@@ -485,15 +490,22 @@ class _Answers:
         from flax import nnx
 
         from rlmt_jax.rollout.sampling import Sampler, SamplingConfig, default_prompt_buckets
+        from rlmt_jax.rollout.slot_sampler import SlotSampler
         from rlmt_jax.scale import multihost
 
         graphdef, params = nnx.split(policy.model)
-        sampler = Sampler(graphdef, SamplingConfig(
+        config = SamplingConfig(
             n=1, max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
             eos_ids=text.stop_ids, pad_id=text.pad_id,
             prompt_buckets=default_prompt_buckets(template.max_prompt_tokens), cache_dtype=dtype,
-        ), hosts=multihost.HostRows(mesh), progress=progress if progress.enabled else None,
-            progress_steps=PROGRESS_STEPS)
+        )
+        report = progress if progress.enabled else None
+        if args.slots is not None:
+            sampler = SlotSampler(graphdef, config, slots=args.slots, chunk_tokens=PROGRESS_STEPS,
+                                  hosts=multihost.HostRows(mesh), progress=report)
+        else:
+            sampler = Sampler(graphdef, config, hosts=multihost.HostRows(mesh), progress=report,
+                              progress_steps=PROGRESS_STEPS)
         return cls(sampler, params, text, template, generator, batch, progress)
 
     def write_all(self, rows: list[tuple[dict, list[dict]]], first: int, base_key, sink) -> _Totals:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -31,13 +31,13 @@ from flax import nnx
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH
 from rlmt_jax.rollout.decode_layout import DecodeLayout
-from rlmt_jax.rollout.sampling import Rollout, Sampler, bucket_length, left_pad
+from rlmt_jax.rollout.sampling import BatchProgress, Rollout, Sampler, bucket_length, left_pad
 from rlmt_jax.rollout.sampling_config import SamplingConfig
 from rlmt_jax.rollout.slot_programs import admit, decode_chunk, empty_slots, prefill_prompts, slot_widths
 from rlmt_jax.scale import mesh as mesh_lib
 
 # A chunk returns early once this fraction of the slots has stopped in it (and rows wait for slots).
-REFILL_FRACTION = 0.25
+REFILL_FRACTION = 0.0625
 
 
 class SlotSampler(Sampler):
@@ -48,9 +48,12 @@ class SlotSampler(Sampler):
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, slots: int, chunk_tokens: int = 64,
-                 hosts=None, layout: DecodeLayout | None = None):
+                 hosts=None, layout: DecodeLayout | None = None,
+                 progress: Callable[[BatchProgress], None] | None = None):
         """slots: per data-parallel replica of the rollout mesh (the layout's, else the hosts' mesh; one
-        replica without either). chunk_tokens: decode steps per jitted chunk, at most."""
+        replica without either). chunk_tokens: decode steps per jitted chunk, at most. progress: called after
+        each chunk with a BatchProgress over all processes' rows (its step: the most tokens a row has so
+        far); hosts, layout: as the Sampler's."""
         if slots < 1:
             raise UserError(f"rollout slots: must be >= 1, got {slots}")
         if chunk_tokens < 1:
@@ -64,6 +67,7 @@ class SlotSampler(Sampler):
             raise UserError(f"rollout slots: {self.slots} slots do not split over {processes} processes")
         self.local_slots = self.slots // processes
         self.chunk_tokens = chunk_tokens
+        self.progress = progress
         self.model_config = None  # the policy's, read at the first call
         self._empty = {}  # longest prompt bucket -> jitted empty_slots
         self._prefill_prompts = jax.jit(functools.partial(prefill_prompts, graphdef, config))
@@ -96,6 +100,8 @@ class SlotSampler(Sampler):
                     tokens, logprobs = self._local((state.tokens, state.logprobs))
                     rows.take(slot_row[stopped], tokens[stopped], logprobs[stopped], counts[stopped])
                     slot_row[stopped] = -1
+                if self.progress is not None:
+                    self.progress(self._where(rows))
             del params, state, cache
         return rows.rollout(prompts, prompt_len, n, self.config)
 
@@ -136,7 +142,8 @@ class SlotSampler(Sampler):
         """The first cache window whose blocks hold every active slot's next chunk_tokens slots."""
         busy = slot_row[slot_row >= 0]
         n = self.config.n
-        local = max((len(prompts[r // n]) + int(rows.counts[r]) - 1 for r in busy), default=0)
+        # a row's next slot is its prompt length + tokens so far - 1 (a row just admitted has its first token)
+        local = max((len(prompts[r // n]) + max(int(rows.counts[r]), 1) - 1 for r in busy), default=0)
         reach = self._agree_max(local) + self.chunk_tokens
         attended = 0
         widths = slot_widths(self.config, self.model_config, prompt_len)
@@ -164,6 +171,16 @@ class SlotSampler(Sampler):
             self._empty[prompt_len] = jax.jit(functools.partial(
                 empty_slots, self.model_config, self.config, self.slots, prompt_len))
         return self._empty[prompt_len]()
+
+    def _where(self, rows: _RowsOut) -> BatchProgress:
+        """Where the call stands over every process's rows (a collective with several processes)."""
+        done, tokens, furthest = int(rows.done.sum()), int(rows.counts.sum()), int(rows.counts.max())
+        processes = 1
+        if self.hosts is not None and self.hosts.process_count > 1:
+            every = self.hosts.gather(np.asarray([done, tokens, furthest], np.int64))
+            done, tokens, furthest = int(every[:, 0].sum()), int(every[:, 1].sum()), int(every[:, 2].max())
+            processes = self.hosts.process_count
+        return BatchProgress(furthest, self.config.max_new_tokens, done, len(rows.counts) * processes, tokens)
 
     # ---------------------------------------------------------------------------- agreement between hosts
     def _know_model(self, params) -> None:
