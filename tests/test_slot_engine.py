@@ -14,12 +14,12 @@ import models
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH, row_uniforms
 from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
-from rlmt_jax.rollout.slot_sampler import SlotSampler, _admission_bucket, _RowsOut
+from rlmt_jax.rollout.slot_sampler import SlotSampler, _admission_bucket
 from tests.hf_factory import PAD_ID, make_checkpoint
 from tests.test_sampling import EOS, PROMPTS, hf_greedy
 
 # 4 prompts of different lengths (right-padding bugs show), x n=3 = 12 rows
-MORE_PROMPTS = [*PROMPTS, [77, 5, 19, 200, 4]]
+MORE_PROMPTS = [*PROMPTS, [77, 5, 19, 140, 4]]
 FIELDS = ("tokens", "prompt_mask", "response_mask", "prompt_lengths", "response_lengths", "stop_reason")
 
 
@@ -53,6 +53,7 @@ def assert_same_rollout(static, slots):
     for field in FIELDS:
         np.testing.assert_array_equal(np.asarray(getattr(slots, field)), np.asarray(getattr(static, field)),
                                       err_msg=field)
+    assert np.isfinite(np.asarray(slots.logprobs)).all()
     np.testing.assert_allclose(np.asarray(slots.logprobs), np.asarray(static.logprobs), atol=1e-5)
     assert (slots.prompt_len, slots.group_size) == (static.prompt_len, static.group_size)
 
@@ -193,6 +194,77 @@ def test_a_chunk_attends_to_the_first_window_that_holds_its_rows_next_slots(prom
     graphdef, _ = nnx.split(models.build_model(cfg, nnx.Rngs(0)))
     engine = SlotSampler(graphdef, config(max_new_tokens=13, decode_windows=3), slots=2, chunk_tokens=5)
     engine.model_config = cfg
-    rows = _RowsOut(2, 13, PAD_ID)
-    rows.counts[:] = [tokens_so_far, 1]
-    assert engine._window(16, [[1] * prompt, [2] * 3], np.asarray([0, 1]), rows) == window
+    batch = engine._batch([[1] * prompt, [2] * 3], jax.random.key(0))
+    batch.out.counts[:] = [tokens_so_far, 1]
+    assert engine._window(16, [batch], np.asarray([0, 1]), np.asarray([0, 0])) == window
+
+
+NEXT_PROMPTS = [[9, 9, 100], [33, 44, 55, 66, 77], [120], [6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+def two_steps(path, next_params_of, slots=3):
+    """Step A's call starting step B's rows in its tail (max_staleness 1), then step B's call with the params
+    `next_params_of(params)` (the update between them).  -> (A, B, params, B's params, graphdef, config)"""
+    graphdef, params = _loaded(path, False)
+    cfg = config(n=3, temperature=1.0, max_new_tokens=14)
+    engine = SlotSampler(graphdef, cfg, slots=slots, chunk_tokens=3, max_staleness=1)
+    a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=(NEXT_PROMPTS, jax.random.key(2)))
+    carried = engine.carry_state()
+    assert carried is not None and carried["readmit"]  # rows of B were decoding when A's last row stopped
+    later = next_params_of(params)
+    b = engine(later, NEXT_PROMPTS, jax.random.key(2), version=1)
+    return a, b, params, later, graphdef, cfg
+
+
+def test_rows_started_ahead_with_unchanged_params_give_each_steps_static_rollout(llama):
+    a, b, params, _, graphdef, cfg = two_steps(llama[0], lambda p: p)
+    static = Sampler(graphdef, cfg)
+    assert_same_rollout(static(params, MORE_PROMPTS, jax.random.key(1)), a)
+    assert_same_rollout(static(params, NEXT_PROMPTS, jax.random.key(2)), b)  # carried rows' caches recomputed
+    versions = b.versions[b.response_mask]
+    assert set(np.unique(versions).tolist()) == {0, 1}  # some of B's tokens were chosen during A
+    assert np.all(a.versions[a.response_mask] == 0) and np.all(b.versions[~b.response_mask] == -1)
+
+
+def test_behaviour_logprobs_are_the_recorded_versions_teacher_forced_forward(llama):
+    a, b, params, later, graphdef, _ = two_steps(llama[0], lambda p: jax.tree.map(lambda x: x * 1.05, p))
+    mask = b.response_mask
+    assert np.all(b.versions[mask] >= 0) and np.all(b.versions[mask] <= 1)  # none older than one version
+    forwards = []
+    for weights in (params, later):
+        model = nnx.merge(graphdef, weights)
+        logits = model(jnp.asarray(b.tokens), jnp.asarray(b.attention_mask), b.positions)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        forward = jnp.take_along_axis(logp, jnp.asarray(b.tokens)[:, 1:, None], axis=-1)[..., 0]
+        forwards.append(np.pad(np.asarray(forward), ((0, 0), (1, 0))))
+    behaviour = np.where(b.versions == 0, forwards[0], forwards[1])
+    np.testing.assert_allclose(b.logprobs[mask], behaviour[mask], atol=1e-5)
+    stale = mask & (b.versions == 0)
+    assert stale.sum() > 3 and np.abs(forwards[1] - forwards[0])[stale].min() > 1e-4  # the versions differ there
+
+
+def test_rows_started_for_other_prompts_are_sampled_again(llama, caplog):
+    graphdef, params = _loaded(llama[0], False)
+    cfg = config(n=3, temperature=1.0, max_new_tokens=14)
+    engine = SlotSampler(graphdef, cfg, slots=3, chunk_tokens=3, max_staleness=1)
+    engine(params, MORE_PROMPTS, jax.random.key(1), ahead=(NEXT_PROMPTS, jax.random.key(2)))
+    with caplog.at_level("WARNING"):
+        b = engine(params, NEXT_PROMPTS, jax.random.key(3), version=1)  # another key than the rows started with
+    assert "sampled again" in caplog.text
+    assert_same_rollout(Sampler(graphdef, cfg)(params, NEXT_PROMPTS, jax.random.key(3)), b)
+    assert np.all(b.versions[b.response_mask] == 1)
+    with pytest.raises(UserError, match="max_staleness"):
+        SlotSampler(graphdef, cfg, slots=3)(params, PROMPTS, jax.random.key(0), ahead=(PROMPTS, jax.random.key(1)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.max_staleness=2"], "must be 0 .on-policy. or 1"),
+    (["rollout.max_staleness=1", "algorithm.rollout_correction.weights=token"], "needs rollout.engine=slots"),
+    (["rollout.max_staleness=1", "rollout.engine=slots"], "needs a rollout correction"),
+    (["rollout.max_staleness=1", "rollout.engine=slots", "algorithm.rollout_correction.weights=token",
+      "rollout.group_filter=varied"], "without rollout.group_filter"),
+])
+def test_partial_rollout_settings_name_what_they_need(overrides, message):
+    from rlmt_jax.settings.config import resolve
+    with pytest.raises(UserError, match=f"rollout.max_staleness.*{message}"):
+        resolve(None, overrides)

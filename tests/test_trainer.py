@@ -219,3 +219,43 @@ def test_a_slot_engine_run_equals_the_static_run(tmp_path, tiny_cache):
     for static, slots in zip(runs["static"], runs["slots"], strict=True):
         for key in ("reward_mean", "response_tokens_mean", "length_stop_rate", "loss", "grad_norm"):
             assert slots[key] == pytest.approx(static[key], rel=1e-5, abs=1e-6), key
+
+
+AHEAD = ["rollout.engine=slots", "rollout.slots=3", "rollout.chunk_tokens=4", "rollout.max_staleness=1",
+         "algorithm.rollout_correction.weights=token", "run.total_steps=4"]
+
+
+def test_partial_rollouts_start_the_next_steps_rows_and_resume_exactly(tmp_path, tiny_cache, monkeypatch):
+    # 8 rows through 3 slots: the slots freed in each step's tail start the next step's rows with the policy of
+    # that step; a run stopped after step 2 saves them with its checkpoint and goes on as the straight run
+    straight = run_config(tmp_path / "a", *AHEAD)
+    train(straight)
+    rows = read_metrics(straight.run.output_dir)
+    assert rows[0]["stale_token_fraction"] == 0.0 and rows[0]["staleness_max"] == 0.0
+    assert all(0 < r["stale_token_fraction"] < 1 and r["staleness_max"] == 1.0 for r in rows[1:])
+
+    resumed = run_config(tmp_path / "b", *AHEAD)
+    trainer = Trainer(resumed)
+    original, calls = trainer._step, {"n": 0}
+
+    def dies_at_step_3(prompts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupt()
+        return original(prompts)
+
+    monkeypatch.setattr(trainer, "_step", dies_at_step_3)
+    with pytest.raises(Interrupt):
+        trainer.run()
+    saved = os.path.join(resumed.run.output_dir, "checkpoints", "2", "data_iter", "process_0-of-1.json")
+    with open(saved) as f:
+        ahead = json.load(f)["ahead_rows"]
+    assert ahead["readmit"] and all(0 < c < 12 for c in np.asarray(ahead["counts"])[ahead["readmit"]])
+    train(resumed)
+    a = load_file(os.path.join(straight.run.output_dir, "export", "model.safetensors"))
+    b = load_file(os.path.join(resumed.run.output_dir, "export", "model.safetensors"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    again = read_metrics(resumed.run.output_dir)
+    for key in ("reward_mean", "stale_token_fraction", "loss"):
+        assert [r[key] for r in again] == [r[key] for r in rows], key

@@ -53,6 +53,9 @@ class Rollout(NamedTuple):
     stop_reason: jax.Array
     prompt_len: int  # P: the bucket length; the response starts at this column
     group_size: int  # n
+    # [R, T] int32: the policy version that chose each response token (-1 elsewhere); None: all this call's
+    # (the static sampler; the slot engine's rows started ahead of their step have older ones)
+    versions: np.ndarray | None = None
 
     @property
     def attention_mask(self) -> jax.Array:

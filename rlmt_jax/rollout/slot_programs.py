@@ -28,7 +28,7 @@ from models.attention import decode_slot_multiple
 from models.layers import CacheBlocks, write_rows
 from models.sharding import constrain
 from models.transformer import KVCache
-from rlmt_jax.rollout.decode import _is_eos, _last_logits, row_uniforms, vocab_major_head
+from rlmt_jax.rollout.decode import _is_eos, _last_logits, vocab_major_head
 from rlmt_jax.rollout.decode_cache import cache_axes, cache_block_widths, window_view, with_window
 from rlmt_jax.rollout.next_token import choose_next_token
 from rlmt_jax.rollout.sampling_config import SamplingConfig
@@ -45,6 +45,8 @@ class SlotState(NamedTuple):
     active: jax.Array  # [S] bool: the slot's row is still decoding
     tokens: jax.Array  # [S, N] int32: the row's response so far (pads after `count`)
     logprobs: jax.Array  # [S, N] float32: their log-probs (0 after `count`)
+    versions: jax.Array  # [S, N] int32: the policy version that chose each token (-1 after `count`)
+    stream: jax.Array  # [S, key data] uint32: the row's random stream, fold_in(its call's key, its row id)
 
 
 class ChunkSummary(NamedTuple):
@@ -83,7 +85,21 @@ def empty_slots(model_config, config: SamplingConfig, slots: int, longest_prompt
         row=per_slot(-1, jnp.int32), count=per_slot(0, jnp.int32), active=per_slot(False, bool),
         tokens=constrain(jnp.full((slots, new), config.pad_id, jnp.int32), ("batch", None)),
         logprobs=constrain(jnp.zeros((slots, new), jnp.float32), ("batch", None)),
+        versions=constrain(jnp.full((slots, new), -1, jnp.int32), ("batch", None)),
+        stream=constrain(jnp.zeros((slots, jax.random.key_data(jax.random.key(0)).shape[-1]), jnp.uint32),
+                         ("batch", None)),
     )
+
+
+def row_streams(key, row_ids) -> jax.Array:
+    """Each row's random stream as key data: fold_in(key, row id).  row_ids: [A] -> [A, key data] uint32."""
+    return jax.vmap(lambda row: jax.random.key_data(jax.random.fold_in(key, row)))(row_ids)
+
+
+def stream_uniforms(streams, token_index) -> jax.Array:
+    """decode.row_uniforms from the rows' streams: a uniform for token `token_index` of each.  -> [A]"""
+    draw = lambda data, index: jax.random.uniform(jax.random.fold_in(jax.random.wrap_key_data(data), index), ())  # noqa: E731
+    return jax.vmap(draw)(streams, jnp.broadcast_to(token_index, streams.shape[:1]))
 
 
 class PromptCache(NamedTuple):
@@ -113,13 +129,15 @@ def prefill_prompts(graphdef: nnx.GraphDef, config: SamplingConfig, params, prom
 
 
 def admit(config: SamplingConfig, model_config, state: SlotState, prompts: PromptCache, source, slot_ids, row_ids,
-          key) -> SlotState:
+          key, version) -> SlotState:
     """Rows into free slots: each copies its prompt's prefilled cache and chooses its first token from the
     prompt's logits with its own random stream. source, slot_ids, row_ids: [A], the prompt (of B), slot and row
-    id of each admitted row (a slot id >= S admits nothing: filler rows of the bucket). -> the state with those
-    slots active (or done already, when the first token is an EOS or max_new_tokens is 1)."""
+    id of each admitted row (a slot id >= S admits nothing: filler rows of the bucket); version: the policy's.
+    -> the state with those slots active (or done already, when the first token is an EOS or max_new_tokens
+    is 1)."""
     rows, new = source.shape[0], config.max_new_tokens
-    first, first_logprobs = choose_next_token(prompts.logits[source], row_uniforms(key, row_ids, 0),
+    streams = row_streams(key, row_ids)
+    first, first_logprobs = choose_next_token(prompts.logits[source], stream_uniforms(streams, 0),
                                               config.temperature, config.top_k, config.top_p)
     eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
     put = lambda x, values: x.at[slot_ids].set(values, mode="drop")  # noqa: E731
@@ -137,34 +155,72 @@ def admit(config: SamplingConfig, model_config, state: SlotState, prompts: Promp
         active=put(state.active, ~_is_eos(eos, first) & (new > 1)),
         tokens=put(state.tokens, jnp.full((rows, new), config.pad_id, jnp.int32).at[:, 0].set(first)),
         logprobs=put(state.logprobs, jnp.zeros((rows, new), jnp.float32).at[:, 0].set(first_logprobs)),
+        versions=put(state.versions, jnp.full((rows, new), -1, jnp.int32).at[:, 0].set(version)),
+        stream=put(state.stream, streams),
+    )
+
+
+def readmit(graphdef: nnx.GraphDef, config: SamplingConfig, params, state: SlotState, sequence_ids,
+            sequence_lengths, slot_ids, row_ids, key, last, count, tokens, logprobs, versions) -> SlotState:
+    """Rows that were decoding when their call ended (partial rollouts, rollout.max_staleness) back into free
+    slots, their caches computed again with these params: sequence_ids [A, L] right-padded, each row's prompt
+    and its response but the last token (sequence_lengths [A] of them); last, count [A]: that last token and the
+    tokens so far; tokens, logprobs, versions [A, N]: what the row has sampled, by which versions; slot_ids,
+    row_ids [A] and the key of the row's call, as admit's."""
+    model = nnx.merge(graphdef, params)
+    length = sequence_ids.shape[1]
+    columns = jnp.arange(length, dtype=jnp.int32)
+    mask = columns[None, :] < sequence_lengths[:, None]
+    cache = model.init_cache(sequence_ids.shape[0], length, jnp.dtype(config.cache_dtype))
+    _, cache = model.decode_hidden_states(sequence_ids, jnp.broadcast_to(columns, sequence_ids.shape), mask, cache, 0)
+    put = lambda x, values: x.at[slot_ids].set(values, mode="drop")  # noqa: E731
+    valid = jnp.pad(mask, ((0, 0), (0, state.cache.valid.shape[1] - length)))
+    key_axes, value_axes = cache_axes(model.config)
+    return SlotState(
+        cache=KVCache(k=_put_prompts(state.cache.k, cache.k, slot_ids, key_axes),
+                      v=_put_prompts(state.cache.v, cache.v, slot_ids, value_axes),
+                      valid=put(state.cache.valid, valid)),
+        last=put(state.last, last), index=put(state.index, sequence_lengths), row=put(state.row, row_ids),
+        count=put(state.count, count), active=put(state.active, jnp.ones_like(count, bool)),
+        tokens=put(state.tokens, tokens), logprobs=put(state.logprobs, logprobs),
+        versions=put(state.versions, versions), stream=put(state.stream, row_streams(key, row_ids)),
     )
 
 
 def _put_prompts(blocks, prompt_cache: jax.Array, slot_ids, axes: tuple):
-    """The slots' caches with the prompts' [layers, A, ...] (P slots each) written into their first P slots
-    (block 0 holds the largest prompt bucket)."""
+    """The slots' caches with the sequences' [layers, A, ...] (L slots each) written into their first L slots,
+    across the blocks they span (a prompt fits block 0, which holds the largest prompt bucket)."""
     slot_axis = axes.index("cache_seq")
-    prompt_len = prompt_cache.shape[slot_axis]
+    length = prompt_cache.shape[slot_axis]
 
-    def put(block, prompts):  # block [layers?, S, ...], prompts [layers?, A, ...] with the same leading axes
-        lead = block.ndim - len(axes)  # 0 stacked, -1 one layer's
-        at = [slice(None)] * block.ndim
-        at[1 + lead] = slot_ids
-        at[slot_axis + lead] = slice(0, prompt_len)
-        return block.at[tuple(at)].set(prompts.astype(block.dtype), mode="drop")
+    def put_all(layer_blocks, kv):  # kv: [layers?, A, ...] with the blocks' leading axes
+        lead = layer_blocks[0].ndim - len(axes)  # 0 stacked, -1 one layer's
+        written, start = [], 0
+        for block in layer_blocks:
+            width = block.shape[slot_axis + lead]
+            take = max(0, min(width, length - start))
+            if take:
+                at = [slice(None)] * block.ndim
+                at[1 + lead] = slot_ids
+                at[slot_axis + lead] = slice(0, take)
+                part = jax.lax.slice_in_dim(kv, start, start + take, axis=slot_axis + lead)
+                block = block.at[tuple(at)].set(part.astype(block.dtype), mode="drop")
+            written.append(block)
+            start += width
+        return CacheBlocks(written)
 
     if isinstance(blocks, CacheBlocks):
-        return CacheBlocks((put(blocks.blocks[0], prompt_cache), *blocks.blocks[1:]))
-    return tuple(CacheBlocks((put(layer.blocks[0], prompt_cache[i]), *layer.blocks[1:]))
-                 for i, layer in enumerate(blocks))
+        return put_all(blocks.blocks, prompt_cache)
+    return tuple(put_all(layer.blocks, prompt_cache[i]) for i, layer in enumerate(blocks))
 
 
 def decode_chunk(graphdef: nnx.GraphDef, config: SamplingConfig, longest_prompt: int, chunk_tokens: int,
-                 window: int, params, state: SlotState, key, refill_at) -> tuple[SlotState, ChunkSummary]:
+                 window: int, params, state: SlotState, version, refill_at) -> tuple[SlotState, ChunkSummary]:
     """Up to `chunk_tokens` steps of every active slot: each feeds its last token at its own cache slot (its
     position) and chooses its next response token, attending to the cache blocks 0..window. The loop ends after
     `chunk_tokens` steps, when no slot is active, or once `refill_at` rows have stopped in this chunk (a traced
-    int: no program per value). The caller picks `window` so that no active slot passes its blocks.
+    int: no program per value). The caller picks `window` so that no active slot passes its blocks. Each token
+    is drawn from its row's stream and recorded with `version` (the params' policy version).
     -> (the state, its summary)"""
     model = nnx.merge(graphdef, params)
     widths = slot_widths(config, model.config, longest_prompt)
@@ -184,7 +240,7 @@ def decode_chunk(graphdef: nnx.GraphDef, config: SamplingConfig, longest_prompt:
         step_rope = tuple(jax.lax.dynamic_slice_in_dim(t, step, 1, axis=1) for t in rope)
         logits, cache = _last_logits(model, s.last[:, None], s.index[:, None], jnp.ones((slots, 1), bool), s.cache,
                                      s.index, step_rope, head, decode_step=True)
-        tokens, logprobs = choose_next_token(logits, row_uniforms(key, s.row, s.count), config.temperature,
+        tokens, logprobs = choose_next_token(logits, stream_uniforms(s.stream, s.count), config.temperature,
                                              config.top_k, config.top_p)
         column = jnp.where(s.active, s.count, new)  # idle and stopped slots write nothing
         count = s.count + s.active.astype(jnp.int32)
@@ -198,6 +254,8 @@ def decode_chunk(graphdef: nnx.GraphDef, config: SamplingConfig, longest_prompt:
             active=active,
             tokens=write_rows(s.tokens, tokens, column, ("batch", None), 1),
             logprobs=write_rows(s.logprobs, logprobs, column, ("batch", None), 1),
+            versions=write_rows(s.versions, jnp.full_like(column, version), column, ("batch", None), 1),
+            stream=s.stream,
         ), stopped + jnp.sum(s.active & ~active, dtype=jnp.int32)
 
     full = state.cache

@@ -21,8 +21,11 @@ each call's sizes (admission bucket, window, whether anything is left).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,8 +36,10 @@ from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH
 from rlmt_jax.rollout.decode_layout import DecodeLayout
 from rlmt_jax.rollout.sampling import BatchProgress, Rollout, Sampler, bucket_length, left_pad
 from rlmt_jax.rollout.sampling_config import SamplingConfig
-from rlmt_jax.rollout.slot_programs import admit, decode_chunk, empty_slots, prefill_prompts, slot_widths
+from rlmt_jax.rollout.slot_programs import admit, decode_chunk, empty_slots, prefill_prompts, readmit, slot_widths
 from rlmt_jax.scale import mesh as mesh_lib
+
+log = logging.getLogger(__name__)
 
 # A chunk returns early once this fraction of the slots has stopped in it (and rows wait for slots).
 REFILL_FRACTION = 0.0625
@@ -49,11 +54,13 @@ class SlotSampler(Sampler):
 
     def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, slots: int, chunk_tokens: int = 64,
                  hosts=None, layout: DecodeLayout | None = None,
-                 progress: Callable[[BatchProgress], None] | None = None):
+                 progress: Callable[[BatchProgress], None] | None = None, max_staleness: int = 0):
         """slots: per data-parallel replica of the rollout mesh (the layout's, else the hosts' mesh; one
         replica without either). chunk_tokens: decode steps per jitted chunk, at most. progress: called after
         each chunk with a BatchProgress over all processes' rows (its step: the most tokens a row has so
-        far); hosts, layout: as the Sampler's."""
+        far); hosts, layout: as the Sampler's. max_staleness: 0, or 1 to take rows of the next call (`ahead`)."""
+        if max_staleness not in (0, 1):
+            raise UserError(f"rollout max_staleness: 0 or 1 (partial rollouts one step ahead), got {max_staleness}")
         if slots < 1:
             raise UserError(f"rollout slots: must be >= 1, got {slots}")
         if chunk_tokens < 1:
@@ -68,44 +75,115 @@ class SlotSampler(Sampler):
         self.local_slots = self.slots // processes
         self.chunk_tokens = chunk_tokens
         self.progress = progress
+        self.max_staleness = max_staleness
+        self._carry: _Batch | None = None  # the next call's rows started by this one
         self.model_config = None  # the policy's, read at the first call
         self._empty = {}  # longest prompt bucket -> jitted empty_slots
         self._prefill_prompts = jax.jit(functools.partial(prefill_prompts, graphdef, config))
         self._admit = None  # jitted admit, made at the first call (it needs the model config)
+        self._readmit_program = jax.jit(functools.partial(readmit, graphdef, config), donate_argnums=(1,))
         self._chunks = {}  # (longest prompt bucket, window) -> jitted decode_chunk
 
-    def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array) -> Rollout:
-        """prompts: token-id lists (at least one token each, any lengths up to the largest bucket)."""
-        count, prompt_len, first_row = self._agree_on(prompts)
-        n, new = self.config.n, self.config.max_new_tokens
-        rows = _RowsOut(count * n, new, self.config.pad_id)
+    def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array, version: int = 0,
+                 ahead: tuple[Sequence[Sequence[int]], jax.Array] | None = None) -> Rollout:
+        """prompts: token-id lists (at least one token each, any lengths up to the largest bucket).
+
+        Partial rollouts (max_staleness 1): `ahead` = (the next call's prompts, its key) lets slots that free up
+        once this call's rows are all admitted start the next call's rows, with these params (policy
+        `version`). The call returns when its own rows are done; the next call's rows that are still decoding
+        then are carried, and the next call (with those prompts and key, and the next version) takes them
+        back first, their caches computed again with its params (one prefill of prompt and tokens so far)."""
+        if ahead is not None and not self.max_staleness:
+            raise UserError("sampling: rows ahead of their step need rollout.max_staleness >= 1")
+        current = self._carried(prompts, key)
+        batches = [current] + ([self._batch(*ahead)] if ahead is not None else [])
+        slot_row = np.full(self.local_slots, -1)  # the local row each local slot holds, -1: free
+        slot_batch = np.zeros(self.local_slots, np.int32)  # and whose: 0 this call's, 1 the next call's
         with self._in_layout():
             params = self.rollout_params(params)
             self._know_model(params)
-            state = self._empty_state(prompt_len)
-            cache = self._prompt_cache(params, prompts, prompt_len)
-            pending = collections.deque(range(count * n))
-            slot_row = np.full(self.local_slots, -1)  # the local row each local slot holds, -1: free
+            state = self._empty_state(self._cache_prompt_len(current.prompt_len))
+            for batch in batches:
+                batch.cache = self._prompt_cache(params, batch.prompts, batch.prompt_len)
+            state = self._readmit(params, state, current, slot_row, version)
             while True:
-                state = self._refill(cache, state, pending, slot_row, first_row, key)
-                if not self._agree_max(int((slot_row >= 0).any())):
+                for tag, batch in enumerate(batches):
+                    state = self._refill(state, batch, tag, slot_row, slot_batch, version)
+                mine = (slot_row >= 0) & (slot_batch == 0)
+                if not self._agree_max(int(mine.any() or bool(current.pending))):
                     break
-                window = self._window(prompt_len, prompts, slot_row, rows)
-                refill_at = self._refill_at(len(pending))
-                state, summary = self._chunk(prompt_len, window)(params, state, key, np.int32(refill_at))
+                window = self._window(current.prompt_len, batches, slot_row, slot_batch)
+                refill_at = self._refill_at(sum(len(b.pending) for b in batches))
+                state, summary = self._chunk(self._cache_prompt_len(current.prompt_len), window)(
+                    params, state, np.int32(version), np.int32(refill_at))
                 active, counts = self._local(summary)
-                rows.counts[slot_row[slot_row >= 0]] = counts[slot_row >= 0]
-                stopped = np.flatnonzero((slot_row >= 0) & ~active)
+                busy = slot_row >= 0
+                for tag, batch in enumerate(batches):
+                    held = busy & (slot_batch == tag)
+                    batch.out.counts[slot_row[held]] = counts[held]
+                stopped = np.flatnonzero(busy & ~active)
                 if len(stopped):
-                    tokens, logprobs = self._local((state.tokens, state.logprobs))
-                    rows.take(slot_row[stopped], tokens[stopped], logprobs[stopped], counts[stopped])
-                    slot_row[stopped] = -1
+                    self._hand_back(state, batches, stopped, slot_row, slot_batch, counts)
                 if self.progress is not None:
-                    self.progress(self._where(rows))
-            del params, state, cache
-        return rows.rollout(prompts, prompt_len, n, self.config)
+                    self.progress(self._where(current.out))
+            if ahead is not None:
+                self._carry_over(state, batches[1], slot_row, slot_batch)
+            del params, state
+            for batch in batches:
+                batch.cache = None
+        return current.out.rollout(current.prompts, current.prompt_len, self.config.n, self.config)
+
+    def carry_state(self) -> dict | None:
+        """The rows started for the next call (max_staleness 1), JSON-able: what they sampled so far, by which
+        versions, and the rows still to start; saved with a checkpoint so that a resumed run goes on exactly
+        as an uninterrupted one (the next call computes their caches again either way). None: no such rows."""
+        c = self._carry
+        if c is None:
+            return None
+        out = c.out
+        return {"prompts": c.prompts, "prompt_len": c.prompt_len, "first_row": c.first_row,
+                "key": np.asarray(jax.random.key_data(c.key)).tolist(), "pending": list(c.pending),
+                "readmit": list(c.readmit), "tokens": out.tokens.tolist(), "logprobs": out.logprobs.tolist(),
+                "versions": out.versions.tolist(), "counts": out.counts.tolist(), "done": out.done.tolist()}
+
+    def restore_carry(self, state: dict | None) -> None:
+        """The rows of a `carry_state()` back, for the next call."""
+        if state is None:
+            self._carry = None
+            return
+        out = _RowsOut(len(state["counts"]), self.config.max_new_tokens, self.config.pad_id)
+        out.tokens[:] = np.asarray(state["tokens"], np.int32)
+        out.logprobs[:] = np.asarray(state["logprobs"], np.float32)
+        out.versions[:] = np.asarray(state["versions"], np.int32)
+        out.counts[:] = np.asarray(state["counts"], np.int32)
+        out.done[:] = np.asarray(state["done"], bool)
+        key = jax.random.wrap_key_data(np.asarray(state["key"], np.uint32))
+        self._carry = _Batch(state["prompts"], int(state["prompt_len"]), int(state["first_row"]), key, out,
+                             collections.deque(state["pending"]), list(state["readmit"]))
 
     # ------------------------------------------------------------------------------------------ the calls
+    def _batch(self, prompts, key) -> _Batch:
+        """A call's rows, none sampled yet."""
+        count, prompt_len, first_row = self._agree_on(prompts)
+        rows = count * self.config.n
+        return _Batch([list(p) for p in prompts], prompt_len, first_row, key,
+                      _RowsOut(rows, self.config.max_new_tokens, self.config.pad_id), collections.deque(range(rows)))
+
+    def _carried(self, prompts, key) -> _Batch:
+        """This call's rows: the ones the previous call started for it (carried), or none sampled yet."""
+        carry, self._carry = self._carry, None
+        if carry is not None:
+            same_key = np.array_equal(np.asarray(jax.random.key_data(carry.key)),
+                                      np.asarray(jax.random.key_data(key)))
+            if carry.prompts == [list(p) for p in prompts] and same_key:
+                return carry
+            log.warning("sampling: the rows started ahead were for other prompts or another key; sampled again")
+        return self._batch(prompts, key)
+
+    def _cache_prompt_len(self, prompt_len: int) -> int:
+        """The prompt slots of the cache: the call's bucket, or with rows of two calls the largest bucket."""
+        return self.config.prompt_buckets[-1] if self.max_staleness else prompt_len
+
     def _prompt_cache(self, params, prompts, prompt_len: int):
         """Every prompt of the call prefilled once (with hosts: every process's, filler copies making the
         prompts split over the mesh, as the static sampler's)."""
@@ -115,38 +193,90 @@ class SlotSampler(Sampler):
         lengths = np.asarray([len(p) for p in prompts], np.int32)
         return self._prefill_prompts(params, *self._put((ids, lengths)))
 
-    def _refill(self, cache, state, pending, slot_row, first_row, key):
-        """The next pending rows into the free local slots (every process calls the same program)."""
+    def _refill(self, state, batch: _Batch, tag: int, slot_row, slot_batch, version: int):
+        """The batch's next pending rows into the free local slots (every process calls the same program)."""
         free = np.flatnonzero(slot_row < 0)
-        admitted = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+        admitted = [batch.pending.popleft() for _ in range(min(len(free), len(batch.pending)))]
         bucket = self._agree_max(_admission_bucket(len(admitted), self.local_slots, self._rows_multiple()))
         if bucket == 0:
             return state
         n = self.config.n
-        slot_offset, prompt_offset = 0, 0
-        if self.hosts is not None:
-            slot_offset = jax.process_index() * self.local_slots
-            prompt_offset = first_row // n  # this process's first prompt in the global prompt cache
         source = np.zeros(bucket, np.int32)
-        source[:len(admitted)] = prompt_offset + np.asarray(admitted, np.int32) // n
-        slot_ids = np.full(bucket, self.slots, np.int32)  # past the last slot: a filler row admits nothing
-        slot_ids[:len(admitted)] = slot_offset + free[:len(admitted)]
-        row_ids = np.zeros(bucket, np.int32)
-        row_ids[:len(admitted)] = first_row + np.asarray(admitted, np.int32)
+        source[:len(admitted)] = batch.first_row // n + np.asarray(admitted, np.int32) // n
+        slot_ids, row_ids = self._slots_and_rows(bucket, free[:len(admitted)], batch, admitted)
         slot_row[free[:len(admitted)]] = admitted
+        slot_batch[free[:len(admitted)]] = tag
         if self._admit is None:
             self._admit = jax.jit(functools.partial(admit, self.config, self.model_config), donate_argnums=(0,))
-        return self._admit(state, cache, *self._put((source, slot_ids, row_ids)), key)
+        return self._admit(state, batch.cache, *self._put((source, slot_ids, row_ids)), batch.key, np.int32(version))
 
-    def _window(self, prompt_len: int, prompts, slot_row: np.ndarray, rows: _RowsOut) -> int:
+    def _slots_and_rows(self, bucket: int, slots, batch: _Batch, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Global slot ids (filler: past the last slot, admitting nothing) and row ids of admitted rows."""
+        offset = 0 if self.hosts is None else jax.process_index() * self.local_slots
+        slot_ids = np.full(bucket, self.slots, np.int32)
+        slot_ids[:len(slots)] = offset + np.asarray(slots, np.int32)
+        row_ids = np.zeros(bucket, np.int32)
+        row_ids[:len(rows)] = batch.first_row + np.asarray(rows, np.int32)
+        return slot_ids, row_ids
+
+    def _readmit(self, params, state, batch: _Batch, slot_row, version: int):
+        """The rows the previous call started for this one back into slots, caches computed with `params`."""
+        rows = batch.readmit
+        batch.readmit = []
+        out, n = batch.out, self.config.n
+        fed = [len(batch.prompts[r // n]) + int(out.counts[r]) - 1 for r in rows]  # all but the last token
+        length = self._agree_max(max(fed, default=0))
+        bucket = self._agree_max(_admission_bucket(len(rows), self.local_slots, self._rows_multiple()))
+        if bucket == 0:
+            return state
+        cache_slots = sum(slot_widths(self.config, self.model_config, self._cache_prompt_len(batch.prompt_len)))
+        length = min(1 << max(length - 1, 0).bit_length(), cache_slots)  # a power of two (few programs) or all
+        ids = np.full((bucket, length), self.config.pad_id, np.int32)
+        lengths, last, count = (np.ones(bucket, np.int32) for _ in range(3))
+        new = self.config.max_new_tokens
+        tokens = np.full((bucket, new), self.config.pad_id, np.int32)
+        logprobs, versions = np.zeros((bucket, new), np.float32), np.full((bucket, new), -1, np.int32)
+        for i, (r, width) in enumerate(zip(rows, fed)):
+            c = int(out.counts[r])
+            ids[i, :width] = [*batch.prompts[r // n], *out.tokens[r, :c - 1]]
+            lengths[i], last[i], count[i] = width, out.tokens[r, c - 1], c
+            tokens[i], logprobs[i], versions[i] = out.tokens[r], out.logprobs[r], out.versions[r]
+        free = np.flatnonzero(slot_row < 0)[:len(rows)]
+        slot_ids, row_ids = self._slots_and_rows(bucket, free, batch, rows)
+        slot_row[free] = rows  # slot_batch stays 0: this call's rows
+        arrays = self._put((ids, lengths, slot_ids, row_ids, last, count, tokens, logprobs, versions))
+        return self._readmit_program(params, state, *arrays[:4], batch.key, *arrays[4:])
+
+    def _hand_back(self, state, batches, stopped, slot_row, slot_batch, counts) -> None:
+        """The stopped rows' tokens, log-probs and versions to their batches; their slots freed."""
+        tokens, logprobs, versions = self._local((state.tokens, state.logprobs, state.versions))
+        for tag, batch in enumerate(batches):
+            mine = stopped[slot_batch[stopped] == tag]
+            batch.out.take(slot_row[mine], tokens[mine], logprobs[mine], versions[mine], counts[mine])
+        slot_row[stopped] = -1
+
+    def _carry_over(self, state, batch: _Batch, slot_row, slot_batch) -> None:
+        """The next call's rows still decoding: what they have so far, kept for that call (their slots' caches
+        are not: that call computes them again with its params)."""
+        held = np.flatnonzero((slot_row >= 0) & (slot_batch == 1))
+        tokens, logprobs, versions, counts = self._local((state.tokens, state.logprobs, state.versions, state.count))
+        rows = slot_row[held]
+        batch.out.tokens[rows], batch.out.logprobs[rows] = tokens[held], logprobs[held]
+        batch.out.versions[rows], batch.out.counts[rows] = versions[held], counts[held]
+        batch.readmit = [int(r) for r in rows]
+        slot_row[held] = -1
+        self._carry = batch
+
+    def _window(self, prompt_len: int, batches, slot_row: np.ndarray, slot_batch: np.ndarray) -> int:
         """The first cache window whose blocks hold every active slot's next chunk_tokens slots."""
-        busy = slot_row[slot_row >= 0]
-        n = self.config.n
-        # a row's next slot is its prompt length + tokens so far - 1 (a row just admitted has its first token)
-        local = max((len(prompts[r // n]) + max(int(rows.counts[r]), 1) - 1 for r in busy), default=0)
+        n, local = self.config.n, 0
+        for slot in np.flatnonzero(slot_row >= 0):
+            batch, row = batches[slot_batch[slot]], slot_row[slot]
+            # a row's next slot is its prompt length + tokens so far - 1 (a row just admitted has its first token)
+            local = max(local, len(batch.prompts[row // n]) + max(int(batch.out.counts[row]), 1) - 1)
         reach = self._agree_max(local) + self.chunk_tokens
         attended = 0
-        widths = slot_widths(self.config, self.model_config, prompt_len)
+        widths = slot_widths(self.config, self.model_config, self._cache_prompt_len(prompt_len))
         for window, width in enumerate(widths):
             attended += width
             if attended >= reach:
@@ -223,21 +353,22 @@ class SlotSampler(Sampler):
 
     def compiled_decode_text(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array) -> str:
         """The optimised HLO of the first window's decode chunk for these prompts (after one admission)."""
-        count, prompt_len, first_row = self._agree_on(prompts)
+        batch = self._batch(prompts, key)
         with self._in_layout():
             params = self.rollout_params(params)
             self._know_model(params)
-            cache = self._prompt_cache(params, prompts, prompt_len)
-            state = self._refill(cache, self._empty_state(prompt_len), collections.deque(range(count * self.config.n)),
-                                 np.full(self.local_slots, -1), first_row, key)
-            lowered = self._chunk(prompt_len, 0).lower(params, state, key, np.int32(self.slots + 1))
+            batch.cache = self._prompt_cache(params, batch.prompts, batch.prompt_len)
+            prompt_len = self._cache_prompt_len(batch.prompt_len)
+            state = self._refill(self._empty_state(prompt_len), batch, 0, np.full(self.local_slots, -1),
+                                 np.zeros(self.local_slots, np.int32), 0)
+            lowered = self._chunk(prompt_len, 0).lower(params, state, np.int32(0), np.int32(self.slots + 1))
             return lowered.compile().as_text()
 
     def compiled_programs(self) -> int:
         """Programs compiled so far: prefills (one per prompt count and bucket), admissions (one per bucket),
         chunks (one per window), empty states."""
         admit_programs = 0 if self._admit is None else self._admit._cache_size()
-        return (self._prefill_prompts._cache_size() + admit_programs + sum(p._cache_size() for p in self._chunks.values())
+        return (self._prefill_prompts._cache_size() + admit_programs + self._readmit_program._cache_size() + sum(p._cache_size() for p in self._chunks.values())
                 + sum(p._cache_size() for p in self._empty.values()))
 
 
@@ -260,18 +391,36 @@ def _right_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int, rows:
     return ids, mask
 
 
+@dataclasses.dataclass
+class _Batch:
+    """One call's rows on this process: its prompts, the bucket of its longest prompt (its Rollout's prompt
+    columns), its first row id and key (its rows' streams), what its rows have sampled, the rows not yet in
+    a slot, the rows to readmit (started by the previous call), and its prompts prefilled (during a call)."""
+
+    prompts: list
+    prompt_len: int
+    first_row: int
+    key: jax.Array
+    out: _RowsOut
+    pending: collections.deque
+    readmit: list = dataclasses.field(default_factory=list)
+    cache: Any = None
+
+
 class _RowsOut:
     """This process's finished rows, gathered on the host as the slots hand them back."""
 
     def __init__(self, rows: int, new: int, pad_id: int):
         self.tokens = np.full((rows, new), pad_id, np.int32)
         self.logprobs = np.zeros((rows, new), np.float32)
+        self.versions = np.full((rows, new), -1, np.int32)
         self.counts = np.zeros(rows, np.int32)
         self.done = np.zeros(rows, bool)
 
-    def take(self, row_ids, tokens, logprobs, counts) -> None:
+    def take(self, row_ids, tokens, logprobs, versions, counts) -> None:
         self.tokens[row_ids] = tokens
         self.logprobs[row_ids] = logprobs
+        self.versions[row_ids] = versions
         self.counts[row_ids] = counts
         self.done[row_ids] = True
 
@@ -295,4 +444,5 @@ class _RowsOut:
             stop_reason=stop,
             prompt_len=prompt_len,
             group_size=n,
+            versions=np.concatenate([np.full(mask.shape, -1, np.int32), self.versions], axis=1),
         )

@@ -39,6 +39,20 @@ def groups_with_reward_spread(group_rewards: np.ndarray) -> int:
     return int(np.count_nonzero(varied_groups(jnp.asarray(group_rewards))))
 
 
+def staleness_metrics(rollout: Rollout, version: int, max_staleness: int) -> dict[str, float]:
+    """Over every process's response tokens: the fraction chosen by an older policy than `version`
+    (stale_token_fraction) and the oldest's age in versions (staleness_max). A token older than max_staleness
+    versions never reaches an update: the sampler resamples a row whose call it was not started for."""
+    mask = np.asarray(rollout.response_mask)
+    age = version - np.asarray(rollout.versions)[mask]
+    if len(age) and (age.min() < 0 or age.max() > max_staleness):
+        raise RuntimeError(f"sampling: token versions {sorted(set((version - age).tolist()))} at policy version "
+                           f"{version} (max_staleness {max_staleness})")
+    stale, tokens, oldest = multihost.all_gather(
+        np.asarray([int(np.count_nonzero(age)), len(age), int(age.max(initial=0))], np.int64)).T
+    return {"stale_token_fraction": float(stale.sum() / max(tokens.sum(), 1)), "staleness_max": float(oldest.max())}
+
+
 class NonFiniteReward(ArithmeticError):
     """The reward model gave a non-finite reward on some process (every process raises it)."""
 
@@ -89,11 +103,12 @@ class RolloutStage:
     rollout: RolloutConfig
     format_penalty: float | None
 
-    def __call__(self, params, key: jax.Array, prompts: list[Conversation],
-                 more: MorePrompts) -> tuple[ScoredGroups, jax.Array]:
+    def __call__(self, params, key: jax.Array, prompts: list[Conversation], more: MorePrompts, version: int = 0,
+                 ahead: list[Conversation] | None = None) -> tuple[ScoredGroups, jax.Array]:
         """The scored groups a step trains on -> (them, the key left). Their metrics and samples are of these
-        groups (with a group filter, not of the groups it dropped)."""
-        groups, key = self._round(params, key, prompts)
+        groups (with a group filter, not of the groups it dropped). version: the policy's (updates so far);
+        ahead (rollout.max_staleness 1): the next step's prompts, whose rows may start in this step's tail."""
+        groups, key = self._round(params, key, prompts, version, ahead)
         if self.rollout.group_filter is not None:
             groups, key = self._filtered(params, key, groups, len(prompts), more)
         scored = groups.rollouts
@@ -104,16 +119,25 @@ class RolloutStage:
         metrics = multihost.global_metrics(local, rows=len(scored.texts), sums=SUMMED_METRICS)
         return dataclasses.replace(groups, metrics={**metrics, **groups.metrics}), key
 
-    def sample(self, params, key: jax.Array, prompt_ids: Sequence[Sequence[int]]) -> tuple[Rollout, jax.Array]:
-        """n answers to each prompt, with a key split off `key` -> (this process's rollout, the key left)."""
+    def sample(self, params, key: jax.Array, prompt_ids: Sequence[Sequence[int]], version: int = 0,
+               ahead_ids: Sequence[Sequence[int]] | None = None) -> tuple[Rollout, jax.Array]:
+        """n answers to each prompt, with a key split off `key` -> (this process's rollout, the key left).
+        With ahead_ids (the next step's prompts) the sampler may start their rows, with the key the next
+        step's call splits off the key left."""
         key, sample_key = jax.random.split(key)
-        return self.sampler(params, prompt_ids, sample_key), key
+        if not self.rollout.max_staleness:
+            return self.sampler(params, prompt_ids, sample_key), key
+        ahead = None if ahead_ids is None else (ahead_ids, jax.random.split(key)[1])
+        return self.sampler(params, prompt_ids, sample_key, version=version, ahead=ahead), key
 
-    def _round(self, params, key: jax.Array, prompts: list[Conversation]) -> tuple[ScoredGroups, jax.Array]:
-        """This process's prompts sampled and scored, one group each (no metrics) -> (them, the key left)."""
+    def _round(self, params, key: jax.Array, prompts: list[Conversation], version: int = 0,
+               ahead: list[Conversation] | None = None) -> tuple[ScoredGroups, jax.Array]:
+        """This process's prompts sampled and scored, one group each (with partial rollouts, their staleness
+        metrics; no others) -> (them, the key left)."""
         start = time.perf_counter()
         prompt_ids, truncated = self.text.encode_each(prompts)
-        rollout, key = self.sample(params, key, prompt_ids)
+        ahead_ids = None if ahead is None else self.text.encode_each(ahead)[0]
+        rollout, key = self.sample(params, key, prompt_ids, version, ahead_ids)
         jax.block_until_ready(rollout.tokens)
         sampled = time.perf_counter()
         texts = self.text.decode_responses(rollout)
@@ -128,7 +152,10 @@ class RolloutStage:
                      if len(bad) else "on another process")
             raise NonFiniteReward(f"the reward model gave a non-finite reward {where}")
         rollouts = ScoredRollouts.of(rollout, texts, scored, prompts, truncated)
-        return ScoredGroups(rollouts, {}, sampled - start, time.perf_counter() - sampled), key
+        metrics = {}
+        if self.rollout.max_staleness and rollout.versions is not None:
+            metrics = staleness_metrics(rollout, version, self.rollout.max_staleness)
+        return ScoredGroups(rollouts, metrics, sampled - start, time.perf_counter() - sampled), key
 
     def _filtered(self, params, key: jax.Array, first: ScoredGroups, needed: int,
                   more: MorePrompts) -> tuple[ScoredGroups, jax.Array]:

@@ -31,6 +31,16 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"must not exceed data.max_prompt_tokens ({data.max_prompt_tokens})")
 
     spec.check(cfg, require)
+    if rollout.max_staleness:
+        require(rollout.engine == "slots", "rollout.max_staleness",
+                "needs rollout.engine=slots (the next step's rows start in the slots this step's rows free)")
+        require(spec.loop == "rollouts" and rollout.group_filter is None, "rollout.max_staleness",
+                f"needs an algorithm that samples every step without rollout.group_filter (its extra rounds take "
+                f"the next steps' prompts), not {algo.name} with group_filter={rollout.group_filter}")
+        corr = algo.rollout_correction
+        require((corr.weights != "off" or corr.mask != "off") and not corr.bypass, "rollout.max_staleness",
+                "needs a rollout correction: tokens chosen by the previous policy are off-policy (set "
+                "algorithm.rollout_correction.weights=token, or its mask)")
     check_variants(cfg, require)
     check_algorithm(algo)
     require(algo.overlong_buffer is None or 0 < algo.overlong_buffer <= rollout.max_new_tokens,

@@ -157,6 +157,10 @@ class RolloutConfig:
     engine: Literal["static", "slots"] = "static"
     slots: int = 64  # per data-parallel replica (engine: slots); the KV cache holds this many rows, not all
     chunk_tokens: int = 64  # decode steps per jitted chunk (engine: slots); stopped rows are handed back between
+    # Partial rollouts (engine: slots): 1 lets slots freed in a step's tail start the next step's rows with the
+    # current policy; they finish with the next one, each token recorded with the policy version that chose it,
+    # and the update corrects for them (algorithm.rollout_correction). 0: on-policy, every row in its step.
+    max_staleness: int = 0
     mesh: RolloutMeshConfig = field(default_factory=RolloutMeshConfig)
     # DAPO's dynamic sampling: a registered group filter (rlmt_jax.algorithms.group_filters; `varied` drops the
     # groups whose rewards are all equal) and more rounds of prompts_per_step prompts until prompts_per_step
@@ -178,6 +182,8 @@ class RolloutConfig:
               "must be >= 1 or null (automatic)")
         check(self.slots >= 1, "slots", f"must be >= 1, got {self.slots}")
         check(self.chunk_tokens >= 1, "chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
+        check(self.max_staleness in (0, 1), "max_staleness",
+              f"must be 0 (on-policy) or 1 (rows one step ahead; more is not built), got {self.max_staleness}")
         self.mesh.check(f"{section}.mesh")
         buckets = self.prompt_buckets
         check(all(b >= 1 for b in buckets), "prompt_buckets", "must hold positive lengths")

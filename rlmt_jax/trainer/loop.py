@@ -54,6 +54,8 @@ def config_digest(cfg: RunConfig) -> str:
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
 
 
+AHEAD_ROWS = "ahead_rows"  # the data_iter item's key for the rows sampled ahead (rollout.max_staleness)
+
 class Trainer:
     """One run: models, optimizer, data, checkpoints and metrics for `cfg`, and the loop over steps."""
 
@@ -197,10 +199,17 @@ class Trainer:
     def _items(self) -> dict[str, Any]:
         return {
             **{name: getattr(self.state, name) for name in STATE_ITEMS},
-            "data_iter": self.batches.get_state(), "rng": self.key,
+            "data_iter": {**self.batches.get_state(), **self._ahead_rows()}, "rng": self.key,
             "meta": {"config_digest": config_digest(self.cfg), "config": SCHEMA.to_dict(self.cfg),
                      "algorithm": self.algorithm, "rolled_back_to": self.rolled_back_to},
         }
+
+    def _ahead_rows(self) -> dict[str, Any]:
+        """With partial rollouts, the rows the sampler started for the next step (saved with this process's
+        data iterator state: they are its next batch's)."""
+        if not self.cfg.rollout.max_staleness:
+            return {}
+        return {AHEAD_ROWS: self.sampler.carry_state()}
 
     def _resume(self) -> None:
         targets = {name: value for name, value in self._items().items() if value is not None and name != "meta"}
@@ -217,6 +226,8 @@ class Trainer:
         items = restored.items
         self.state = TrainState(**{name: items[name] for name in STATE_ITEMS if name in targets})
         self.batches.set_state(items["data_iter"])
+        if AHEAD_ROWS in items["data_iter"]:
+            self.sampler.restore_carry(items["data_iter"][AHEAD_ROWS])
         self.key = items["rng"]
         self.step = restored.step
         log.warning("resumed from the checkpoint of step %d in %s", self.step, self.cfg.checkpoint_dir)
@@ -266,10 +277,22 @@ class Trainer:
         if self.spec.loop != "rollouts":
             self.state, update = self.update_stage(self.state, items)
             return update.step_metrics(), []
-        groups, self.key = self.rollout_stage(self.params, self.key, items, self.more_prompts)
+        groups, self.key = self.rollout_stage(self.params, self.key, items, self.more_prompts, version=self.step,
+                                              ahead=self._next_items())
         self.state, update = self.update_stage(self.state, groups.rollouts)
         samples = groups.samples(self.cfg.logging.samples_per_step)
         return {**groups.metrics, **update.step_metrics(groups.times)}, samples
+
+    def _next_items(self) -> list | None:
+        """With partial rollouts (rollout.max_staleness), this process's items of the next step's batch, read
+        ahead (the data iterator's state is put back: the next step reads them again, and a checkpoint saved
+        in between resumes there); None without, or at the last step."""
+        if not self.cfg.rollout.max_staleness or self.step + 1 >= self.total_steps or self.batches.exhausted:
+            return None
+        state = self.batches.get_state()
+        items = list(next(self.batches).items)
+        self.batches.set_state(state)
+        return items
 
     def run(self) -> dict[str, Any]:
         """Trains to the last step (or a stop signal), checkpointing and logging; returns a summary: the steps'

@@ -116,7 +116,8 @@ def make_sampler(cfg: RunConfig, mesh, hosts: multihost.HostRows, graphdef, text
         cache_dtype=r.cache_dtype or cfg.runtime.dtype, decode_windows=r.decode_windows,
     )
     if r.engine == "slots":
-        return SlotSampler(graphdef, config, slots=r.slots, chunk_tokens=r.chunk_tokens, hosts=hosts, layout=layout)
+        return SlotSampler(graphdef, config, slots=r.slots, chunk_tokens=r.chunk_tokens, hosts=hosts, layout=layout,
+                           max_staleness=r.max_staleness)
     return Sampler(graphdef, config, hosts=hosts, layout=layout)
 
 
