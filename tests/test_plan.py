@@ -329,7 +329,7 @@ def test_the_gpu_decode_kernel_reads_each_rows_slots_so_far_and_the_xla_path_its
 
 
 # ------------------------------------------------------------------ the slot engine and response lengths
-SLOTS = [*H100_OVERRIDES, "rollout.engine=slots"]  # the recipe's 32 slots per replica; 2 replicas (tensor 4 of 8)
+SLOTS = [*H100_OVERRIDES, "rollout.engine=slots", "rollout.slots=32"]  # the recipe's 32 slots per replica; 2 replicas (tensor 4 of 8)
 LLAMA_MATMUL_PARAMS = LLAMA_PARAMS - LLAMA_TABLE - LLAMA_VECTORS  # every kernel and the lm head, not the embedding
 KV_PER_SLOT = 2 * 32 * 8 * 128 * 2  # keys and values of one row at one slot, every layer, bfloat16
 
@@ -383,14 +383,20 @@ def test_slots_steps_are_bounded_below_by_the_cap():
     assert "~3072 cache slots" in at_cap.how
 
 
-def test_partial_rollouts_k1_drop_the_cap_bound_and_are_labelled_projected():
+def test_partial_rollouts_k1_drop_the_cap_bound_and_recompute_the_carried_rows_caches():
     plan = h100_time([*SLOTS, "rollout.slots=128"], response_mean=1024)
     slots, k1 = plan.decode_by_engine["slots"], plan.decode_by_engine["slots k=1"]
     assert slots.how.startswith("4096 steps = max(4096, ceil(256 rows x 1024 mean / 128 slots)) x 256 rows")
     assert k1.how.startswith("2048 steps = ceil(256 rows x 1024 mean / 128 slots) x 256 rows")
-    assert k1.how.endswith("(projected, not built)") and "projected" not in slots.how
     assert k1.seconds == pytest.approx(slots.seconds / 2, rel=1e-12)  # the same steps, half as many
-    assert plan.phase("rollout decode") == slots  # the step uses the configured engine, never the projection
+    assert plan.phase("rollout decode") == slots  # max_staleness 0: the step uses the slots engine
+    ahead = h100_time([*SLOTS, "rollout.slots=128", "rollout.max_staleness=1",
+                       "algorithm.rollout_correction.weights=token"], response_mean=1024)
+    assert ahead.engine == "slots k=1" and ahead.phase("rollout decode") == k1
+    prefill, carried = ahead.phase("rollout prefill"), plan.phase("rollout prefill")
+    # 64 prompts x 1024, + up to 128 x 2 carried rows x (1024 + 512) computed again
+    assert prefill.how == "64 prompts x 1024 tokens + up to 256 carried rows x 1536 (caches computed again)"
+    assert carried.how == "64 prompts x 1024 tokens" and prefill.flops > 6 * carried.flops
 
 
 def test_plan_cli_prints_the_decode_by_engine_and_puts_it_in_the_json(capsys):
@@ -398,14 +404,14 @@ def test_plan_cli_prints_the_decode_by_engine_and_puts_it_in_the_json(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert ("decode by engine (1024-token mean responses, h100): static 49.6 s | slots 23.8 s | slots k=1 23.8 s "
-            "(projected, not built)") in out
+            "(rollout.max_staleness=1)") in out
     assert "rollout.engine slots, responses 1024 tokens on average" in out
     assert "rollout 512 rows through 64 slots x 5119 cache slots" in out
     assert main([*args, "--json"]) == 0
     timing = json.loads(capsys.readouterr().out)["time"]
     assert timing["engine"] == "slots" and timing["response_mean"] == 1024
-    assert {engine: (round(d["seconds"], 1), d["built"]) for engine, d in timing["decode_by_engine"].items()} == {
-        "static": (49.6, True), "slots": (23.8, True), "slots k=1": (23.8, False)}
+    assert {engine: round(d["seconds"], 1) for engine, d in timing["decode_by_engine"].items()} == {
+        "static": 49.6, "slots": 23.8, "slots k=1": 23.8}
 
 
 def test_response_lengths_reads_the_mean_of_a_runs_metrics_and_equals_that_response_mean(tmp_path, capsys):
@@ -451,11 +457,15 @@ def test_slots_engine_kv_cache_holds_the_slots_not_the_steps_rows():
     def cache(rows, slots):  # per device: rows over data 2, kv heads over tensor 4; the valid mask over data
         return 2 * 32 * rows * slots * 8 * 128 * 2 // 4 + rows * slots
 
-    # 32 slots x 2 replicas = 64 rows of 5119 slots, + the first admission's 64 rows of the 1024-token prompt
-    assert kv(["rollout.engine=slots"]) == cache(64 // 2, 5119) + cache(64 // 2, 1024)
-    assert kv(["rollout.engine=slots", "rollout.prompts_per_step=128"]) == kv(["rollout.engine=slots"])
-    assert kv(["rollout.engine=slots", "rollout.slots=64"]) == 2 * kv(["rollout.engine=slots"])
+    # 32 slots x 2 replicas = 64 rows of 5119 slots, + the cache of the step's 64 prompts of 1024 tokens
+    slots = ["rollout.engine=slots", "rollout.slots=32"]
+    assert kv(slots) == cache(64 // 2, 5119) + cache(64 // 2, 1024)
+    assert kv([*slots, "rollout.prompts_per_step=128"]) == cache(64 // 2, 5119) + cache(128 // 2, 1024)
+    assert kv(["rollout.engine=slots", "rollout.slots=64"]) == cache(128 // 2, 5119) + cache(64 // 2, 1024)
     assert kv(["rollout.prompts_per_step=128"]) == 2 * kv([])  # static: every row of the step
+    # partial rollouts: the next step's prompts too, and the carried rows' caches computed again
+    ahead = [*slots, "rollout.max_staleness=1", "algorithm.rollout_correction.weights=token"]
+    assert kv(ahead) == 2 * cache(64 // 2, 5119) + cache(128 // 2, 1024)
 
 
 def test_slots_engine_counts_its_token_and_logprob_buffers():
@@ -463,7 +473,8 @@ def test_slots_engine_counts_its_token_and_logprob_buffers():
     plan = memory_plan(cfg, DeviceSpec.parse("h100"))
     buffers = plan.item("slot buffers")
     assert buffers.phase == "rollout"
-    assert buffers.bytes == 64 // 2 * 4096 * (4 + 4)  # [S, N] int32 + float32, slots over the 2 replicas
+    # [S, N] int32 tokens + float32 log-probs + int32 versions, slots over the 2 replicas
+    assert buffers.bytes == 64 // 2 * 4096 * (4 + 4 + 4)
     assert plan.shapes["cache_rows"] == 64 and plan.shapes["rollout_rows"] == 512
     static = memory_plan(resolve("grpo_llama31_8b_instruct", H100_OVERRIDES), DeviceSpec.parse("h100"))
     assert "slot buffers" not in [item.name for item in static.items]

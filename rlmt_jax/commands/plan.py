@@ -142,8 +142,6 @@ def format_plan(plan, algorithm: str = "") -> str:
 
 def format_time_plan(timing) -> str:
     """The time plan as a table: each phase's per-device work, its estimated seconds, the step."""
-    from rlmt_jax.plans.time_plan import PROJECTED
-
     lines = [f"time per step (estimate at peak figures: {timing.chip.source}); rollout.engine {timing.engine}, "
              f"responses {timing.response_mean:g} tokens on average",
              f"{'phase':22s} {'TFLOP':>9s} {'HBM GB':>9s} {'link GB':>9s} {'seconds':>9s}  how"]
@@ -156,7 +154,7 @@ def format_time_plan(timing) -> str:
         f"({timing.sequence_tokens:,} prompt + response tokens, {timing.sampled_tokens:,} sampled)",
         f"decode by engine ({timing.response_mean:g}-token mean responses, {timing.device.kind}): "
         f"static {by_engine['static'].seconds:.1f} s | slots {by_engine['slots'].seconds:.1f} s | "
-        f"slots k=1 {by_engine['slots k=1'].seconds:.1f} s ({PROJECTED})",
+        f"slots k=1 {by_engine['slots k=1'].seconds:.1f} s (rollout.max_staleness=1)",
         "per device: max(FLOPs / peak, HBM bytes / bandwidth) + link bytes / link bandwidth + collectives x latency;"
         f" a decode step reads at {timing.chip.stream:.0%} of the bandwidth; a real step reaches a fraction of the"
         " peaks",

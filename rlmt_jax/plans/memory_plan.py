@@ -575,9 +575,10 @@ def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMe
     """The sampler's KV cache and the prefill's cache while it is copied into it.
 
     static: every rollout row at once, + the prompts' cache (one row a prompt) while it is copied to their samples.
-    slots: rollout.slots rows per data-parallel replica (S in all) whatever the step's rows, + an admission's
-    prefill cache (at most S rows of the prompt length) while it is written into the free slots.
-    Each row holds _cache_slots slots."""
+    slots: rollout.slots rows per data-parallel replica (S in all) whatever the step's rows, + the prompts' cache
+    (one row a prompt; with partial rollouts the next step's prompts' too), kept while their rows are admitted;
+    with partial rollouts also the carried rows' caches computed again (up to S rows of all the slots) while they
+    are copied into the slots. Each row holds _cache_slots slots."""
     prompts, n = cfg.rollout.prompts_per_step, cfg.rollout.n
     prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
     slots = _cache_slots(cfg)
@@ -587,12 +588,16 @@ def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMe
     decode_cache = kv_cache_bytes(policy.module, rows, slots, cache_dtype, rollout_mesh)
     shape = f"x {slots} slots (prompt {prompt_len} + {new} new - 1), {cache_dtype}"
     if cfg.rollout.engine == "slots":
-        admitted = min(rows, prompts * n)  # the first admission fills every slot (or takes every row)
-        prefill_cache = kv_cache_bytes(policy.module, admitted, prompt_len, cache_dtype, rollout_mesh)
-        return Item("KV cache", "rollout", decode_cache + prefill_cache,
-                    f"slots engine: {cfg.rollout.slots} slots x {rollout_replicas(rollout_mesh)} replicas = {rows} "
-                    f"rows ({rows_local} per device; the step's {prompts * n} rows stream through them) {shape}, "
-                    f"+ an admission's prefill cache ({admitted} rows x {prompt_len}) while it is written to the slots")
+        ahead = bool(cfg.rollout.max_staleness)
+        held = prompts * (2 if ahead else 1)
+        prompt_cache = kv_cache_bytes(policy.module, held, prompt_len, cache_dtype, rollout_mesh)
+        how = (f"slots engine: {cfg.rollout.slots} slots x {rollout_replicas(rollout_mesh)} replicas = {rows} "
+               f"rows ({rows_local} per device; the step's {prompts * n} rows stream through them) {shape}, "
+               f"+ the prompts' cache ({held} prompts{' of this step and the next' if ahead else ''} x {prompt_len})")
+        if ahead:
+            decode_cache *= 2
+            how += ", + the carried rows' caches computed again (up to every slot) while they are copied in"
+        return Item("KV cache", "rollout", decode_cache + prompt_cache, how)
     prompt_cache = kv_cache_bytes(policy.module, prompts, prompt_len, cache_dtype, rollout_mesh)
     return Item("KV cache", "rollout", decode_cache + prompt_cache,
                 f"{prompts} prompts x {n} = {rows} rows ({rows_local} per device) {shape}, + the prompts' cache "
@@ -600,12 +605,14 @@ def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMe
 
 
 def _slot_buffers_item(cfg: RunConfig, rollout_mesh: AbstractMesh) -> Item:
-    """The slot engine's per-slot responses (rollout.slot_programs.SlotState): tokens [S, N] int32 and their
-    log-probs [S, N] float32, rows split over the rollout mesh's batch axes: S * N * (4 + 4)."""
+    """The slot engine's per-slot responses (rollout.slot_programs.SlotState): tokens [S, N] int32, their
+    log-probs [S, N] float32 and policy versions [S, N] int32, rows split over the rollout mesh's batch axes:
+    S * N * (4 + 4 + 4)."""
     rows, new = _cache_rows(cfg, rollout_mesh), cfg.rollout.max_new_tokens
     local_rows, local_new = local_shape((rows, new), ("batch", None), rollout_mesh)
-    return Item("slot buffers", "rollout", local_rows * local_new * (4 + 4),
-                f"{rows} slots ({local_rows} per device) x {new} tokens: int32 tokens + float32 log-probs")
+    return Item("slot buffers", "rollout", local_rows * local_new * (4 + 4 + 4),
+                f"{rows} slots ({local_rows} per device) x {new} tokens: int32 tokens, float32 log-probs, int32 "
+                "policy versions")
 
 
 def _decode_copies_item(policy: ModelShapes, rollout_mesh: AbstractMesh, rules) -> Item:
@@ -619,16 +626,20 @@ def _decode_copies_item(policy: ModelShapes, rollout_mesh: AbstractMesh, rules) 
 
 
 def _prefill_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh, attention: str) -> Item:
-    """One layer's forward on every prompt of the step at its longest (static), or on the largest admission of
-    the slot engine: a prompt per row, as many rows as there are slots (slots)."""
+    """One layer's forward on every prompt of the step at its longest (both engines); with partial rollouts
+    the larger of that and the carried rows' forward (up to every slot, prompt + response so far: at most
+    the cache's slots)."""
     prompt_len = cfg.data.max_prompt_tokens
-    prompts, what = cfg.rollout.prompts_per_step, "prompts"
-    if cfg.rollout.engine == "slots":
-        prompts, what = min(_cache_rows(cfg, rollout_mesh), prompts * cfg.rollout.n), "admitted rows"
-    prefill = LocalDims.of(policy.config, prompts, rollout_mesh)
-    return Item("prefill activations", "rollout",
-                layer_activation_bytes(prefill, prompt_len, itemsize(cfg.runtime.dtype), attention)["none"],
-                f"one layer's forward on {prefill.rows} {what} x {prompt_len} tokens per device")
+    prefill = LocalDims.of(policy.config, cfg.rollout.prompts_per_step, rollout_mesh)
+    dtype = itemsize(cfg.runtime.dtype)
+    candidates = [(layer_activation_bytes(prefill, prompt_len, dtype, attention)["none"],
+                   f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device")]
+    if cfg.rollout.engine == "slots" and cfg.rollout.max_staleness:
+        carried, length = LocalDims.of(policy.config, _cache_rows(cfg, rollout_mesh), rollout_mesh), _cache_slots(cfg)
+        candidates.append((layer_activation_bytes(carried, length, dtype, attention)["none"],
+                           f"one layer's forward on {carried.rows} carried rows x {length} tokens per device"))
+    size, how = max(candidates)
+    return Item("prefill activations", "rollout", size, how)
 
 
 def _reward_forward_item(cfg: RunConfig, reward_model: ModelShapes, mesh: AbstractMesh, rows: int, length: int,

@@ -31,13 +31,13 @@ rollout mesh, R rows, prompt p (data.max_prompt_tokens), S = rollout.slots:
                on average E[L^2] / (2 E[L]) response slots (a slot sampled at a random time holds a row weighted
                by its length): m for exponential lengths, and at most (N + 1) / 2 for any lengths capped at N
                (every row at the cap: the static count), so the decode kernel reads p + min(m, (N + 1) / 2) slots;
-               the xla path reads the windows so far, as static. Each row's prompt is prefilled on its own (not
-               once per prompt): the prefill phase counts R x p tokens.
-  slots k=1    (projected, not built: the engine does not carry rows across steps yet) partial rollouts with
-               max_staleness 1: the next step's rows fill the slots freed in this step's tail, so the cap no
-               longer bounds the step: ceil(R x m / S) steps, each as slots'.
-The step's phases use the configured engine; `decode_by_engine` holds the decode phase of all three for the same
-m. The reward and update phases stay at prompt + N tokens a row (a batch is padded to its longest row, at the
+               the xla path reads the windows so far, as static. Each prompt is prefilled once, as static's.
+  slots k=1    partial rollouts (rollout.max_staleness 1): the next step's rows fill the slots freed in this
+               step's tail, so the cap no longer bounds the step: ceil(R x m / S) steps, each as slots'. The rows
+               still decoding when a step's own are done have their caches computed again with the new weights
+               at the next step: the prefill phase adds up to S rows a replica of p + m / 2 tokens.
+The step's phases use the configured engine (slots k=1 with rollout.max_staleness 1); `decode_by_engine` holds
+the decode phase of all three for the same m. The reward and update phases stay at prompt + N tokens a row (a batch is padded to its longest row, at the
 cap); the step's token counts use m.
 """
 
@@ -106,9 +106,9 @@ class PhaseTime:
     how: str
 
 
-# The decode engines the plan compares: rollout.engine's two, and partial rollouts across steps (not built).
+# The decode engines the plan compares: rollout.engine's two, and partial rollouts across steps (slots with
+# rollout.max_staleness 1).
 ENGINES = ("static", "slots", "slots k=1")
-PROJECTED = "projected, not built"  # said wherever the k=1 figure is printed
 # The metric of a run's metrics.jsonl that holds the step's mean response length (rollout.scored.length_metrics).
 RESPONSE_LENGTH_METRIC = "response_tokens_mean"
 
@@ -141,7 +141,7 @@ class TimePlan:
                 "step_seconds": self.step_seconds, "tokens_per_second_per_chip": self.tokens_per_second_per_chip,
                 "sampled_tokens": self.sampled_tokens, "sequence_tokens": self.sequence_tokens,
                 "engine": self.engine, "response_mean": self.response_mean,
-                "decode_by_engine": {engine: {"seconds": p.seconds, "how": p.how, "built": engine != "slots k=1"}
+                "decode_by_engine": {engine: {"seconds": p.seconds, "how": p.how}
                                      for engine, p in self.decode_by_engine.items()}}
 
 
@@ -184,11 +184,11 @@ def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = Non
     sizes = _StepSizes.of(cfg, device, policy, response_mean)
     layout = _SamplerLayout.of(cfg, device)
     by_engine = {engine: _decode_phase(cfg, device, chip, sizes, layout, engine) for engine in ENGINES}
-    phases = [*_rollout_phases(cfg, chip, sizes, layout, by_engine[cfg.rollout.engine]),
+    phases = [*_rollout_phases(cfg, chip, sizes, layout, by_engine[engine_of(cfg)]),
               _reward_phase(cfg, chip, rm, sizes),
               *_update_phases(cfg, chip, sizes, with_reference="reference" in models)]
     sampled = round(sizes.rows * sizes.mean)
-    return TimePlan(device, chip, tuple(phases), sampled, sizes.rows * sizes.prompt_len + sampled, cfg.rollout.engine,
+    return TimePlan(device, chip, tuple(phases), sampled, sizes.rows * sizes.prompt_len + sampled, engine_of(cfg),
                     sizes.mean, by_engine)
 
 
@@ -319,17 +319,28 @@ def _kv_bytes_per_slot(cfg: RunConfig, policy: ModelConfig) -> int:
 
 
 def _prefill_phase(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout: _SamplerLayout) -> PhaseTime:
-    """Every prompt once through the policy, its KV cache written (static); the slot engine admits rows, each
-    with its own prompt's prefill (rollout.n per prompt)."""
+    """Every prompt once through the policy, its KV cache written; with partial rollouts also the rows carried
+    from the previous step (up to the slots), prompt and response so far (m / 2 on average)."""
     policy, prompts, prompt_len = sizes.policy, sizes.prompts, sizes.prompt_len
-    what = f"{prompts} prompts"
-    if cfg.rollout.engine == "slots":
-        prompts, what = sizes.rows, f"{sizes.rows} rows (slots engine: a prefill per row)"
-    flops = 2 * sizes.weights * prompts * prompt_len + _attention_flops(policy, prompts, prompt_len, prompt_len)
-    flops /= sizes.devices
-    hbm = layout.weight_bytes(sizes) + prompts * prompt_len * _kv_bytes_per_slot(cfg, policy) / sizes.devices
-    return _phase("rollout prefill", flops, hbm, layout.link_bytes(sizes, prompts, prompt_len), chip,
-                  f"{what} x {prompt_len} tokens")
+    what = f"{prompts} prompts x {prompt_len} tokens"
+    sequences = [(prompts, prompt_len)]
+    if engine_of(cfg) == "slots k=1":
+        carried, length = cfg.rollout.slots * layout.data, round(prompt_len + sizes.mean / 2)
+        sequences.append((carried, length))
+        what += f" + up to {carried} carried rows x {length} (caches computed again)"
+    flops = sum(2 * sizes.weights * rows * length + _attention_flops(policy, rows, length, length)
+                for rows, length in sequences) / sizes.devices
+    tokens = sum(rows * length for rows, length in sequences)
+    hbm = layout.weight_bytes(sizes) + tokens * _kv_bytes_per_slot(cfg, policy) / sizes.devices
+    link = sum(layout.link_bytes(sizes, rows, length) for rows, length in sequences)
+    return _phase("rollout prefill", flops, hbm, link, chip, what)
+
+
+def engine_of(cfg: RunConfig) -> str:
+    """Which of ENGINES the run's rollout settings make: static, slots, or slots k=1 (rollout.max_staleness)."""
+    if cfg.rollout.engine == "static":
+        return "static"
+    return "slots k=1" if cfg.rollout.max_staleness else "slots"
 
 
 def _decode_phase(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures, sizes: _StepSizes,
@@ -345,7 +356,7 @@ def _decode_phase(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures, sizes: 
     return PhaseTime("rollout decode", step.flops * steps, step.hbm_bytes * steps, step.link_bytes * steps,
                      step.seconds * steps,
                      f"{shape}, ~{mean_keys:.0f} cache slots read per row per step, {step.seconds * 1e3:.2f} ms a step"
-                     + (f" ({PROJECTED})" if engine == "slots k=1" else ""))
+                     )
 
 
 def _decode_shape(cfg: RunConfig, device: DeviceSpec, sizes: _StepSizes, layout: _SamplerLayout,
