@@ -4,7 +4,8 @@
 
 Each process passes its own prompts (process 0's rows run long, process 1's short: they run out of rows at
 different chunks and go on in lockstep), sampled by the static sampler and by the slot engine with one slot per
-process; prints one JSON line with this process's rows of both.
+process; then two calls of the slot engine with partial rollouts (the second call's rows started in the first
+call's tail). Prints one JSON line with this process's rows of each.
 """
 
 from __future__ import annotations
@@ -41,12 +42,23 @@ def main(spec: dict) -> None:
         static = Sampler(graphdef, sampling, hosts=HostRows(mesh))(params, prompts, jax.random.key(4))
         slots = SlotSampler(graphdef, sampling, slots=1, chunk_tokens=3, hosts=HostRows(mesh))(
             params, prompts, jax.random.key(4))
+        # partial rollouts: the next call's rows (the other process's prompts, reversed) start in this one's tail
+        following = PROMPTS[1 - jax.process_index()][::-1]
+        ahead = SlotSampler(graphdef, sampling, slots=2, chunk_tokens=3, hosts=HostRows(mesh), max_staleness=1)
+        first = ahead(params, prompts, jax.random.key(4), version=0, ahead=(following, jax.random.key(5)))
+        carried = len(ahead.carry_state()["readmit"])
+        second = ahead(params, following, jax.random.key(5), version=1)
+        expected = Sampler(graphdef, sampling, hosts=HostRows(mesh))(params, following, jax.random.key(5))
     print(json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "static": np.asarray(static.tokens).tolist(), "slots": np.asarray(slots.tokens).tolist(),
         "lengths": np.asarray(slots.response_lengths).tolist(),
         "static_lengths": np.asarray(static.response_lengths).tolist(),
         "logprob_gap": float(np.max(np.abs(np.asarray(static.logprobs) - slots.logprobs))),
+        "ahead_first": np.array_equal(first.tokens, np.asarray(static.tokens)),
+        "ahead_second": np.array_equal(second.tokens, np.asarray(expected.tokens)),
+        "ahead_carried": carried,
+        "ahead_versions": sorted(set(second.versions[second.response_mask].tolist())),
     }))
 
 
