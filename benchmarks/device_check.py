@@ -20,6 +20,11 @@ Figures, one line each: `device_check what=... value=... reference=... ratio=val
                         every row writes all --new tokens) at batch 64 and 256, --prompt-token prompts.
                         reference: the roofline, rows * new / (prefill FLOPs / peak + sum over decode steps of
                         (bfloat16 weights + the KV cache attended so far) / HBM bandwidth).
+  slot_engine_tokens_per_s   the slot engine (rollout.engine: slots, --slots slots, chunks of 64 steps) on
+                        --slot-rows rows whose lengths are skewed (mean ~--new / 4: a random model draws nearly
+                        uniformly, and vocab * 4 / --new EOS ids stop a row with probability ~4 / --new a token),
+                        useful (non-pad) tokens/s; reference: the static Sampler's useful tokens/s on the same rows
+                        and key, so ratio = the slot engine's speed-up.
   transformers_generate_tokens_per_s   transformers' PyTorch `generate` on the same device (same config,
                         bfloat16, the same batch and lengths, sampling, no EOS); reference: ours, so ratio < 1
                         means we are ahead. Skipped (one line saying so) where torch has no CUDA device (TPU).
@@ -226,6 +231,34 @@ def check_sampler(model_config, chip, args) -> dict[int, float]:
     return ours
 
 
+def check_slot_engine(model_config, args) -> None:
+    """The slot engine's useful tokens/s against the static sampler's on skewed lengths (module docstring)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
+    from rlmt_jax.rollout.slot_sampler import SlotSampler
+
+    cfg = model_config.replace(dtype=args.dtype, param_dtype=args.dtype, scan_layers=True)
+    graphdef, params = nnx.split(our_model(cfg, args, 1))
+    stops = max(1, cfg.vocab_size * 4 // args.new)
+    config = SamplingConfig(n=1, max_new_tokens=args.new, temperature=1.0, pad_id=0, prompt_buckets=(args.prompt,),
+                            cache_dtype=args.dtype, eos_ids=tuple(range(3, cfg.vocab_size, cfg.vocab_size // stops))[:stops])
+    prompts = np.random.default_rng(7).integers(3, cfg.vocab_size, (args.slot_rows, args.prompt)).tolist()
+    timed = {}
+    for name, sampler in (("static", Sampler(graphdef, config)),
+                          ("slots", SlotSampler(graphdef, config, slots=args.slots, chunk_tokens=args.chunk))):
+        sampler(params, prompts, jax.random.key(0))  # compiles
+        begin = time.perf_counter()
+        rollout = sampler(params, prompts, jax.random.key(1))
+        timed[name] = (time.perf_counter() - begin, np.asarray(rollout.response_lengths))
+    (static_s, static_lengths), (slots_s, lengths) = timed["static"], timed["slots"]
+    report("slot_engine_tokens_per_s", lengths.sum() / slots_s, static_lengths.sum() / static_s,
+           f"rows={args.slot_rows} slots={args.slots} mean_len={lengths.mean():.0f} max_len={lengths.max()} "
+           f"cap={args.new} slots_s={slots_s:.2f} static_s={static_s:.2f} attention={resolved_attention(cfg)}")
+
+
 def check_transformers(model_config, platform, ours: dict[int, float], args) -> None:
     import numpy as np
     import torch
@@ -309,6 +342,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sampler-batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=1024)
+    parser.add_argument("--slot-rows", type=int, default=256, help="rows of the slot engine's check")
+    parser.add_argument("--slots", type=int, default=64, help="the slot engine's slots")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="a Hugging Face Llama/Qwen directory (default: random weights of Llama-3.2-1B's shape, "
@@ -319,6 +354,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.update_batch, args.update_seq, args.update_prompt = 2, 64, 16
         args.sampler_batches, args.prompt, args.new, args.steps = [4, 8], 16, 8, 1
+        args.slot_rows, args.slots = 8, 2
+    args.chunk = 4 if args.smoke else 64
 
     import jax
 
@@ -356,6 +393,7 @@ def main(argv=None) -> int:
               f"error={type(err).__name__}: {' '.join(str(err).split())[:400]}; again with attention=xla", flush=True)
         model_config = model_config.replace(attention="xla")
         ours = check_sampler(model_config, chip, args)
+    check_slot_engine(model_config, args)
     if args.skip_transformers:
         print("device_check what=transformers_generate skipped: --skip-transformers", flush=True)
     else:

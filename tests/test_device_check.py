@@ -15,7 +15,8 @@ def test_smoke_run_prints_every_figure_with_its_reference_and_ratio(capsys):
     figures = {m.group(1): tuple(float(x) for x in m.groups()[1:])
                for m in map(LINE.match, capsys.readouterr().out.splitlines()) if m}
     assert sorted(figures) == [
-        "sampler_tokens_per_s_b4", "sampler_tokens_per_s_b8", "transformers_generate_tokens_per_s_b4",
+        "sampler_tokens_per_s_b4", "sampler_tokens_per_s_b8", "slot_engine_tokens_per_s",
+        "transformers_generate_tokens_per_s_b4",
         "transformers_generate_tokens_per_s_b8", "update_tokens_per_s"]
     for what, (value, reference, ratio) in figures.items():
         assert value > 0 and reference > 0, what
