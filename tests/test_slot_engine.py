@@ -268,3 +268,21 @@ def test_partial_rollout_settings_name_what_they_need(overrides, message):
     from rlmt_jax.settings.config import resolve
     with pytest.raises(UserError, match=f"rollout.max_staleness.*{message}"):
         resolve(None, overrides)
+
+
+def test_a_row_started_ahead_that_stops_at_its_first_token_is_not_carried_on(llama):
+    # the next step's rows all stop at their first token (greedy: each prompt's first token is known), so the rows
+    # its last admission starts have stopped before any chunk runs: they are done, not carried
+    graphdef, params = _loaded(llama[0], False)
+    greedy = config(n=3, temperature=0.0, max_new_tokens=14, eos_ids=())
+    firsts = Sampler(graphdef, greedy)(params, NEXT_PROMPTS, jax.random.key(2)).tokens[:, 16]
+    cfg = config(n=3, temperature=0.0, max_new_tokens=14, eos_ids=tuple(sorted({int(t) for t in firsts})))
+    engine = SlotSampler(graphdef, cfg, slots=3, chunk_tokens=3, max_staleness=1)
+    a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=(NEXT_PROMPTS, jax.random.key(2)))
+    carried = engine.carry_state()
+    assert carried is not None and not carried["readmit"] and any(carried["done"])  # done early, nothing to resume
+    b = engine(params, NEXT_PROMPTS, jax.random.key(2), version=1)
+    static = Sampler(graphdef, cfg)
+    assert_same_rollout(static(params, MORE_PROMPTS, jax.random.key(1)), a)
+    assert_same_rollout(static(params, NEXT_PROMPTS, jax.random.key(2)), b)
+    assert np.all(np.asarray(b.response_lengths) == 1)

@@ -259,10 +259,15 @@ class SlotSampler(Sampler):
         """The next call's rows still decoding: what they have so far, kept for that call (their slots' caches
         are not: that call computes them again with its params)."""
         held = np.flatnonzero((slot_row >= 0) & (slot_batch == 1))
-        tokens, logprobs, versions, counts = self._local((state.tokens, state.logprobs, state.versions, state.count))
-        rows = slot_row[held]
-        batch.out.tokens[rows], batch.out.logprobs[rows] = tokens[held], logprobs[held]
-        batch.out.versions[rows], batch.out.counts[rows] = versions[held], counts[held]
+        tokens, logprobs, versions, counts, active = self._local(
+            (state.tokens, state.logprobs, state.versions, state.count, state.active))
+        # rows the last admission started may have stopped there (a first token that is an EOS): they are done
+        done = held[~active[held]]
+        batch.out.take(slot_row[done], tokens[done], logprobs[done], versions[done], counts[done])
+        going = held[active[held]]
+        rows = slot_row[going]
+        batch.out.tokens[rows], batch.out.logprobs[rows] = tokens[going], logprobs[going]
+        batch.out.versions[rows], batch.out.counts[rows] = versions[going], counts[going]
         batch.readmit = [int(r) for r in rows]
         slot_row[held] = -1
         self._carry = batch
