@@ -34,6 +34,9 @@ from rlmt_jax.inputs.tiny import tiny_assets_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
+# Final params: AdamW divides each gradient by its running scale, so a float32 reduction-order difference between
+# the meshes in a gradient near 0 moves that param by a fraction of lr (2e-3 in the tiny run): ~1e-5 after 3 steps.
+PARAMS_TOLERANCE = 3e-5
 TIMEOUT_S = 420
 # 4 prompts x 2 samples a step (2 prompts a process), 8 new tokens, a checkpoint every step; the reward
 # model scores every answer (no format penalty) so rewards differ from row to row.
@@ -199,7 +202,8 @@ def grpo_metrics_and_params(run_dir: Path) -> tuple[list[dict], dict[str, np.nda
 
 
 def assert_same_training(a_dir: Path, b_dir: Path) -> None:
-    """Every logged metric of every step (but wall-clock ones) and every final param within TOLERANCE."""
+    """Every logged metric of every step (but wall-clock ones) within TOLERANCE, every final param within
+    PARAMS_TOLERANCE."""
     (a_rows, a_params), (b_rows, b_params) = grpo_metrics_and_params(a_dir), grpo_metrics_and_params(b_dir)
     assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows]
     for a, b in zip(a_rows, b_rows):
@@ -211,7 +215,7 @@ def assert_same_training(a_dir: Path, b_dir: Path) -> None:
     params_diff = max(float(np.abs(a_params[k] - b_params[k]).max()) for k in a_params)
     metrics_diff = max(abs(a[k] - b[k]) for a, b in zip(a_rows, b_rows) for k in a if not k.startswith(NOT_COMPARED))
     print(f"largest difference: params {params_diff:.2e}, metrics {metrics_diff:.2e}")
-    assert params_diff <= TOLERANCE
+    assert params_diff <= PARAMS_TOLERANCE
 
 
 def test_two_processes_form_one_cluster_of_four_devices(runs):

@@ -24,6 +24,10 @@ FAST = [
     "rollout.n=2", "rollout.prompts_per_step=4", "rollout.max_new_tokens=8", "rollout.prompt_buckets=[]",
     "data.max_prompt_tokens=96", "run.total_steps=3", "checkpoint.save_every=1", "checkpoint.async_save=false",
     "logging.tensorboard=false", "optimizer.micro_batch_size=4", "run.export_at_end=false",
+    # the reward model scores every answer from step 1 on (with a format penalty, a step whose answers are all
+    # malformed calls no scorer, and the first that has one compiles it), in one bucket (a longer answer later would
+    # compile the next: one program per bucket is by design, rlmt_jax.rollout.rewards)
+    "template.format_penalty=null", "reward.max_length=128",
 ]
 ALGORITHMS = {
     "grpo": [],
