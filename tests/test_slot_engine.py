@@ -43,9 +43,15 @@ def config(**settings) -> SamplingConfig:
 
 
 def both(path, scan_layers=False, slots=2, chunk_tokens=3, **settings):
-    """(static sampler, slot sampler, params) for the same sampling settings."""
+    """(static sampler, slot sampler, params) for the same sampling settings; tests asking for the same ones share
+    them (and their compiled programs)."""
+    return _both(path, scan_layers, slots, chunk_tokens, tuple(sorted(settings.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _both(path, scan_layers, slots, chunk_tokens, settings):
     graphdef, params = _loaded(path, scan_layers)
-    cfg = config(**settings)
+    cfg = config(**dict(settings))
     return Sampler(graphdef, cfg), SlotSampler(graphdef, cfg, slots=slots, chunk_tokens=chunk_tokens), params
 
 
@@ -67,7 +73,10 @@ def test_greedy_equals_transformers_and_the_static_sampler_with_rows_in_freed_sl
     assert_same_rollout(static(params, PROMPTS, jax.random.key(0)), rollout)
 
 
-@pytest.mark.parametrize("slots, chunk_tokens, windows", [(12, 5, None), (3, 3, 3), (1, 4, 3), (5, 1, 2)])
+@pytest.mark.parametrize("slots, chunk_tokens, windows", [
+    pytest.param(12, 5, None, marks=pytest.mark.slow),  # slots = rows: (3, 3, 3) and (1, 4, 3) cover fewer
+    (3, 3, 3), (1, 4, 3),
+    pytest.param(5, 1, 2, marks=pytest.mark.slow)])
 def test_seeded_sampling_gives_the_static_rollout_whatever_the_slots(llama, slots, chunk_tokens, windows):
     static, engine, params = both(llama[0], slots=slots, chunk_tokens=chunk_tokens, n=3, temperature=1.0,
                                   max_new_tokens=14, decode_windows=windows)
@@ -79,7 +88,7 @@ def test_seeded_sampling_gives_the_static_rollout_whatever_the_slots(llama, slot
     assert set(np.asarray(rollout.stop_reason).tolist()) == {STOP_EOS, STOP_LENGTH}
 
 
-def test_rows_wait_for_slots_and_fill_them_as_others_stop(llama):
+def test_rows_wait_for_slots_and_fill_them_as_others_stop(llama, monkeypatch):
     _, engine, params = both(llama[0], slots=4, chunk_tokens=2, n=3, temperature=1.0, max_new_tokens=14)
     admitted, calls, sources = [], [], []
     put = engine._put
@@ -93,7 +102,7 @@ def test_rows_wait_for_slots_and_fill_them_as_others_stop(llama):
             admitted.append(row_ids[taken].tolist())
         return put(arrays)
 
-    engine._put = recording
+    monkeypatch.setattr(engine, "_put", recording)
     engine(params, MORE_PROMPTS, jax.random.key(7))
     assert admitted[0] == [0, 1, 2, 3] and calls[0] == [0, 1, 2, 3]  # the first rows fill every slot
     assert len(admitted) > 2  # the rest came in as slots freed, in row order, each row once
@@ -102,7 +111,8 @@ def test_rows_wait_for_slots_and_fill_them_as_others_stop(llama):
     assert sum(sources, []) == [row // 3 for row in range(12)]  # each row copies its own prompt's cache
 
 
-@pytest.mark.parametrize("name, temperature, top_p, top_k", [("llama", 0.7, 1.0, None), ("qwen", 1.3, 0.8, 20)])
+@pytest.mark.parametrize("name, temperature, top_p, top_k", [
+    ("llama", 0.7, 1.0, None), pytest.param("qwen", 1.3, 0.8, 20, marks=pytest.mark.slow)])
 def test_logprobs_equal_a_teacher_forced_forward(request, name, temperature, top_p, top_k):
     path, _ = request.getfixturevalue(name)
     _, engine, params = both(path, slots=2, n=2, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -129,6 +139,7 @@ def test_a_first_token_eos_and_one_new_token_stop_at_admission(llama):
         assert int(rollout.response_lengths[1]) == 1
 
 
+@pytest.mark.slow  # every slot test decodes through it and compares with the static sampler
 def test_a_cache_slot_per_row_equals_each_row_decoded_alone(llama):
     """models: decode_hidden_states with index [batch] writes and attends row by row."""
     model = models.load_pretrained(llama[0])
