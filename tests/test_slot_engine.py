@@ -15,27 +15,12 @@ from rlmt_jax.core.errors import UserError
 from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH, row_uniforms
 from rlmt_jax.rollout.sampling import Sampler, SamplingConfig
 from rlmt_jax.rollout.slot_sampler import SlotSampler, _admission_bucket
-from tests.hf_factory import PAD_ID, make_checkpoint
-from tests.test_sampling import EOS, PROMPTS, hf_greedy
+from tests.hf_factory import PAD_ID
+from tests.test_sampling import EOS, PROMPTS, _loaded, hf_greedy, llama, qwen  # noqa: F401  (fixtures)
 
 # 4 prompts of different lengths (right-padding bugs show), x n=3 = 12 rows
 MORE_PROMPTS = [*PROMPTS, [77, 5, 19, 140, 4]]
 FIELDS = ("tokens", "prompt_mask", "response_mask", "prompt_lengths", "response_lengths", "stop_reason")
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("llama31"), "llama31")
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("qwen25"), "qwen25")
-
-
-@functools.lru_cache(maxsize=None)
-def _loaded(path, scan_layers):
-    return nnx.split(models.load_pretrained(path, scan_layers=scan_layers))
 
 
 def config(**settings) -> SamplingConfig:

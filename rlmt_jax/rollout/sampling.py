@@ -95,11 +95,9 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return ids, mask
 
 
-def padded_prompts(prompts: Sequence[Sequence[int]], config: SamplingConfig,
-                   hosts: HostRows | None) -> tuple[jax.Array, jax.Array, int]:
-    """(ids, mask) [B, bucket] of the prompts, left-padded, and this process's number of prompts. With `hosts`
-    (a mesh): global arrays of every process's prompts, in the bucket of the longest of all, with filler copies
-    so that the rows split over the mesh."""
+def agreed_prompt_sizes(prompts: Sequence[Sequence[int]], hosts: HostRows | None) -> tuple[int, int]:
+    """(the longest prompt of all processes, this process's number of prompts), after checking that there are
+    prompts, none empty, and (with `hosts`) as many on every process: every process runs the same programs."""
     if not prompts:
         raise UserError("sampling: no prompts given")
     for row, prompt in enumerate(prompts):
@@ -107,11 +105,20 @@ def padded_prompts(prompts: Sequence[Sequence[int]], config: SamplingConfig,
             raise UserError(f"sampling: prompt {row} is empty (a prompt needs at least one token)")
     longest, count = max(len(p) for p in prompts), len(prompts)
     if hosts is not None:
-        # every process runs the same programs: the same bucket and the same number of prompts
         agreed = hosts.gather(np.asarray([longest, count], np.int64))
         if len(set(agreed[:, 1].tolist())) > 1:
             raise ValueError(f"sampling: the processes passed different numbers of prompts {agreed[:, 1]}")
         longest = int(agreed[:, 0].max())
+    return longest, count
+
+
+def padded_prompts(prompts: Sequence[Sequence[int]], config: SamplingConfig,
+                   hosts: HostRows | None) -> tuple[jax.Array, jax.Array, int]:
+    """(ids, mask) [B, bucket] of the prompts, left-padded, and this process's number of prompts. With `hosts`
+    (a mesh): global arrays of every process's prompts, in the bucket of the longest of all, with filler copies
+    so that the rows split over the mesh."""
+    longest, count = agreed_prompt_sizes(prompts, hosts)
+    if hosts is not None:
         # filler prompts (copies of the last; their rows are dropped) make the rows split over the mesh
         prompts = [*prompts, *[prompts[-1]] * (-count % hosts.rows_multiple)]
     length = bucket_length(longest, config.prompt_buckets)

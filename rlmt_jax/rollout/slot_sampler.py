@@ -34,7 +34,8 @@ from flax import nnx
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.rollout.decode import STOP_EOS, STOP_LENGTH
 from rlmt_jax.rollout.decode_layout import DecodeLayout
-from rlmt_jax.rollout.sampling import BatchProgress, Rollout, Sampler, bucket_length, left_pad
+from rlmt_jax.rollout.sampling import (BatchProgress, Rollout, Sampler, agreed_prompt_sizes, bucket_length,
+                                       left_pad)
 from rlmt_jax.rollout.sampling_config import SamplingConfig
 from rlmt_jax.rollout.slot_programs import admit, decode_chunk, empty_slots, prefill_prompts, readmit, slot_widths
 from rlmt_jax.scale import mesh as mesh_lib
@@ -326,18 +327,9 @@ class SlotSampler(Sampler):
     def _agree_on(self, prompts: Sequence[Sequence[int]]) -> tuple[int, int, int]:
         """(this process's prompts, the bucket of the longest prompt of all processes, the id of this process's
         first row: the row numbering of the static sampler, whose global batch pads each process's prompts)."""
-        if not prompts:
-            raise UserError("sampling: no prompts given")
-        for row, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise UserError(f"sampling: prompt {row} is empty (a prompt needs at least one token)")
-        longest, count = max(len(p) for p in prompts), len(prompts)
+        longest, count = agreed_prompt_sizes(prompts, self.hosts)
         first_row = 0
         if self.hosts is not None:
-            agreed = self.hosts.gather(np.asarray([longest, count], np.int64))
-            if len(set(agreed[:, 1].tolist())) > 1:
-                raise ValueError(f"sampling: the processes passed different numbers of prompts {agreed[:, 1]}")
-            longest = int(agreed[:, 0].max())
             padded = count + (-count % self.hosts.rows_multiple)
             first_row = jax.process_index() * padded * self.config.n
         return count, bucket_length(longest, self.config.prompt_buckets), first_row
