@@ -105,14 +105,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, tiny_cache, monkeypatch, caplog):
-    straight = run_config(tmp_path / "a", "run.total_steps=4")
-    train(straight)
-
-    resumed = run_config(tmp_path / "b", "run.total_steps=4")
-    trainer = Trainer(resumed)
-    original = trainer._step
-    calls = {"n": 0}
+def run_until_step_3_dies(cfg, monkeypatch) -> None:
+    """A run of `cfg` whose third step raises Interrupt (after step 2's checkpoint)."""
+    trainer = Trainer(cfg)
+    original, calls = trainer._step, {"n": 0}
 
     def dies_at_step_3(prompts):
         calls["n"] += 1
@@ -123,6 +119,14 @@ def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, tiny_cac
     monkeypatch.setattr(trainer, "_step", dies_at_step_3)
     with pytest.raises(Interrupt):
         trainer.run()
+
+
+def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, tiny_cache, monkeypatch, caplog):
+    straight = run_config(tmp_path / "a", "run.total_steps=4")
+    train(straight)
+
+    resumed = run_config(tmp_path / "b", "run.total_steps=4")
+    run_until_step_3_dies(resumed, monkeypatch)
     assert sorted(os.listdir(os.path.join(resumed.run.output_dir, "checkpoints"))) == ["1", "2"]
 
     with caplog.at_level(logging.WARNING, logger="rlmt_jax.trainer.loop"):
@@ -235,18 +239,7 @@ def test_partial_rollouts_start_the_next_steps_rows_and_resume_exactly(tmp_path,
     assert all(0 < r["stale_token_fraction"] < 1 and r["staleness_max"] == 1.0 for r in rows[1:])
 
     resumed = run_config(tmp_path / "b", *AHEAD)
-    trainer = Trainer(resumed)
-    original, calls = trainer._step, {"n": 0}
-
-    def dies_at_step_3(prompts):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Interrupt()
-        return original(prompts)
-
-    monkeypatch.setattr(trainer, "_step", dies_at_step_3)
-    with pytest.raises(Interrupt):
-        trainer.run()
+    run_until_step_3_dies(resumed, monkeypatch)
     saved = os.path.join(resumed.run.output_dir, "checkpoints", "2", "data_iter", "process_0-of-1.json")
     with open(saved) as f:
         ahead = json.load(f)["ahead_rows"]
