@@ -20,8 +20,8 @@ The engines:
 - slots: one call per step; it streams the rows through --slots slots, refilled between jitted chunks of
   --chunk-tokens steps (rlmt_jax/rollout/slot_sampler.py). Once a step's last rows are admitted its slots empty
   one by one, and its tail (the few long rows) runs on mostly idle slots.
-- k1: one SlotSampler(max_staleness=1) called step by step with version=step and ahead=(the next step's prompts,
-  its key), except at the last step. The slots that free up in a step's tail start the next step's rows; the
+- k1: one SlotSampler(max_staleness=1) called step by step with version=step and ahead=[(the next step's prompts,
+  its key)], except at the last step. The slots that free up in a step's tail start the next step's rows; the
   call returns once its own rows are done, and the next step's rows still decoding are carried: the next call
   (those prompts, that key) takes them back first, computing their caches again with its params (one prefill
   of prompt + tokens so far: `readmit`), and goes on. So the tail of a step overlaps with the next step's rows,
@@ -203,10 +203,10 @@ def profile_sequence(sampler, calls: list[Callable[[], object]]) -> collections.
     admit, chunk_of, readmit, refill = sampler._admit, sampler._chunk, sampler._readmit_program, sampler._refill
     slots_of_call = {}  # the running call's slot_row and slot_batch (the host's arrays, updated in place)
 
-    def timed_refill(state, batch, tag, slot_row, slot_batch, version):
+    def timed_refill(params, state, batch, tag, slot_row, slot_batch, version):
         slots_of_call.update(row=slot_row, batch=slot_batch)
         pending = len(batch.pending)
-        state = refill(state, batch, tag, slot_row, slot_batch, version)
+        state = refill(params, state, batch, tag, slot_row, slot_batch, version)
         stats[f"rows_admitted_{tag}"] += pending - len(batch.pending)
         return state
 
@@ -252,7 +252,7 @@ def profile_sequence(sampler, calls: list[Callable[[], object]]) -> collections.
         start = time.perf_counter()
         for call in calls:
             call()
-            carried.append(0 if sampler._carry is None else len(sampler._carry.readmit))
+            carried.append(sum(len(batch.readmit) for batch in sampler._carry))
         stats["call_s"] = time.perf_counter() - start
     finally:
         del sampler._chunk, sampler._refill  # the class's methods again
@@ -333,7 +333,7 @@ def main() -> None:
             return lambda step: on_host(sampler(params, prompts[step], keys[step]))
 
         def k1_step(step: int):
-            ahead = (prompts[step + 1], keys[step + 1]) if step + 1 < args.steps else None
+            ahead = [(prompts[step + 1], keys[step + 1])] if step + 1 < args.steps else []
             return on_host(sampler(params, prompts[step], keys[step], version=step, ahead=ahead))
         return k1_step
 

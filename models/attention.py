@@ -36,14 +36,23 @@ Decode steps (one query per row against the KV cache):
           whole arrays, so what XLA would fuse into its dots is a copy here: a cache dtype other than the
           compute dtype is cast every step (keep rollout.cache_dtype = runtime.dtype), and with scanned layers
           each step slices its layer out of the stacked cache (unscanned models keep one buffer per layer).
-  xla, splash  grouped_attention over the cache (layers.cached_attention), keys transposed
-          [batch, kv_heads, head_dim, cache_len] so that XLA:CPU runs plain matmuls. JAX's TPU decode
-          kernels (pallas.ops.tpu paged_attention, ragged_paged_attention) read a paged cache and take one
-          length per row (`lengths`, `kv_lens`) counted from its first page's slot 0, with no start offset:
-          our left-padded rows would attend to their pads (a row's first real token sits anywhere inside a
-          page), so the static sampler's splash decodes on the xla path. The slot engine's rows do start at
-          slot 0, each written at its own slot (`index` per row, layers.write_rows): its layout is the one those
-          kernels read, but it is not wired to them yet (still the xla path on TPU).
+  splash  the slot engine's decode steps (rows that start at slot 0, each at its own slot: `CacheRows` with
+          start 0, from transformer.decode_hidden_states given an index per row) run JAX's TPU paged-attention
+          kernel (jax.experimental.pallas.ops.tpu.paged_attention; TPU interpret mode off TPU), `paged_decode`.
+          The kernel reads keys and values as pages [kv_heads, pages, page_slots, head_dim] with one length
+          per row counted from its first page's slot 0. Our heads-major cache [batch, kv_heads, cache_len,
+          head_dim] is that, reshaped for free, once each (row, kv head) is taken as its own sequence of
+          cache_len / PAGE_SLOTS pages under a single kv head: the kernel's query heads are then the row's
+          group of query heads for that kv head, and its page table is fixed (sequence i owns pages
+          i * pages .. (i + 1) * pages - 1). So keys are heads-major ("bnsk") for splash too, and a slot's cache
+          is one block, a multiple of PAGED_SLOT_MULTIPLE slots: the kernel reads only the pages below each
+          row's length, so decode windows have nothing left to save. JAX's newer ragged_paged_attention reads
+          the same pages but does not run in TPU interpret mode in the JAX we pin (0.10.2), so it could not be
+          checked here; paged_attention is the decode-only kernel it generalises.
+          The static sampler's left-padded rows cannot take it (a row's first real token sits anywhere inside
+          a page, and the kernel has no start offset): its splash decode steps, and every xla one, run
+          grouped_attention over the cache (layers.cached_attention), keys transposed
+          [batch, kv_heads, head_dim, cache_len] on xla so that XLA:CPU runs plain matmuls.
 """
 
 from __future__ import annotations
@@ -65,6 +74,10 @@ DECODE_KERNELS = ("cudnn",)  # implementations whose decode steps run a kernel o
 DECODE_SLOT_MULTIPLE = 16
 DECODE_KEY_TILE = 128  # the largest key tile (slots) the decode kernel loads at once
 DECODE_SPLITS = 16  # the most pieces one block is split into (each one program; JAX's default)
+PAGED_DECODE_KERNELS = ("splash",)  # implementations whose slot-engine decode steps run the paged kernel
+PAGE_SLOTS = 64  # cache slots per page of the paged kernel (one DMA of [64, head_dim] per page)
+PAGES_PER_BLOCK = 8  # pages the paged kernel attends to per compute block (512 slots)
+PAGED_SLOT_MULTIPLE = PAGE_SLOTS * PAGES_PER_BLOCK  # a slot's cache for the paged kernel: whole compute blocks
 
 
 class CausalTokens(NamedTuple):
@@ -103,10 +116,22 @@ def decodes_with_kernel(cfg, platform: str | None = None) -> bool:
     return implementation in DECODE_KERNELS and hd >= 16 and hd & (hd - 1) == 0
 
 
+def decodes_slots_with_paged_kernel(cfg, platform: str | None = None) -> bool:
+    """Whether the slot engine's decode steps of ModelConfig `cfg` run the paged kernel on `platform` (default:
+    JAX's default backend): its implementation has one (splash, TPU)."""
+    return resolve_attention(cfg.attention, cfg.dtype, platform) in PAGED_DECODE_KERNELS
+
+
 def key_cache_layout(cfg) -> str:
     """The KV cache's key layout for ModelConfig `cfg`: "bnsk" [batch, kv_heads, cache_len, head_dim] for the
-    decode kernel, else "bnks" [batch, kv_heads, head_dim, cache_len] (module docstring)."""
-    return "bnsk" if decodes_with_kernel(cfg) else "bnks"
+    decode kernels, else "bnks" [batch, kv_heads, head_dim, cache_len] (module docstring)."""
+    return "bnsk" if decodes_with_kernel(cfg) or decodes_slots_with_paged_kernel(cfg) else "bnks"
+
+
+def slot_cache_multiple(cfg) -> int | None:
+    """What a slot engine's cache (one block) must be a multiple of for the paged kernel, or None when its
+    decode steps do not take it (then its blocks are the static sampler's, decode_slot_multiple)."""
+    return PAGED_SLOT_MULTIPLE if decodes_slots_with_paged_kernel(cfg) else None
 
 
 def decode_slot_multiple(cfg) -> int:
@@ -199,13 +224,21 @@ def _splash_kernel(heads: int, seq: int, interpret: bool):
 
 
 # ------------------------------------------------------------------------------------------ GPU decode
-def decode_attention(q: jax.Array, key_blocks, value_blocks, rows: CacheRows) -> jax.Array:
-    """One decode step through JAX's GPU decode kernel, per device (batch and kv heads split by the rules).
+def decode_attention(q: jax.Array, key_blocks, value_blocks, rows: CacheRows, implementation: str = "cudnn"
+                     ) -> jax.Array:
+    """One decode step through the decode kernel of `implementation`: JAX's GPU decode kernel (cudnn), or the
+    paged kernel for rows from slot 0 (splash, `paged_decode`), per device (batch and kv heads split by the
+    rules).
 
     q: [batch, 1, heads, head_dim]; key_blocks, value_blocks: consecutive blocks of cache slots, each
     [batch, kv_heads, width, head_dim] (width a multiple of DECODE_SLOT_MULTIPLE); rows: the slots each row
     attends to, numbered over all blocks.  -> [batch, 1, heads, head_dim]
     """
+    if implementation in PAGED_DECODE_KERNELS:
+        if len(key_blocks) != 1:
+            raise ValueError(f"decode attention: the paged kernel reads a slot's cache as one block, got "
+                             f"{len(key_blocks)} (slot_programs.slot_widths)")
+        return paged_decode(q, key_blocks[0], value_blocks[0], rows.end)
     b, _, h, hd = q.shape
     kv = key_blocks[0].shape[1]
     widths = tuple(block.shape[2] for block in key_blocks)
@@ -274,3 +307,55 @@ def merge_blocks(parts) -> jax.Array:
         out = out + part.astype(jnp.float32) * weight[..., None]
         total = total + l * weight
     return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+# ------------------------------------------------------------------------------------------ TPU decode
+def paged_decode(q: jax.Array, keys: jax.Array, values: jax.Array, end: jax.Array) -> jax.Array:
+    """One decode step of rows that start at slot 0 through JAX's TPU paged-attention kernel, per device (batch
+    and kv heads split by the rules); TPU interpret mode off TPU.
+
+    q: [batch, 1, heads, head_dim]; keys, values: [batch, kv_heads, cache_len, head_dim] (cache_len a multiple
+    of PAGED_SLOT_MULTIPLE); end: [batch], row b attends to slots 0 .. end[b] - 1 (at least 1).
+    -> [batch, 1, heads, head_dim]
+    """
+    b, _, h, hd = q.shape
+    kv, width = keys.shape[1], keys.shape[2]
+    if width % PAGED_SLOT_MULTIPLE:
+        raise ValueError(f"decode attention: a slot cache of {width} slots; the paged kernel needs a multiple of "
+                         f"{PAGED_SLOT_MULTIPLE} (slot_programs.slot_widths)")
+    interpret = jax.default_backend() != "tpu"
+
+    def local(q, k, v, end):
+        rows, heads, group = q.shape[0], q.shape[1], q.shape[2]
+        sequences, pages = rows * heads, width // PAGE_SLOTS  # one sequence per (row, kv head)
+        table = jnp.arange(sequences * pages, dtype=jnp.int32).reshape(sequences, pages)
+        as_pages = lambda x: x.reshape(1, sequences * pages, PAGE_SLOTS, hd)  # noqa: E731  (free: heads-major)
+        lengths = jnp.repeat(end, heads)
+        scaled = (q.astype(jnp.float32) * (1.0 / math.sqrt(hd))).reshape(sequences, group, hd)  # kernel: no scale
+        with _tpu_interpret(interpret):
+            out = _paged_attention()(scaled, as_pages(k), as_pages(v), lengths, table,
+                                     pages_per_compute_block=PAGES_PER_BLOCK)
+        return out.reshape(q.shape).astype(q.dtype)
+
+    q_axes = ("batch", "kv_heads", None, "head_dim")
+    cache_axes = ("batch", "kv_heads", "cache_seq", "head_dim")
+    run = per_device(local, (q_axes, cache_axes, cache_axes, ("batch",)), q_axes)
+    out = run(q.reshape(b, kv, h // kv, hd), keys, values, jnp.maximum(end, 1).astype(jnp.int32))
+    return out.reshape(b, 1, h, hd)
+
+
+def _paged_attention():
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    return paged_attention
+
+
+def _tpu_interpret(interpret: bool):
+    """TPU interpret mode for the Pallas calls traced under it (off TPU), else nothing."""
+    import contextlib
+
+    if not interpret:
+        return contextlib.nullcontext()
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.force_tpu_interpret_mode()

@@ -181,7 +181,7 @@ class Attention(nnx.Module):
 
             keys, values = [read(b) for b in key_blocks], [read(b) for b in value_blocks]
             if isinstance(mask, CacheRows):
-                out = decode_attention(q, keys, values, mask)
+                out = decode_attention(q, keys, values, mask, self.implementation)
             elif not isinstance(mask, CausalTokens):
                 out = cached_attention(q, keys, values, mask, self.key_layout)
             cache = tuple(CacheBlocks(new) if isinstance(old, CacheBlocks) else new[0]

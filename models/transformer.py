@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import CacheRows, CausalTokens, decodes_with_kernel, key_cache_layout, resolve_attention
+from models.attention import (CacheRows, CausalTokens, decodes_slots_with_paged_kernel, decodes_with_kernel,
+                              key_cache_layout, resolve_attention)
 from models.config import ModelConfig
 from models.layers import DecoderBlock, RMSNorm, _normal, rope_inverse_frequencies, rope_tables, write_rows
 from models.sharding import constrain, param
@@ -263,13 +264,16 @@ class CausalLM(_WithDecoder):
         or through the decode kernel (models/attention.py) when the config has one and the caller passes
         contiguous_rows: it vouches that every row's valid slots, the one written now included, are one run
         ending at `index` (the sampler's: left-padded prompts, then every step fed with mask True). Each row
-        then attends to slots first valid .. index; with a gap in a row the kernel would attend to it.
+        then attends to slots first valid .. index; with a gap in a row the kernel would attend to it. With
+        an index per row (the slot engine: each row's slots a run from slot 0) the splash implementation's
+        paged kernel reads slots 0 .. index of each row instead.
         """
         cfg = self.config
         kernel_prefill = (isinstance(index, int) and index == 0 and input_ids.shape[1] > 1
                           and resolve_attention(cfg.attention, cfg.dtype) != "xla")
         kernel_decode = contiguous_rows and input_ids.shape[1] == 1 and decodes_with_kernel(cfg)
         index = jnp.asarray(index, jnp.int32)
+        paged_decode = contiguous_rows and index.ndim == 1 and decodes_slots_with_paged_kernel(cfg)
         if index.ndim == 1:  # a slot per row, one token each (the slot engine)
             if input_ids.shape[1] != 1:
                 raise ValueError(f"decode: a write slot per row takes one token a row, got {input_ids.shape[1]}")
@@ -279,6 +283,8 @@ class CausalLM(_WithDecoder):
         cache = cache._replace(valid=valid)
         if kernel_prefill:
             mask = CausalTokens(attention_mask.astype(bool))
+        elif paged_decode:  # the slot engine's rows, each from slot 0
+            mask = CacheRows(start=jnp.zeros_like(index), end=index + 1)
         elif kernel_decode:
             mask = CacheRows(start=jnp.argmax(valid, axis=1).astype(jnp.int32), end=index + 1)
         else:

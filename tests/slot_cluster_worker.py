@@ -45,8 +45,8 @@ def main(spec: dict) -> None:
         # partial rollouts: the next call's rows (the other process's prompts, reversed) start in this one's tail
         following = PROMPTS[1 - jax.process_index()][::-1]
         ahead = SlotSampler(graphdef, sampling, slots=2, chunk_tokens=3, hosts=HostRows(mesh), max_staleness=1)
-        first = ahead(params, prompts, jax.random.key(4), version=0, ahead=(following, jax.random.key(5)))
-        carried = len(ahead.carry_state()["readmit"])
+        first = ahead(params, prompts, jax.random.key(4), version=0, ahead=[(following, jax.random.key(5))])
+        carried = len(ahead.carry_state()[0]["readmit"])
         second = ahead(params, following, jax.random.key(5), version=1)
         expected = Sampler(graphdef, sampling, hosts=HostRows(mesh))(params, following, jax.random.key(5))
     print(json.dumps({

@@ -5,6 +5,8 @@ On the training mesh 2x2x2 with the decode layouts rollout.mesh tensor=1 (8 data
   hlo       what the compiled decode chunk's while loop moves per step (bfloat16), tests/hlo_collectives.py
   same      float32 seeded samples of the slot engine (2 slots per replica, fewer than the rows) == the
             one-device static sampler's
+  paged     the same with attention splash on tensor=2: each device's rows and kv heads through the paged
+            kernel (TPU interpret mode)
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ def main() -> dict:
     from rlmt_jax.scale import mesh as mesh_lib
     from rlmt_jax.settings.config import RolloutMeshConfig
 
-    def model(dtype: str):
+    def model(dtype: str, attention: str = "xla"):
         cfg = ModelConfig(vocab_size=768, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, scan_layers=True, remat="full", dtype=dtype)
+                          num_attention_heads=4, num_key_value_heads=2, scan_layers=True, remat="full", dtype=dtype,
+                          attention=attention)
         return nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param)
 
     # EOS ids common enough that rows stop apart at temperature 1 (a random model spreads its mass)
@@ -66,6 +69,13 @@ def main() -> dict:
                 "logprob_gap": float(np.max(np.abs(rollout.logprobs - np.asarray(reference.logprobs)))),
                 "slots": engine.slots,
             }
+        graphdef_paged, _ = model("float32", "splash")  # the same params; its decode steps take the paged kernel
+        engine = SlotSampler(graphdef_paged, sampling, slots=2, chunk_tokens=3, layout=layout32)
+        rollout = engine(placed32, PROMPTS, jax.random.key(0))
+        observed["paged/tensor2"] = {
+            "tokens": bool(np.array_equal(rollout.tokens, np.asarray(reference.tokens))),
+            "logprob_gap": float(np.max(np.abs(rollout.logprobs - np.asarray(reference.logprobs)))),
+        }
     return observed
 
 

@@ -120,8 +120,9 @@ def xla_results(checkpoints):
 def kernel_calls(monkeypatch):
     """Counts the kernels' calls (traces), so a test knows its implementation really ran ("decode": the GPU
     decode kernel, once per cache block)."""
-    calls = {"cudnn": 0, "splash": 0, "decode": 0}
-    for name, attr in (("cudnn", "_dot_product"), ("splash", "_splash"), ("decode", "_decode_block")):
+    calls = {"cudnn": 0, "splash": 0, "decode": 0, "paged": 0}
+    for name, attr in (("cudnn", "_dot_product"), ("splash", "_splash"), ("decode", "_decode_block"),
+                       ("paged", "_paged_attention")):
         def counted(*args, _fn=getattr(attention_lib, attr), _name=name, **kwargs):
             calls[_name] += 1
             return _fn(*args, **kwargs)
@@ -223,7 +224,9 @@ def test_cache_blocks_end_at_multiples_of_16_for_the_decode_kernel_and_as_the_wi
     assert attention_lib.decode_slot_multiple(llama) == 16 and attention_lib.key_cache_layout(llama) == "bnsk"
     narrow = dataclasses.replace(llama, head_dim=8)  # the kernel's tiles need a head_dim >= 16
     assert attention_lib.decode_slot_multiple(narrow) == 1 and attention_lib.key_cache_layout(narrow) == "bnks"
-    assert attention_lib.key_cache_layout(dataclasses.replace(llama, attention="splash")) == "bnks"
+    splash = dataclasses.replace(llama, attention="splash")  # heads-major keys: the paged kernel's pages
+    assert attention_lib.key_cache_layout(splash) == "bnsk" and attention_lib.decode_slot_multiple(splash) == 1
+    assert attention_lib.slot_cache_multiple(splash) == 512 and attention_lib.slot_cache_multiple(llama) is None
 
 
 def test_decode_kernel_lowers_to_triton_for_a_gpu_at_real_shapes(monkeypatch):
@@ -389,3 +392,62 @@ def test_slot_engine_with_the_decode_kernel_samples_as_the_static_xla_sampler(ch
     np.testing.assert_array_equal(rollout.tokens, np.asarray(reference.tokens))
     np.testing.assert_array_equal(rollout.response_lengths, np.asarray(reference.response_lengths))
     np.testing.assert_allclose(rollout.logprobs, np.asarray(reference.logprobs), atol=TOLERANCE, rtol=0)
+
+
+def test_paged_kernel_reads_each_rows_slots_from_0_to_its_end():
+    """paged_decode (JAX's TPU paged-attention kernel, TPU interpret mode) against grouped_attention with the
+    dense mask over one 512-slot block (8 pages of 64), GQA 2:1 taken as one sequence per (row, kv head): rows
+    ending at slot 1, at a page edge, just past one and deep in the block. Shifting any row's end by one slot
+    changes its output, so the page table and lengths are pinned. Values are bfloat16-exact (interpret mode's
+    dots round their operands to bfloat16, as a TPU's default precision does) and head_dim 64 makes the
+    1/sqrt(head_dim) scale exact."""
+    from models.layers import grouped_attention
+
+    rng = np.random.default_rng(0)
+    batch, kv, group, hd, width = 4, 2, 2, 64, attention_lib.PAGED_SLOT_MULTIPLE
+
+    def bf16_exact(shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.bfloat16).astype(jnp.float32)
+
+    q, keys, values = bf16_exact((batch, 1, kv * group, hd)), bf16_exact((batch, kv, width, hd)), \
+        bf16_exact((batch, kv, width, hd))
+    run = jax.jit(attention_lib.paged_decode)
+
+    def reference(end):
+        mask = np.arange(width)[None] < np.asarray(end)[:, None]
+        return np.asarray(grouped_attention(q, keys, values, jnp.asarray(mask)[:, None], "bnsk", "bnsk"))
+
+    end = np.array([1, 64, 65, 300])
+    ours = np.asarray(run(q, keys, values, jnp.asarray(end)))
+    np.testing.assert_allclose(ours, reference(end), atol=1e-5, rtol=0)
+    for shifted in (end + 1, np.maximum(end - 1, 2)):
+        changed = np.abs(ours - reference(shifted)).max(axis=(1, 2, 3))
+        assert (changed[shifted != end] > 1e-3).all()
+    with pytest.raises(ValueError, match="multiple of 512"):
+        run(q, keys[:, :, :256], values[:, :, :256], jnp.asarray(end))
+
+
+def test_slot_engine_with_the_paged_kernel_samples_as_the_static_xla_sampler(checkpoints, kernel_calls):
+    """attention splash: the slot engine's decode steps through the paged kernel (TPU interpret mode), each slot
+    one block of 512 slots read from slot 0 to its write slot; 6 rows through 2 slots, so rows take slots
+    others freed (their pages hold the previous row's keys past the new row's length). Greedy tokens equal the
+    static xla sampler's; log-probs within 1e-3 (interpret mode's dots round to bfloat16)."""
+    from rlmt_jax.rollout.sampling import SamplingConfig
+    from rlmt_jax.rollout.slot_programs import slot_widths
+    from rlmt_jax.rollout.slot_sampler import SlotSampler
+
+    config = SamplingConfig(n=2, max_new_tokens=12, temperature=0.0, prompt_buckets=(16,), pad_id=159)
+    free = sample(checkpoints["llama3"], "xla", config)
+    others = {t for row in (0, 4) for t in free.response_tokens(row)}
+    config = dataclasses.replace(config, eos_ids=(next(t for t in free.response_tokens(2)[3:8] if t not in others),))
+    reference = sample(checkpoints["llama3"], "xla", config)
+    lengths = np.asarray(reference.response_lengths)
+    assert lengths[2] < 12 and lengths[0] == 12  # rows free their slots at different steps
+    model = load(checkpoints["llama3"], "splash")
+    assert slot_widths(config, model.config, 16) == (512,)
+    graphdef, params = nnx.split(model)
+    rollout = SlotSampler(graphdef, config, slots=2, chunk_tokens=4)(params, SAMPLER_PROMPTS, jax.random.key(0))
+    assert kernel_calls["paged"] > 0 and kernel_calls["decode"] == 0
+    np.testing.assert_array_equal(rollout.tokens, np.asarray(reference.tokens))
+    np.testing.assert_array_equal(rollout.response_lengths, lengths)
+    np.testing.assert_allclose(rollout.logprobs, np.asarray(reference.logprobs), atol=1e-3, rtol=0)

@@ -204,9 +204,9 @@ def two_steps(path, next_params_of, slots=3):
     graphdef, params = _loaded(path, False)
     cfg = config(n=3, temperature=1.0, max_new_tokens=14)
     engine = SlotSampler(graphdef, cfg, slots=slots, chunk_tokens=3, max_staleness=1)
-    a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=(NEXT_PROMPTS, jax.random.key(2)))
+    a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=[(NEXT_PROMPTS, jax.random.key(2))])
     carried = engine.carry_state()
-    assert carried is not None and carried["readmit"]  # rows of B were decoding when A's last row stopped
+    assert len(carried) == 1 and carried[0]["readmit"]  # rows of B were decoding when A's last row stopped
     later = next_params_of(params)
     b = engine(later, NEXT_PROMPTS, jax.random.key(2), version=1)
     return a, b, params, later, graphdef, cfg
@@ -239,22 +239,61 @@ def test_behaviour_logprobs_are_the_recorded_versions_teacher_forced_forward(lla
     assert stale.sum() > 3 and np.abs(forwards[1] - forwards[0])[stale].min() > 1e-4  # the versions differ there
 
 
+def test_rows_started_two_steps_ahead_finish_in_their_own_step(llama):
+    # max_staleness 2: A's tail starts B's 3 rows, then C's; B's call takes back A's rows of B and of C and starts
+    # more of C's. Every call gives its static rollout (same rows, keys and streams), and no token is older
+    # than its step's version - 2; some of C's were chosen during A.
+    graphdef, params = _loaded(llama[0], False)
+    cfg = config(n=3, temperature=1.0, max_new_tokens=14)
+    engine = SlotSampler(graphdef, cfg, slots=5, chunk_tokens=2, max_staleness=2)
+    b_prompts, keys = [[120, 4]], [jax.random.key(i) for i in (1, 2, 3)]
+    a = engine(params, MORE_PROMPTS, keys[0], version=0, ahead=[(b_prompts, keys[1]), (NEXT_PROMPTS, keys[2])])
+    carried = engine.carry_state()
+    assert len(carried) == 2 and any(carried[1]["counts"])  # C's rows started during A
+    b = engine(params, b_prompts, keys[1], version=1, ahead=[(NEXT_PROMPTS, keys[2])])
+    c = engine(params, NEXT_PROMPTS, keys[2], version=2)
+    static = Sampler(graphdef, cfg)
+    for rollout, prompts, key in ((a, MORE_PROMPTS, keys[0]), (b, b_prompts, keys[1]), (c, NEXT_PROMPTS, keys[2])):
+        assert_same_rollout(static(params, prompts, key), rollout)
+    assert set(np.unique(c.versions[c.response_mask]).tolist()) >= {0, 2}
+    assert np.all(b.versions[b.response_mask] >= 0) and np.all(a.versions[a.response_mask] == 0)
+    assert engine.carry_state() == []
+
+
+def test_rows_started_ahead_get_the_keys_their_steps_sample_with():
+    # the stage hands the sampler, for each step ahead, the key that step's own call will split off
+    from rlmt_jax.rollout.stage import RolloutStage
+    from rlmt_jax.settings.config import RolloutConfig
+
+    calls = []
+    recorder = lambda params, prompts, key, version=0, ahead=(): calls.append((prompts, key, list(ahead)))  # noqa: E731
+    stage = RolloutStage(None, recorder, None, RolloutConfig(engine="slots", max_staleness=2), None)
+    steps, key = [[[1]], [[2]], [[3]]], jax.random.key(0)
+    for step in range(3):
+        _, key = stage.sample(None, key, steps[step], step, steps[step + 1:])
+    data = lambda k: np.asarray(jax.random.key_data(k)).tolist()  # noqa: E731
+    (_, k0, ahead0), (_, k1, ahead1), (_, k2, ahead2) = calls
+    assert [p for p, _ in ahead0] == steps[1:] and [data(k) for _, k in ahead0] == [data(k1), data(k2)]
+    assert [data(k) for _, k in ahead1] == [data(k2)] and ahead2 == []
+    assert len({str(data(k)) for k in (k0, k1, k2)}) == 3
+
+
 def test_rows_started_for_other_prompts_are_sampled_again(llama, caplog):
     graphdef, params = _loaded(llama[0], False)
     cfg = config(n=3, temperature=1.0, max_new_tokens=14)
     engine = SlotSampler(graphdef, cfg, slots=3, chunk_tokens=3, max_staleness=1)
-    engine(params, MORE_PROMPTS, jax.random.key(1), ahead=(NEXT_PROMPTS, jax.random.key(2)))
+    engine(params, MORE_PROMPTS, jax.random.key(1), ahead=[(NEXT_PROMPTS, jax.random.key(2))])
     with caplog.at_level("WARNING"):
         b = engine(params, NEXT_PROMPTS, jax.random.key(3), version=1)  # another key than the rows started with
     assert "sampled again" in caplog.text
     assert_same_rollout(Sampler(graphdef, cfg)(params, NEXT_PROMPTS, jax.random.key(3)), b)
     assert np.all(b.versions[b.response_mask] == 1)
     with pytest.raises(UserError, match="max_staleness"):
-        SlotSampler(graphdef, cfg, slots=3)(params, PROMPTS, jax.random.key(0), ahead=(PROMPTS, jax.random.key(1)))
+        SlotSampler(graphdef, cfg, slots=3)(params, PROMPTS, jax.random.key(0), ahead=[(PROMPTS, jax.random.key(1))])
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["rollout.max_staleness=2"], "must be 0 .on-policy. or 1"),
+    (["rollout.max_staleness=-1"], "must be an int >= 0"),
     (["rollout.max_staleness=1", "algorithm.rollout_correction.weights=token"], "needs rollout.engine=slots"),
     (["rollout.max_staleness=1", "rollout.engine=slots"], "needs a rollout correction"),
     (["rollout.max_staleness=1", "rollout.engine=slots", "algorithm.rollout_correction.weights=token",
@@ -274,9 +313,9 @@ def test_a_row_started_ahead_that_stops_at_its_first_token_is_not_carried_on(lla
     firsts = Sampler(graphdef, greedy)(params, NEXT_PROMPTS, jax.random.key(2)).tokens[:, 16]
     cfg = config(n=3, temperature=0.0, max_new_tokens=14, eos_ids=tuple(sorted({int(t) for t in firsts})))
     engine = SlotSampler(graphdef, cfg, slots=3, chunk_tokens=3, max_staleness=1)
-    a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=(NEXT_PROMPTS, jax.random.key(2)))
-    carried = engine.carry_state()
-    assert carried is not None and not carried["readmit"] and any(carried["done"])  # done early, nothing to resume
+    a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=[(NEXT_PROMPTS, jax.random.key(2))])
+    (carried,) = engine.carry_state()
+    assert not carried["readmit"] and any(carried["done"])  # done early, nothing to resume
     b = engine(params, NEXT_PROMPTS, jax.random.key(2), version=1)
     static = Sampler(graphdef, cfg)
     assert_same_rollout(static(params, MORE_PROMPTS, jax.random.key(1)), a)

@@ -45,6 +45,13 @@ def test_slots_over_the_replicas_sample_the_one_device_static_rollout(observed, 
     assert same["tokens"] and same["lengths"] and same["logprob_gap"] <= 1e-5
 
 
+def test_the_paged_kernel_per_device_samples_the_one_device_static_rollout(observed):
+    # rows over 4 data replicas, the 2 kv heads over tensor: each device's (row, kv head) pages in its own call;
+    # interpret mode's dots round to bfloat16, hence 1e-3
+    paged = observed["paged/tensor2"]
+    assert paged["tokens"] and 0 < paged["logprob_gap"] <= 1e-3
+
+
 def test_two_processes_stream_their_own_rows_in_lockstep_and_sample_the_static_rollout():
     from clusters import finish_all, last_json_line, start_cluster
 

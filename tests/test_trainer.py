@@ -242,7 +242,7 @@ def test_partial_rollouts_start_the_next_steps_rows_and_resume_exactly(tmp_path,
     run_until_step_3_dies(resumed, monkeypatch)
     saved = os.path.join(resumed.run.output_dir, "checkpoints", "2", "data_iter", "process_0-of-1.json")
     with open(saved) as f:
-        ahead = json.load(f)["ahead_rows"]
+        (ahead,) = json.load(f)["ahead_rows"]  # the rows started for step 3
     assert ahead["readmit"] and all(0 < c < 12 for c in np.asarray(ahead["counts"])[ahead["readmit"]])
     train(resumed)
     a = load_file(os.path.join(straight.run.output_dir, "export", "model.safetensors"))

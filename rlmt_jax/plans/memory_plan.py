@@ -576,7 +576,8 @@ def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMe
 
     static: every rollout row at once, + the prompts' cache (one row a prompt) while it is copied to their samples.
     slots: rollout.slots rows per data-parallel replica (S in all) whatever the step's rows, + the prompts' cache
-    (one row a prompt; with partial rollouts the next step's prompts' too), kept while their rows are admitted;
+    (one row a prompt; with partial rollouts (max_staleness k) the next k steps' prompts' too), kept while their
+    rows are admitted;
     with partial rollouts also the carried rows' caches computed again (up to S rows of all the slots) while they
     are copied into the slots. Each row holds _cache_slots slots."""
     prompts, n = cfg.rollout.prompts_per_step, cfg.rollout.n
@@ -588,12 +589,13 @@ def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMe
     decode_cache = kv_cache_bytes(policy.module, rows, slots, cache_dtype, rollout_mesh)
     shape = f"x {slots} slots (prompt {prompt_len} + {new} new - 1), {cache_dtype}"
     if cfg.rollout.engine == "slots":
-        ahead = bool(cfg.rollout.max_staleness)
-        held = prompts * (2 if ahead else 1)
+        ahead = cfg.rollout.max_staleness
+        held = prompts * (1 + ahead)
         prompt_cache = kv_cache_bytes(policy.module, held, prompt_len, cache_dtype, rollout_mesh)
+        steps = f" of this step and the next {ahead}" if ahead else ""
         how = (f"slots engine: {cfg.rollout.slots} slots x {rollout_replicas(rollout_mesh)} replicas = {rows} "
                f"rows ({rows_local} per device; the step's {prompts * n} rows stream through them) {shape}, "
-               f"+ the prompts' cache ({held} prompts{' of this step and the next' if ahead else ''} x {prompt_len})")
+               f"+ the prompts' cache ({held} prompts{steps} x {prompt_len})")
         if ahead:
             decode_cache *= 2
             how += ", + the carried rows' caches computed again (up to every slot) while they are copied in"

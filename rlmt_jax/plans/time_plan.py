@@ -36,7 +36,9 @@ rollout mesh, R rows, prompt p (data.max_prompt_tokens), S = rollout.slots:
                step's tail, so the cap no longer bounds the step: ceil(R x m / S) steps, each as slots'. The rows
                still decoding when a step's own are done have their caches computed again with the new weights
                at the next step: the prefill phase adds up to S rows a replica of p + m / 2 tokens.
-The step's phases use the configured engine (slots k=1 with rollout.max_staleness 1); `decode_by_engine` holds
+               With k > 1 the same: once the next step's rows are all in slots, the step's tail has long
+               been covered, and what more steps ahead add is not modelled.
+The step's phases use the configured engine (slots k=1 with any rollout.max_staleness >= 1); `decode_by_engine` holds
 the decode phase of all three for the same m. The reward and update phases stay at prompt + N tokens a row (a batch is padded to its longest row, at the
 cap); the step's token counts use m.
 """
@@ -48,7 +50,7 @@ import json
 import math
 
 from models import ModelConfig
-from models.attention import decodes_with_kernel
+from models.attention import PAGED_SLOT_MULTIPLE, decodes_slots_with_paged_kernel, decodes_with_kernel
 from rlmt_jax.algorithms.specs import spec_of
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.settings.config import RunConfig, frozen_param_dtype
@@ -337,7 +339,8 @@ def _prefill_phase(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout:
 
 
 def engine_of(cfg: RunConfig) -> str:
-    """Which of ENGINES the run's rollout settings make: static, slots, or slots k=1 (rollout.max_staleness)."""
+    """Which of ENGINES the run's rollout settings make: static, slots, or slots k=1 (rollout.max_staleness >= 1,
+    modelled as 1)."""
     if cfg.rollout.engine == "static":
         return "static"
     return "slots k=1" if cfg.rollout.max_staleness else "slots"
@@ -383,15 +386,23 @@ def _decode_shape(cfg: RunConfig, device: DeviceSpec, sizes: _StepSizes, layout:
 def _slot_decode_keys(cfg: RunConfig, device: DeviceSpec, sizes: _StepSizes) -> float:
     """Cache slots a slot's decode step reads, on average: with the decode kernel, the prompt + the response
     slots a running row has written, E[L^2] / (2 E[L]) (m for exponential lengths, at most (N + 1) / 2 under the
-    cap N); on the xla path the windows so far, as the static sampler (_mean_decode_keys)."""
+    cap N); the paged kernel (TPU) the same in whole compute blocks, half a block more on average; on the xla
+    path the windows so far, as the static sampler (_mean_decode_keys)."""
+    written = sizes.prompt_len + min(sizes.mean, (sizes.new + 1) / 2)
     if _decodes_with_kernel(cfg, device, sizes.policy):
-        return sizes.prompt_len + min(sizes.mean, (sizes.new + 1) / 2)
+        return written
+    if decodes_slots_with_paged_kernel(_runtime_policy(cfg, sizes.policy), DEVICE_PLATFORMS[device.kind]):
+        return written + PAGED_SLOT_MULTIPLE / 2
     return _mean_decode_keys(cfg, device, sizes.policy)
 
 
+def _runtime_policy(cfg: RunConfig, policy: ModelConfig) -> ModelConfig:
+    """The policy's ModelConfig with the run's attention and compute dtype (what picks its kernels)."""
+    return dataclasses.replace(policy, attention=cfg.runtime.attention, dtype=cfg.runtime.dtype)
+
+
 def _decodes_with_kernel(cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -> bool:
-    return decodes_with_kernel(dataclasses.replace(policy, attention=cfg.runtime.attention, dtype=cfg.runtime.dtype),
-                               DEVICE_PLATFORMS[device.kind])
+    return decodes_with_kernel(_runtime_policy(cfg, policy), DEVICE_PLATFORMS[device.kind])
 
 
 def _mean_decode_keys(cfg: RunConfig, device: DeviceSpec, policy: ModelConfig) -> float:

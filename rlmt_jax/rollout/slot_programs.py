@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from typing import NamedTuple
 
-from models.attention import decode_slot_multiple
+from models.attention import decode_slot_multiple, slot_cache_multiple
 from models.layers import CacheBlocks, write_rows
 from models.sharding import constrain
 from models.transformer import KVCache
@@ -57,7 +57,12 @@ class ChunkSummary(NamedTuple):
 
 
 def slot_widths(config: SamplingConfig, model_config, longest_prompt: int) -> tuple[int, ...]:
-    """Slots of each cache block of a slot: the static sampler's blocks for a prompt of `longest_prompt`."""
+    """Slots of each cache block of a slot: the static sampler's blocks for a prompt of `longest_prompt`, or
+    for the paged kernel (models.attention.slot_cache_multiple) one block of them all, rounded up to its
+    multiple: the kernel reads only the pages each row has reached, which is what windows are for."""
+    multiple = slot_cache_multiple(model_config)
+    if multiple:
+        return (-(-sum(cache_block_widths(config, longest_prompt)) // multiple) * multiple,)
     return cache_block_widths(config, longest_prompt, decode_slot_multiple(model_config))
 
 

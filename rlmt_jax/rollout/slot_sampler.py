@@ -59,9 +59,11 @@ class SlotSampler(Sampler):
         """slots: per data-parallel replica of the rollout mesh (the layout's, else the hosts' mesh; one
         replica without either). chunk_tokens: decode steps per jitted chunk, at most. progress: called after
         each chunk with a BatchProgress over all processes' rows (its step: the most tokens a row has so
-        far); hosts, layout: as the Sampler's. max_staleness: 0, or 1 to take rows of the next call (`ahead`)."""
-        if max_staleness not in (0, 1):
-            raise UserError(f"rollout max_staleness: 0 or 1 (partial rollouts one step ahead), got {max_staleness}")
+        far); hosts, layout: as the Sampler's. max_staleness: k >= 0, how many later calls' rows (`ahead`) a
+        call may start."""
+        if not isinstance(max_staleness, int) or max_staleness < 0:
+            raise UserError(f"rollout max_staleness: an int >= 0 (how many steps ahead rows may start), got "
+                            f"{max_staleness!r}")
         if slots < 1:
             raise UserError(f"rollout slots: must be >= 1, got {slots}")
         if chunk_tokens < 1:
@@ -77,7 +79,7 @@ class SlotSampler(Sampler):
         self.chunk_tokens = chunk_tokens
         self.progress = progress
         self.max_staleness = max_staleness
-        self._carry: _Batch | None = None  # the next call's rows started by this one
+        self._carry: list[_Batch] = []  # the next calls' rows started by this one (call t + 1, t + 2, ...)
         self.model_config = None  # the policy's, read at the first call
         self._empty = {}  # longest prompt bucket -> jitted empty_slots
         self._prefill_prompts = jax.jit(functools.partial(prefill_prompts, graphdef, config))
@@ -86,30 +88,32 @@ class SlotSampler(Sampler):
         self._chunks = {}  # (longest prompt bucket, window) -> jitted decode_chunk
 
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: jax.Array, version: int = 0,
-                 ahead: tuple[Sequence[Sequence[int]], jax.Array] | None = None) -> Rollout:
+                 ahead: Sequence[tuple[Sequence[Sequence[int]], jax.Array]] = ()) -> Rollout:
         """prompts: token-id lists (at least one token each, any lengths up to the largest bucket).
 
-        Partial rollouts (max_staleness 1): `ahead` = (the next call's prompts, its key) lets slots that free up
-        once this call's rows are all admitted start the next call's rows, with these params (policy
-        `version`). The call returns when its own rows are done; the next call's rows that are still decoding
-        then are carried, and the next call (with those prompts and key, and the next version) takes them
-        back first, their caches computed again with its params (one prefill of prompt and tokens so far)."""
-        if ahead is not None and not self.max_staleness:
-            raise UserError("sampling: rows ahead of their step need rollout.max_staleness >= 1")
-        current = self._carried(prompts, key)
-        batches = [current] + ([self._batch(*ahead)] if ahead is not None else [])
+        Partial rollouts (max_staleness k): `ahead` = [(the prompts of call t + j, its key) for j = 1 .. <= k]
+        lets slots that free up once this call's rows are all admitted start those calls' rows in order, with
+        these params (policy `version`). The call returns when its own rows are done; the later calls' rows
+        that are still decoding then are carried, and the next call (with the next version, and those prompts
+        and keys as its own and its `ahead`) takes them back first, their caches computed again with its params
+        (one prefill of prompt and tokens so far). A row of call t + j is done by the end of that call, so no
+        token it trains on is older than j <= k versions."""
+        if len(ahead) > self.max_staleness:
+            raise UserError(f"sampling: rows of {len(ahead)} steps ahead, more than rollout.max_staleness "
+                            f"{self.max_staleness}")
+        batches = self._carried([(prompts, key), *ahead])
+        current = batches[0]
         slot_row = np.full(self.local_slots, -1)  # the local row each local slot holds, -1: free
-        slot_batch = np.zeros(self.local_slots, np.int32)  # and whose: 0 this call's, 1 the next call's
+        slot_batch = np.zeros(self.local_slots, np.int32)  # and whose: j for call t + j (0: this call's)
         with self._in_layout():
             params = self.rollout_params(params)
             self._know_model(params)
             state = self._empty_state(self._cache_prompt_len(current.prompt_len))
-            for batch in batches:
-                batch.cache = self._prompt_cache(params, batch.prompts, batch.prompt_len)
-            state = self._readmit(params, state, current, slot_row, version)
+            for tag, batch in enumerate(batches):
+                state = self._readmit(params, state, batch, tag, slot_row, slot_batch, version)
             while True:
                 for tag, batch in enumerate(batches):
-                    state = self._refill(state, batch, tag, slot_row, slot_batch, version)
+                    state = self._refill(params, state, batch, tag, slot_row, slot_batch, version)
                 mine = (slot_row >= 0) & (slot_batch == 0)
                 if not self._agree_max(int(mine.any() or bool(current.pending))):
                     break
@@ -127,40 +131,43 @@ class SlotSampler(Sampler):
                     self._hand_back(state, batches, stopped, slot_row, slot_batch, counts)
                 if self.progress is not None:
                     self.progress(self._where(current.out))
-            if ahead is not None:
-                self._carry_over(state, batches[1], slot_row, slot_batch)
+            self._carry_over(state, batches, slot_row, slot_batch)
             del params, state
-            for batch in batches:
-                batch.cache = None
+            current.cache = None
         return current.out.rollout(current.prompts, current.prompt_len, self.config.n, self.config)
 
-    def carry_state(self) -> dict | None:
-        """The rows started for the next call (max_staleness 1), JSON-able: what they sampled so far, by which
-        versions, and the rows still to start; saved with a checkpoint so that a resumed run goes on exactly
-        as an uninterrupted one (the next call computes their caches again either way). None: no such rows."""
-        c = self._carry
-        if c is None:
-            return None
-        out = c.out
-        return {"prompts": c.prompts, "prompt_len": c.prompt_len, "first_row": c.first_row,
+    def carry_state(self) -> list[dict]:
+        """The rows started for the next calls (max_staleness), JSON-able, one entry per call: what they sampled
+        so far, by which versions, and the rows still to start; saved with a checkpoint so that a resumed run
+        goes on exactly as an uninterrupted one (the next call computes their caches again either way)."""
+        states = []
+        for c in self._carry:
+            out = c.out
+            states.append({
+                "prompts": c.prompts, "prompt_len": c.prompt_len, "first_row": c.first_row,
                 "key": np.asarray(jax.random.key_data(c.key)).tolist(), "pending": list(c.pending),
                 "readmit": list(c.readmit), "tokens": out.tokens.tolist(), "logprobs": out.logprobs.tolist(),
-                "versions": out.versions.tolist(), "counts": out.counts.tolist(), "done": out.done.tolist()}
+                "versions": out.versions.tolist(), "counts": out.counts.tolist(), "done": out.done.tolist()})
+        return states
 
-    def restore_carry(self, state: dict | None) -> None:
-        """The rows of a `carry_state()` back, for the next call."""
-        if state is None:
-            self._carry = None
-            return
-        out = _RowsOut(len(state["counts"]), self.config.max_new_tokens, self.config.pad_id)
-        out.tokens[:] = np.asarray(state["tokens"], np.int32)
-        out.logprobs[:] = np.asarray(state["logprobs"], np.float32)
-        out.versions[:] = np.asarray(state["versions"], np.int32)
-        out.counts[:] = np.asarray(state["counts"], np.int32)
-        out.done[:] = np.asarray(state["done"], bool)
-        key = jax.random.wrap_key_data(np.asarray(state["key"], np.uint32))
-        self._carry = _Batch(state["prompts"], int(state["prompt_len"]), int(state["first_row"]), key, out,
-                             collections.deque(state["pending"]), list(state["readmit"]))
+    def restore_carry(self, states: list[dict] | dict | None) -> None:
+        """The rows of a `carry_state()` back, for the next calls (a single dict or None: an older checkpoint's,
+        saved when at most one call was carried)."""
+        if states is None:
+            states = []
+        elif isinstance(states, dict):
+            states = [states]
+        self._carry = []
+        for state in states:
+            out = _RowsOut(len(state["counts"]), self.config.max_new_tokens, self.config.pad_id)
+            out.tokens[:] = np.asarray(state["tokens"], np.int32)
+            out.logprobs[:] = np.asarray(state["logprobs"], np.float32)
+            out.versions[:] = np.asarray(state["versions"], np.int32)
+            out.counts[:] = np.asarray(state["counts"], np.int32)
+            out.done[:] = np.asarray(state["done"], bool)
+            key = jax.random.wrap_key_data(np.asarray(state["key"], np.uint32))
+            self._carry.append(_Batch(state["prompts"], int(state["prompt_len"]), int(state["first_row"]), key,
+                                      out, collections.deque(state["pending"]), list(state["readmit"])))
 
     # ------------------------------------------------------------------------------------------ the calls
     def _batch(self, prompts, key) -> _Batch:
@@ -170,16 +177,24 @@ class SlotSampler(Sampler):
         return _Batch([list(p) for p in prompts], prompt_len, first_row, key,
                       _RowsOut(rows, self.config.max_new_tokens, self.config.pad_id), collections.deque(range(rows)))
 
-    def _carried(self, prompts, key) -> _Batch:
-        """This call's rows: the ones the previous call started for it (carried), or none sampled yet."""
-        carry, self._carry = self._carry, None
-        if carry is not None:
-            same_key = np.array_equal(np.asarray(jax.random.key_data(carry.key)),
-                                      np.asarray(jax.random.key_data(key)))
-            if carry.prompts == [list(p) for p in prompts] and same_key:
-                return carry
-            log.warning("sampling: the rows started ahead were for other prompts or another key; sampled again")
-        return self._batch(prompts, key)
+    def _carried(self, calls) -> list[_Batch]:
+        """The rows of these calls ((prompts, key) each: this one, then those ahead): the ones earlier calls
+        started for them (carried), or none sampled yet. Carried rows are taken only for the call they were
+        started for: other prompts or another key in its place, and they are sampled again from scratch."""
+        carry, self._carry = self._carry, []
+        batches = []
+        for j, (prompts, key) in enumerate(calls):
+            started = carry[j] if j < len(carry) else None
+            if started is not None:
+                same_key = np.array_equal(np.asarray(jax.random.key_data(started.key)),
+                                          np.asarray(jax.random.key_data(key)))
+                if started.prompts == [list(p) for p in prompts] and same_key:
+                    batches.append(started)
+                    continue
+                log.warning("sampling: the rows started ahead for %s were for other prompts or another key; "
+                            "sampled again", "this step" if j == 0 else f"step +{j}")
+            batches.append(self._batch(prompts, key))
+        return batches
 
     def _cache_prompt_len(self, prompt_len: int) -> int:
         """The prompt slots of the cache: the call's bucket, or with rows of two calls the largest bucket."""
@@ -194,13 +209,16 @@ class SlotSampler(Sampler):
         lengths = np.asarray([len(p) for p in prompts], np.int32)
         return self._prefill_prompts(params, *self._put((ids, lengths)))
 
-    def _refill(self, state, batch: _Batch, tag: int, slot_row, slot_batch, version: int):
-        """The batch's next pending rows into the free local slots (every process calls the same program)."""
+    def _refill(self, params, state, batch: _Batch, tag: int, slot_row, slot_batch, version: int):
+        """The batch's next pending rows into the free local slots (every process calls the same programs). Its
+        prompts are prefilled when its first row is admitted (rows of a call ahead may never be)."""
         free = np.flatnonzero(slot_row < 0)
         admitted = [batch.pending.popleft() for _ in range(min(len(free), len(batch.pending)))]
         bucket = self._agree_max(_admission_bucket(len(admitted), self.local_slots, self._rows_multiple()))
         if bucket == 0:
             return state
+        if batch.cache is None:
+            batch.cache = self._prompt_cache(params, batch.prompts, batch.prompt_len)
         n = self.config.n
         source = np.zeros(bucket, np.int32)
         source[:len(admitted)] = batch.first_row // n + np.asarray(admitted, np.int32) // n
@@ -220,8 +238,9 @@ class SlotSampler(Sampler):
         row_ids[:len(rows)] = batch.first_row + np.asarray(rows, np.int32)
         return slot_ids, row_ids
 
-    def _readmit(self, params, state, batch: _Batch, slot_row, version: int):
-        """The rows the previous call started for this one back into slots, caches computed with `params`."""
+    def _readmit(self, params, state, batch: _Batch, tag: int, slot_row, slot_batch, version: int):
+        """The rows earlier calls started for the batch (of call t + tag) back into slots, caches computed with
+        `params`."""
         rows = batch.readmit
         batch.readmit = []
         out, n = batch.out, self.config.n
@@ -244,7 +263,8 @@ class SlotSampler(Sampler):
             tokens[i], logprobs[i], versions[i] = out.tokens[r], out.logprobs[r], out.versions[r]
         free = np.flatnonzero(slot_row < 0)[:len(rows)]
         slot_ids, row_ids = self._slots_and_rows(bucket, free, batch, rows)
-        slot_row[free] = rows  # slot_batch stays 0: this call's rows
+        slot_row[free] = rows
+        slot_batch[free] = tag
         arrays = self._put((ids, lengths, slot_ids, row_ids, last, count, tokens, logprobs, versions))
         return self._readmit_program(params, state, *arrays[:4], batch.key, *arrays[4:])
 
@@ -256,22 +276,25 @@ class SlotSampler(Sampler):
             batch.out.take(slot_row[mine], tokens[mine], logprobs[mine], versions[mine], counts[mine])
         slot_row[stopped] = -1
 
-    def _carry_over(self, state, batch: _Batch, slot_row, slot_batch) -> None:
-        """The next call's rows still decoding: what they have so far, kept for that call (their slots' caches
-        are not: that call computes them again with its params)."""
-        held = np.flatnonzero((slot_row >= 0) & (slot_batch == 1))
-        tokens, logprobs, versions, counts, active = self._local(
-            (state.tokens, state.logprobs, state.versions, state.count, state.active))
-        # rows the last admission started may have stopped there (a first token that is an EOS): they are done
-        done = held[~active[held]]
-        batch.out.take(slot_row[done], tokens[done], logprobs[done], versions[done], counts[done])
-        going = held[active[held]]
-        rows = slot_row[going]
-        batch.out.tokens[rows], batch.out.logprobs[rows] = tokens[going], logprobs[going]
-        batch.out.versions[rows], batch.out.counts[rows] = versions[going], counts[going]
-        batch.readmit = [int(r) for r in rows]
-        slot_row[held] = -1
-        self._carry = batch
+    def _carry_over(self, state, batches: list[_Batch], slot_row, slot_batch) -> None:
+        """The later calls' rows still decoding: what they have so far, kept for those calls (their slots'
+        caches are not: the next call computes them again with its params)."""
+        if len(batches) > 1:
+            tokens, logprobs, versions, counts, active = self._local(
+                (state.tokens, state.logprobs, state.versions, state.count, state.active))
+        for tag, batch in enumerate(batches[1:], start=1):
+            held = np.flatnonzero((slot_row >= 0) & (slot_batch == tag))
+            # rows the last admission started may have stopped there (a first token that is an EOS): done
+            done = held[~active[held]]
+            batch.out.take(slot_row[done], tokens[done], logprobs[done], versions[done], counts[done])
+            going = held[active[held]]
+            rows = slot_row[going]
+            batch.out.tokens[rows], batch.out.logprobs[rows] = tokens[going], logprobs[going]
+            batch.out.versions[rows], batch.out.counts[rows] = versions[going], counts[going]
+            batch.readmit = [int(r) for r in rows]
+            batch.cache = None
+            slot_row[held] = -1
+        self._carry = batches[1:]
 
     def _window(self, prompt_len: int, batches, slot_row: np.ndarray, slot_batch: np.ndarray) -> int:
         """The first cache window whose blocks hold every active slot's next chunk_tokens slots."""
@@ -354,9 +377,8 @@ class SlotSampler(Sampler):
         with self._in_layout():
             params = self.rollout_params(params)
             self._know_model(params)
-            batch.cache = self._prompt_cache(params, batch.prompts, batch.prompt_len)
             prompt_len = self._cache_prompt_len(batch.prompt_len)
-            state = self._refill(self._empty_state(prompt_len), batch, 0, np.full(self.local_slots, -1),
+            state = self._refill(params, self._empty_state(prompt_len), batch, 0, np.full(self.local_slots, -1),
                                  np.zeros(self.local_slots, np.int32), 0)
             lowered = self._chunk(prompt_len, 0).lower(params, state, np.int32(0), np.int32(self.slots + 1))
             return lowered.compile().as_text()

@@ -53,6 +53,16 @@ def staleness_metrics(rollout: Rollout, version: int, max_staleness: int) -> dic
     return {"stale_token_fraction": float(stale.sum() / max(tokens.sum(), 1)), "staleness_max": float(oldest.max())}
 
 
+def future_sample_keys(key: jax.Array, count: int) -> list[jax.Array]:
+    """The sample keys of the next `count` calls of `RolloutStage.sample` that start from `key` (the key this
+    call leaves): each call splits its key into (the key it leaves, its sample key)."""
+    keys = []
+    for _ in range(count):
+        key, sample_key = jax.random.split(key)
+        keys.append(sample_key)
+    return keys
+
+
 class NonFiniteReward(ArithmeticError):
     """The reward model gave a non-finite reward on some process (every process raises it)."""
 
@@ -104,10 +114,11 @@ class RolloutStage:
     format_penalty: float | None
 
     def __call__(self, params, key: jax.Array, prompts: list[Conversation], more: MorePrompts, version: int = 0,
-                 ahead: list[Conversation] | None = None) -> tuple[ScoredGroups, jax.Array]:
+                 ahead: Sequence[list[Conversation]] = ()) -> tuple[ScoredGroups, jax.Array]:
         """The scored groups a step trains on -> (them, the key left). Their metrics and samples are of these
         groups (with a group filter, not of the groups it dropped). version: the policy's (updates so far);
-        ahead (rollout.max_staleness 1): the next step's prompts, whose rows may start in this step's tail."""
+        ahead (rollout.max_staleness k): the prompts of the next steps (up to k), whose rows may start in this
+        step's tail."""
         groups, key = self._round(params, key, prompts, version, ahead)
         if self.rollout.group_filter is not None:
             groups, key = self._filtered(params, key, groups, len(prompts), more)
@@ -120,23 +131,23 @@ class RolloutStage:
         return dataclasses.replace(groups, metrics={**metrics, **groups.metrics}), key
 
     def sample(self, params, key: jax.Array, prompt_ids: Sequence[Sequence[int]], version: int = 0,
-               ahead_ids: Sequence[Sequence[int]] | None = None) -> tuple[Rollout, jax.Array]:
+               ahead_ids: Sequence[Sequence[Sequence[int]]] = ()) -> tuple[Rollout, jax.Array]:
         """n answers to each prompt, with a key split off `key` -> (this process's rollout, the key left).
-        With ahead_ids (the next step's prompts) the sampler may start their rows, with the key the next
-        step's call splits off the key left."""
+        With ahead_ids (the next steps' prompts) the sampler may start their rows, each with the key its
+        step's call will split off (future_sample_keys)."""
         key, sample_key = jax.random.split(key)
         if not self.rollout.max_staleness:
             return self.sampler(params, prompt_ids, sample_key), key
-        ahead = None if ahead_ids is None else (ahead_ids, jax.random.split(key)[1])
+        ahead = list(zip(ahead_ids, future_sample_keys(key, len(ahead_ids))))
         return self.sampler(params, prompt_ids, sample_key, version=version, ahead=ahead), key
 
     def _round(self, params, key: jax.Array, prompts: list[Conversation], version: int = 0,
-               ahead: list[Conversation] | None = None) -> tuple[ScoredGroups, jax.Array]:
+               ahead: Sequence[list[Conversation]] = ()) -> tuple[ScoredGroups, jax.Array]:
         """This process's prompts sampled and scored, one group each (with partial rollouts, their staleness
         metrics; no others) -> (them, the key left)."""
         start = time.perf_counter()
         prompt_ids, truncated = self.text.encode_each(prompts)
-        ahead_ids = None if ahead is None else self.text.encode_each(ahead)[0]
+        ahead_ids = [self.text.encode_each(later)[0] for later in ahead]
         rollout, key = self.sample(params, key, prompt_ids, version, ahead_ids)
         jax.block_until_ready(rollout.tokens)
         sampled = time.perf_counter()

@@ -33,7 +33,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     spec.check(cfg, require)
     if rollout.max_staleness:
         require(rollout.engine == "slots", "rollout.max_staleness",
-                "needs rollout.engine=slots (the next step's rows start in the slots this step's rows free)")
+                "needs rollout.engine=slots (the next steps' rows start in the slots this step's rows free)")
         require(spec.loop == "rollouts" and rollout.group_filter is None, "rollout.max_staleness",
                 f"needs an algorithm that samples every step without rollout.group_filter (its extra rounds take "
                 f"the next steps' prompts), not {algo.name} with group_filter={rollout.group_filter}")

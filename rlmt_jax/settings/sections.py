@@ -157,9 +157,10 @@ class RolloutConfig:
     engine: Literal["static", "slots"] = "static"
     slots: int = 64  # per data-parallel replica (engine: slots); the KV cache holds this many rows, not all
     chunk_tokens: int = 64  # decode steps per jitted chunk (engine: slots); stopped rows are handed back between
-    # Partial rollouts (engine: slots): 1 lets slots freed in a step's tail start the next step's rows with the
-    # current policy; they finish with the next one, each token recorded with the policy version that chose it,
-    # and the update corrects for them (algorithm.rollout_correction). 0: on-policy, every row in its step.
+    # Partial rollouts (engine: slots): k >= 1 lets slots freed in a step's tail start the rows of the next k
+    # steps with the current policy; a row finishes by the end of its own step, so no token is older than k
+    # versions; each token is recorded with the policy version that chose it, and the update corrects for
+    # them (algorithm.rollout_correction). 0: on-policy, every row in its step.
     max_staleness: int = 0
     mesh: RolloutMeshConfig = field(default_factory=RolloutMeshConfig)
     # DAPO's dynamic sampling: a registered group filter (rlmt_jax.algorithms.group_filters; `varied` drops the
@@ -182,8 +183,8 @@ class RolloutConfig:
               "must be >= 1 or null (automatic)")
         check(self.slots >= 1, "slots", f"must be >= 1, got {self.slots}")
         check(self.chunk_tokens >= 1, "chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
-        check(self.max_staleness in (0, 1), "max_staleness",
-              f"must be 0 (on-policy) or 1 (rows one step ahead; more is not built), got {self.max_staleness}")
+        check(isinstance(self.max_staleness, int) and self.max_staleness >= 0, "max_staleness",
+              f"must be an int >= 0 (0: on-policy; k: rows may start up to k steps ahead), got {self.max_staleness}")
         self.mesh.check(f"{section}.mesh")
         buckets = self.prompt_buckets
         check(all(b >= 1 for b in buckets), "prompt_buckets", "must hold positive lengths")

@@ -205,8 +205,8 @@ class Trainer:
         }
 
     def _ahead_rows(self) -> dict[str, Any]:
-        """With partial rollouts, the rows the sampler started for the next step (saved with this process's
-        data iterator state: they are its next batch's)."""
+        """With partial rollouts, the rows the sampler started for the next steps (saved with this process's
+        data iterator state: they are its next batches')."""
         if not self.cfg.rollout.max_staleness:
             return {}
         return {AHEAD_ROWS: self.sampler.carry_state()}
@@ -283,16 +283,19 @@ class Trainer:
         samples = groups.samples(self.cfg.logging.samples_per_step)
         return {**groups.metrics, **update.step_metrics(groups.times)}, samples
 
-    def _next_items(self) -> list | None:
-        """With partial rollouts (rollout.max_staleness), this process's items of the next step's batch, read
-        ahead (the data iterator's state is put back: the next step reads them again, and a checkpoint saved
-        in between resumes there); None without, or at the last step."""
-        if not self.cfg.rollout.max_staleness or self.step + 1 >= self.total_steps or self.batches.exhausted:
-            return None
+    def _next_items(self) -> list[list]:
+        """With partial rollouts (rollout.max_staleness k), this process's items of the next steps' batches (up
+        to k, none past the last step or the data), read ahead: the data iterator's state is put back, so the
+        next steps read them again, and a checkpoint saved in between resumes there."""
+        later = min(self.cfg.rollout.max_staleness, self.total_steps - self.step - 1)
+        if later <= 0:
+            return []
         state = self.batches.get_state()
-        items = list(next(self.batches).items)
+        batches = []
+        while len(batches) < later and not self.batches.exhausted:
+            batches.append(list(next(self.batches).items))
         self.batches.set_state(state)
-        return items
+        return batches
 
     def run(self) -> dict[str, Any]:
         """Trains to the last step (or a stop signal), checkpointing and logging; returns a summary: the steps'
