@@ -19,6 +19,21 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_SESSION_XLA_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """After each test module, JAX's compiled programs are dropped (jax.clear_caches). Each program keeps a few
+    memory mappings for its code, and a session of ~1,300 tests compiles enough of them to reach the kernel's
+    limit (vm.max_map_count, 65530): a program loaded after that crashes the process (SIGSEGV). A later module
+    that needs a program again loads it from the session's persistent cache."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     try:
