@@ -466,6 +466,14 @@ def test_slots_engine_kv_cache_holds_the_slots_not_the_steps_rows():
     # partial rollouts: the next step's prompts too, and the carried rows' caches computed again
     ahead = [*slots, "rollout.max_staleness=1", "algorithm.rollout_correction.weights=token"]
     assert kv(ahead) == 2 * cache(64 // 2, 5119) + cache(128 // 2, 1024)
+    two_ahead = [*slots, "rollout.max_staleness=2", "algorithm.rollout_correction.weights=token"]
+    assert kv(two_ahead) == 2 * cache(64 // 2, 5119) + cache(192 // 2, 1024)  # the prompts of 3 steps
+    # carried rows keeping their slots: the slots' cache resident through the update, nothing recomputed
+    plan = memory_plan(resolve("grpo_llama31_8b_instruct", [*ahead, "rollout.carried_cache=keep"]),
+                       DeviceSpec.parse("h100"))
+    kept = plan.item("kept KV cache")
+    assert kept.phase == "resident" and kept.bytes == cache(64 // 2, 5119)
+    assert plan.item("KV cache").bytes == cache(128 // 2, 1024)
 
 
 def test_slots_engine_counts_its_token_and_logprob_buffers():

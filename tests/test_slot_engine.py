@@ -198,12 +198,12 @@ def test_a_chunk_attends_to_the_first_window_that_holds_its_rows_next_slots(prom
 NEXT_PROMPTS = [[9, 9, 100], [33, 44, 55, 66, 77], [120], [6, 7, 8, 9, 10, 11, 12, 13]]
 
 
-def two_steps(path, next_params_of, slots=3):
+def two_steps(path, next_params_of, slots=3, carried_cache="recompute"):
     """Step A's call starting step B's rows in its tail (max_staleness 1), then step B's call with the params
     `next_params_of(params)` (the update between them).  -> (A, B, params, B's params, graphdef, config)"""
     graphdef, params = _loaded(path, False)
     cfg = config(n=3, temperature=1.0, max_new_tokens=14)
-    engine = SlotSampler(graphdef, cfg, slots=slots, chunk_tokens=3, max_staleness=1)
+    engine = SlotSampler(graphdef, cfg, slots=slots, chunk_tokens=3, max_staleness=1, carried_cache=carried_cache)
     a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=[(NEXT_PROMPTS, jax.random.key(2))])
     carried = engine.carry_state()
     assert len(carried) == 1 and carried[0]["readmit"]  # rows of B were decoding when A's last row stopped
@@ -237,6 +237,31 @@ def test_behaviour_logprobs_are_the_recorded_versions_teacher_forced_forward(lla
     np.testing.assert_allclose(b.logprobs[mask], behaviour[mask], atol=1e-5)
     stale = mask & (b.versions == 0)
     assert stale.sum() > 3 and np.abs(forwards[1] - forwards[0])[stale].min() > 1e-4  # the versions differ there
+
+
+def test_carried_rows_that_keep_their_cache_decode_on_with_the_new_params(llama, monkeypatch):
+    # carried_cache keep: no recompute; with unchanged params the rollouts are the static ones, and after an
+    # update the carried rows' later tokens attend to keys and values of the old params, so their recorded
+    # log-probs are not the new version's teacher-forced ones, while rows started in B's call are
+    readmitted = []
+    monkeypatch.setattr(SlotSampler, "_readmit", lambda self, *args: readmitted.append(args) or args[1])
+    a, b, params, _, graphdef, cfg = two_steps(llama[0], lambda p: p, carried_cache="keep")
+    static = Sampler(graphdef, cfg)
+    assert_same_rollout(static(params, MORE_PROMPTS, jax.random.key(1)), a)
+    assert_same_rollout(static(params, NEXT_PROMPTS, jax.random.key(2)), b)
+    assert [args[3] for args in readmitted] == [0, 1]  # A's call, its 2 batches, nothing to readmit; B's none
+    _, b, _, later, graphdef, _ = two_steps(llama[0], lambda p: jax.tree.map(lambda x: x * 1.05, p),
+                                            carried_cache="keep")
+    model = nnx.merge(graphdef, later)
+    logits = model(jnp.asarray(b.tokens), jnp.asarray(b.attention_mask), b.positions)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    forward = np.pad(np.asarray(jnp.take_along_axis(logp, jnp.asarray(b.tokens)[:, 1:, None], axis=-1)[..., 0]),
+                     ((0, 0), (1, 0)))
+    mask = np.asarray(b.response_mask)
+    carried = (np.asarray(b.versions) == 0).any(axis=1)  # rows started during A
+    newer = mask & (np.asarray(b.versions) == 1)
+    np.testing.assert_allclose(b.logprobs[newer & ~carried[:, None]], forward[newer & ~carried[:, None]], atol=1e-5)
+    assert np.abs(b.logprobs - forward)[newer & carried[:, None]].max() > 1e-3
 
 
 def test_rows_started_two_steps_ahead_finish_in_their_own_step(llama):
@@ -293,15 +318,16 @@ def test_rows_started_for_other_prompts_are_sampled_again(llama, caplog):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["rollout.max_staleness=-1"], "must be an int >= 0"),
-    (["rollout.max_staleness=1", "algorithm.rollout_correction.weights=token"], "needs rollout.engine=slots"),
-    (["rollout.max_staleness=1", "rollout.engine=slots"], "needs a rollout correction"),
+    (["rollout.max_staleness=-1"], "rollout.max_staleness.*must be an int >= 0"),
+    (["rollout.carried_cache=keep"], "rollout.carried_cache.*needs rollout.max_staleness >= 1"),
+    (["rollout.max_staleness=1", "algorithm.rollout_correction.weights=token"], "rollout.max_staleness.*needs rollout.engine=slots"),
+    (["rollout.max_staleness=1", "rollout.engine=slots"], "rollout.max_staleness.*needs a rollout correction"),
     (["rollout.max_staleness=1", "rollout.engine=slots", "algorithm.rollout_correction.weights=token",
-      "rollout.group_filter=varied"], "without rollout.group_filter"),
+      "rollout.group_filter=varied"], "rollout.max_staleness.*without rollout.group_filter"),
 ])
 def test_partial_rollout_settings_name_what_they_need(overrides, message):
     from rlmt_jax.settings.config import resolve
-    with pytest.raises(UserError, match=f"rollout.max_staleness.*{message}"):
+    with pytest.raises(UserError, match=message):
         resolve(None, overrides)
 
 

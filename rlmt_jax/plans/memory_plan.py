@@ -531,7 +531,7 @@ def _rollout_and_reward_items(cfg: RunConfig, device: DeviceSpec, models: dict[s
     policy = models["policy"]
     rollout_mesh, rollout_rules = plan_rollout_mesh(cfg, device)
     items = [_rollout_copy_item(cfg, policy, rollout_mesh, rollout_rules)] if cfg.rollout.mesh.reshard else []
-    items.append(_kv_cache_item(cfg, policy, rollout_mesh))
+    items += _kv_cache_items(cfg, policy, rollout_mesh)
     if cfg.rollout.engine == "slots":
         items.append(_slot_buffers_item(cfg, rollout_mesh))
     items += [_decode_copies_item(policy, rollout_mesh, rollout_rules),
@@ -571,7 +571,7 @@ def _rollout_copy_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: Abstra
                 "dropped after")
 
 
-def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh) -> Item:
+def _kv_cache_items(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMesh) -> list[Item]:
     """The sampler's KV cache and the prefill's cache while it is copied into it.
 
     static: every rollout row at once, + the prompts' cache (one row a prompt) while it is copied to their samples.
@@ -579,7 +579,8 @@ def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMe
     (one row a prompt; with partial rollouts (max_staleness k) the next k steps' prompts' too), kept while their
     rows are admitted;
     with partial rollouts also the carried rows' caches computed again (up to S rows of all the slots) while they
-    are copied into the slots. Each row holds _cache_slots slots."""
+    are copied into the slots; with rollout.carried_cache keep the slots' cache instead stays resident (through
+    the reward and update phases) and nothing is recomputed. Each row holds _cache_slots slots."""
     prompts, n = cfg.rollout.prompts_per_step, cfg.rollout.n
     prompt_len, new = cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens
     slots = _cache_slots(cfg)
@@ -596,14 +597,20 @@ def _kv_cache_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMe
         how = (f"slots engine: {cfg.rollout.slots} slots x {rollout_replicas(rollout_mesh)} replicas = {rows} "
                f"rows ({rows_local} per device; the step's {prompts * n} rows stream through them) {shape}, "
                f"+ the prompts' cache ({held} prompts{steps} x {prompt_len})")
+        if ahead and cfg.rollout.carried_cache == "keep":
+            return [Item("kept KV cache", "resident", decode_cache,
+                         f"the slots' cache ({rows} rows, {rows_local} per device) {shape}: the carried rows keep "
+                         "it through the update (rollout.carried_cache keep)"),
+                    Item("KV cache", "rollout", prompt_cache, f"the prompts' cache ({held} prompts{steps} x "
+                         f"{prompt_len}, {cache_dtype}); the slots' own is kept (resident)")]
         if ahead:
             decode_cache *= 2
             how += ", + the carried rows' caches computed again (up to every slot) while they are copied in"
-        return Item("KV cache", "rollout", decode_cache + prompt_cache, how)
+        return [Item("KV cache", "rollout", decode_cache + prompt_cache, how)]
     prompt_cache = kv_cache_bytes(policy.module, prompts, prompt_len, cache_dtype, rollout_mesh)
-    return Item("KV cache", "rollout", decode_cache + prompt_cache,
-                f"{prompts} prompts x {n} = {rows} rows ({rows_local} per device) {shape}, + the prompts' cache "
-                "while it is copied to their samples")
+    return [Item("KV cache", "rollout", decode_cache + prompt_cache,
+                 f"{prompts} prompts x {n} = {rows} rows ({rows_local} per device) {shape}, + the prompts' cache "
+                 "while it is copied to their samples")]
 
 
 def _slot_buffers_item(cfg: RunConfig, rollout_mesh: AbstractMesh) -> Item:
@@ -636,7 +643,7 @@ def _prefill_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMes
     dtype = itemsize(cfg.runtime.dtype)
     candidates = [(layer_activation_bytes(prefill, prompt_len, dtype, attention)["none"],
                    f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device")]
-    if cfg.rollout.engine == "slots" and cfg.rollout.max_staleness:
+    if cfg.rollout.engine == "slots" and cfg.rollout.max_staleness and cfg.rollout.carried_cache == "recompute":
         carried, length = LocalDims.of(policy.config, _cache_rows(cfg, rollout_mesh), rollout_mesh), _cache_slots(cfg)
         candidates.append((layer_activation_bytes(carried, length, dtype, attention)["none"],
                            f"one layer's forward on {carried.rows} carried rows x {length} tokens per device"))

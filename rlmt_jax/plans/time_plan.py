@@ -321,12 +321,13 @@ def _kv_bytes_per_slot(cfg: RunConfig, policy: ModelConfig) -> int:
 
 
 def _prefill_phase(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout: _SamplerLayout) -> PhaseTime:
-    """Every prompt once through the policy, its KV cache written; with partial rollouts also the rows carried
-    from the previous step (up to the slots), prompt and response so far (m / 2 on average)."""
+    """Every prompt once through the policy, its KV cache written; with partial rollouts (carried_cache
+    recompute) also the rows carried from the previous step (up to the slots), prompt and response so far
+    (m / 2 on average)."""
     policy, prompts, prompt_len = sizes.policy, sizes.prompts, sizes.prompt_len
     what = f"{prompts} prompts x {prompt_len} tokens"
     sequences = [(prompts, prompt_len)]
-    if engine_of(cfg) == "slots k=1":
+    if engine_of(cfg) == "slots k=1" and cfg.rollout.carried_cache == "recompute":
         carried, length = cfg.rollout.slots * layout.data, round(prompt_len + sizes.mean / 2)
         sequences.append((carried, length))
         what += f" + up to {carried} carried rows x {length} (caches computed again)"

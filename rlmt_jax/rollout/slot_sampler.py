@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 
 # A chunk returns early once this fraction of the slots has stopped in it (and rows wait for slots).
 REFILL_FRACTION = 0.0625
+# What rows still decoding at the end of a call (partial rollouts) take into the next call, after the update:
+#   recompute  their caches computed again with the new params (one prefill of prompt + tokens so far), so each
+#              token's log-prob is its version's teacher-forced one; nothing stays on the devices in between.
+#   keep       their slots as they are (PipelineRL's in-flight update): later tokens attend to keys and values
+#              the previous params computed. No prefill, but the slots' cache stays resident through the
+#              update, and a token's recorded log-prob is not quite any one version's. A resumed run
+#              recomputes them (the caches are not saved with a checkpoint), so it is not bit-exact.
+CARRIED_CACHE = ("recompute", "keep")
 
 
 class SlotSampler(Sampler):
@@ -55,12 +63,16 @@ class SlotSampler(Sampler):
 
     def __init__(self, graphdef: nnx.GraphDef, config: SamplingConfig, slots: int, chunk_tokens: int = 64,
                  hosts=None, layout: DecodeLayout | None = None,
-                 progress: Callable[[BatchProgress], None] | None = None, max_staleness: int = 0):
+                 progress: Callable[[BatchProgress], None] | None = None, max_staleness: int = 0,
+                 carried_cache: str = "recompute"):
         """slots: per data-parallel replica of the rollout mesh (the layout's, else the hosts' mesh; one
         replica without either). chunk_tokens: decode steps per jitted chunk, at most. progress: called after
         each chunk with a BatchProgress over all processes' rows (its step: the most tokens a row has so
         far); hosts, layout: as the Sampler's. max_staleness: k >= 0, how many later calls' rows (`ahead`) a
-        call may start."""
+        call may start. carried_cache: what the rows still decoding at the end of a call take into the next:
+        "recompute" their caches with its params, or "keep" them in their slots, caches and all (CARRIED_CACHE)."""
+        if carried_cache not in CARRIED_CACHE:
+            raise UserError(f"rollout carried_cache: one of {CARRIED_CACHE}, got {carried_cache!r}")
         if not isinstance(max_staleness, int) or max_staleness < 0:
             raise UserError(f"rollout max_staleness: an int >= 0 (how many steps ahead rows may start), got "
                             f"{max_staleness!r}")
@@ -79,6 +91,8 @@ class SlotSampler(Sampler):
         self.chunk_tokens = chunk_tokens
         self.progress = progress
         self.max_staleness = max_staleness
+        self.carried_cache = carried_cache
+        self._kept = None  # carried_cache keep: (state, slot_row, slot_batch) of the last call's end
         self._carry: list[_Batch] = []  # the next calls' rows started by this one (call t + 1, t + 2, ...)
         self.model_config = None  # the policy's, read at the first call
         self._empty = {}  # longest prompt bucket -> jitted empty_slots
@@ -95,22 +109,33 @@ class SlotSampler(Sampler):
         lets slots that free up once this call's rows are all admitted start those calls' rows in order, with
         these params (policy `version`). The call returns when its own rows are done; the later calls' rows
         that are still decoding then are carried, and the next call (with the next version, and those prompts
-        and keys as its own and its `ahead`) takes them back first, their caches computed again with its params
-        (one prefill of prompt and tokens so far). A row of call t + j is done by the end of that call, so no
-        token it trains on is older than j <= k versions."""
+        and keys as its own and its `ahead`) takes them back first: their caches computed again with its params
+        (one prefill of prompt and tokens so far), or with carried_cache keep, decoding on in their slots. A
+        row of call t + j is done by the end of that call, so no token it trains on is older than j <= k
+        versions."""
         if len(ahead) > self.max_staleness:
             raise UserError(f"sampling: rows of {len(ahead)} steps ahead, more than rollout.max_staleness "
                             f"{self.max_staleness}")
+        carry = self._carry
         batches = self._carried([(prompts, key), *ahead])
         current = batches[0]
-        slot_row = np.full(self.local_slots, -1)  # the local row each local slot holds, -1: free
-        slot_batch = np.zeros(self.local_slots, np.int32)  # and whose: j for call t + j (0: this call's)
+        kept, self._kept = self._kept, None
         with self._in_layout():
             params = self.rollout_params(params)
             self._know_model(params)
-            state = self._empty_state(self._cache_prompt_len(current.prompt_len))
-            for tag, batch in enumerate(batches):
-                state = self._readmit(params, state, batch, tag, slot_row, slot_batch, version)
+            go_on = kept is not None and self._kept_rows_go_on(carry, batches)
+            if self.carried_cache == "keep" and not self._agree_max(int(not go_on)):
+                state, slot_row, slot_batch = kept  # the carried rows decode on in their slots
+                slot_batch = np.maximum(slot_batch - 1, 0)  # call t + j is now this call + (j - 1)
+                for batch in batches:
+                    batch.readmit = []
+            else:
+                del kept
+                slot_row = np.full(self.local_slots, -1)  # the local row each local slot holds, -1: free
+                slot_batch = np.zeros(self.local_slots, np.int32)  # and whose: j for call t + j (0: this call's)
+                state = self._empty_state(self._cache_prompt_len(current.prompt_len))
+                for tag, batch in enumerate(batches):
+                    state = self._readmit(params, state, batch, tag, slot_row, slot_batch, version)
             while True:
                 for tag, batch in enumerate(batches):
                     state = self._refill(params, state, batch, tag, slot_row, slot_batch, version)
@@ -132,6 +157,8 @@ class SlotSampler(Sampler):
                 if self.progress is not None:
                     self.progress(self._where(current.out))
             self._carry_over(state, batches, slot_row, slot_batch)
+            if self.carried_cache == "keep" and self._agree_max(int(any(b.readmit for b in batches[1:]))):
+                self._kept = (state, slot_row, slot_batch)
             del params, state
             current.cache = None
         return current.out.rollout(current.prompts, current.prompt_len, self.config.n, self.config)
@@ -277,8 +304,9 @@ class SlotSampler(Sampler):
         slot_row[stopped] = -1
 
     def _carry_over(self, state, batches: list[_Batch], slot_row, slot_batch) -> None:
-        """The later calls' rows still decoding: what they have so far, kept for those calls (their slots'
-        caches are not: the next call computes them again with its params)."""
+        """The later calls' rows still decoding: what they have so far, kept for those calls, their slots
+        freed (carried_cache recompute: the next call computes their caches again with its params) or kept
+        (keep: they decode on in them)."""
         if len(batches) > 1:
             tokens, logprobs, versions, counts, active = self._local(
                 (state.tokens, state.logprobs, state.versions, state.count, state.active))
@@ -293,8 +321,14 @@ class SlotSampler(Sampler):
             batch.out.versions[rows], batch.out.counts[rows] = versions[going], counts[going]
             batch.readmit = [int(r) for r in rows]
             batch.cache = None
-            slot_row[held] = -1
+            slot_row[done if self.carried_cache == "keep" else held] = -1
         self._carry = batches[1:]
+
+    def _kept_rows_go_on(self, carry: list[_Batch], batches: list[_Batch]) -> bool:
+        """Whether every call whose rows are kept in slots is one of this call's (its prompts and key came
+        back, so _carried took the same rows): then they decode on; else every carried row is readmitted."""
+        return all(batches[j] is batch for j, batch in enumerate(carry) if j < len(batches) and batch.readmit) \
+            and not any(batch.readmit for batch in carry[len(batches):])
 
     def _window(self, prompt_len: int, batches, slot_row: np.ndarray, slot_batch: np.ndarray) -> int:
         """The first cache window whose blocks hold every active slot's next chunk_tokens slots."""

@@ -41,6 +41,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         require((corr.weights != "off" or corr.mask != "off") and not corr.bypass, "rollout.max_staleness",
                 "needs a rollout correction: tokens chosen by the previous policy are off-policy (set "
                 "algorithm.rollout_correction.weights=token, or its mask)")
+    require(rollout.carried_cache == "recompute" or rollout.max_staleness >= 1, "rollout.carried_cache",
+            "keep applies to rows carried past an update: it needs rollout.max_staleness >= 1")
     check_variants(cfg, require)
     check_algorithm(algo)
     require(algo.overlong_buffer is None or 0 < algo.overlong_buffer <= rollout.max_new_tokens,

@@ -162,6 +162,11 @@ class RolloutConfig:
     # versions; each token is recorded with the policy version that chose it, and the update corrects for
     # them (algorithm.rollout_correction). 0: on-policy, every row in its step.
     max_staleness: int = 0
+    # What the rows still decoding when a step's own are done take past the update (max_staleness >= 1):
+    # recompute, their caches computed again with the new weights (exact behaviour log-probs, exact resume);
+    # keep, their slots' caches as they are (no prefill; the cache stays resident through the update; a resumed
+    # run recomputes them). rlmt_jax.rollout.slot_sampler.CARRIED_CACHE
+    carried_cache: Literal["recompute", "keep"] = "recompute"
     mesh: RolloutMeshConfig = field(default_factory=RolloutMeshConfig)
     # DAPO's dynamic sampling: a registered group filter (rlmt_jax.algorithms.group_filters; `varied` drops the
     # groups whose rewards are all equal) and more rounds of prompts_per_step prompts until prompts_per_step

@@ -117,7 +117,7 @@ def make_sampler(cfg: RunConfig, mesh, hosts: multihost.HostRows, graphdef, text
     )
     if r.engine == "slots":
         return SlotSampler(graphdef, config, slots=r.slots, chunk_tokens=r.chunk_tokens, hosts=hosts, layout=layout,
-                           max_staleness=r.max_staleness)
+                           max_staleness=r.max_staleness, carried_cache=r.carried_cache)
     return Sampler(graphdef, config, hosts=hosts, layout=layout)
 
 
