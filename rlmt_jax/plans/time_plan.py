@@ -30,8 +30,9 @@ rollout mesh, R rows, prompt p (data.max_prompt_tokens), S = rollout.slots:
                (chunk boundaries and the admissions' small programs are not counted). A running row has written
                on average E[L^2] / (2 E[L]) response slots (a slot sampled at a random time holds a row weighted
                by its length): m for exponential lengths, and at most (N + 1) / 2 for any lengths capped at N
-               (every row at the cap: the static count), so the decode kernel reads p + min(m, (N + 1) / 2) slots;
-               the xla path reads the windows so far, as static. Each prompt is prefilled once, as static's.
+               (every row at the cap: the static count), so the decode kernel reads p + min(m, (N + 1) / 2) slots
+               (TPU's paged kernel half a 512-slot compute block more); the xla path reads the windows so far,
+               as static. Each prompt is prefilled once, as static's.
   slots k=1    partial rollouts (rollout.max_staleness 1): the next step's rows fill the slots freed in this
                step's tail, so the cap no longer bounds the step: ceil(R x m / S) steps, each as slots'. The rows
                still decoding when a step's own are done have their caches computed again with the new weights
