@@ -5,7 +5,7 @@
 Each process passes its own prompts (process 0's rows run long, process 1's short: they run out of rows at
 different chunks and go on in lockstep), sampled by the static sampler and by the slot engine with one slot per
 process; then two calls of the slot engine with partial rollouts (the second call's rows started in the first
-call's tail). Prints one JSON line with this process's rows of each.
+call's tail), carried rows' caches recomputed, and again with them kept. Prints one JSON line with this process's rows of each.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ def main(spec: dict) -> None:
         carried = len(ahead.carry_state()[0]["readmit"])
         second = ahead(params, following, jax.random.key(5), version=1)
         expected = Sampler(graphdef, sampling, hosts=HostRows(mesh))(params, following, jax.random.key(5))
+        # the same with carried_cache keep: the processes agree to decode on in the kept slots (one of them
+        # may have no carried row)
+        keep = SlotSampler(graphdef, sampling, slots=2, chunk_tokens=3, hosts=HostRows(mesh), max_staleness=1,
+                           carried_cache="keep")
+        keep(params, prompts, jax.random.key(4), version=0, ahead=[(following, jax.random.key(5))])
+        kept = keep._kept is not None
+        kept_second = keep(params, following, jax.random.key(5), version=1)
     print(json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "static": np.asarray(static.tokens).tolist(), "slots": np.asarray(slots.tokens).tolist(),
@@ -58,6 +65,8 @@ def main(spec: dict) -> None:
         "ahead_first": np.array_equal(first.tokens, np.asarray(static.tokens)),
         "ahead_second": np.array_equal(second.tokens, np.asarray(expected.tokens)),
         "ahead_carried": carried,
+        "keep_kept": kept,
+        "keep_second": np.array_equal(kept_second.tokens, np.asarray(expected.tokens)),
         "ahead_versions": sorted(set(second.versions[second.response_mask].tolist())),
     }))
 

@@ -65,6 +65,7 @@ def test_two_processes_stream_their_own_rows_in_lockstep_and_sample_the_static_r
         assert summary["logprob_gap"] <= 1e-5
         # partial rollouts in lockstep: each call's rows equal the static sampler's, the second's partly by version 0
         assert summary["ahead_first"] and summary["ahead_second"] and summary["ahead_versions"] == [0, 1]
+        assert summary["keep_kept"] and summary["keep_second"]  # both processes kept their slots, in lockstep
     assert sum(s["ahead_carried"] for s in summaries) > 0
     # the processes' rows differ (different prompts and row ids) and stop apart
     assert summaries[0]["slots"] != summaries[1]["slots"]
