@@ -22,11 +22,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def simulated_devices(count: int) -> dict[str, str]:
+    """The environment of a test subprocess whose JAX sees `count` CPU devices: this session's environment with
+    its XLA_FLAGS (tests/conftest.py) and the device count."""
+    kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+            if not flag.startswith("--xla_force_host_platform_device_count")]
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=" ".join([*kept, f"--xla_force_host_platform_device_count={count}"]))
+
+
 def start_cluster(worker: str, processes: int, devices_per_process: int, payload: dict) -> list[subprocess.Popen]:
     """`processes` runs of tests/<worker> forming one cluster; each gets `payload` with its process_id,
     num_processes and the coordinator's port as its one JSON argument."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    env = simulated_devices(devices_per_process)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     port = free_port()
     # each process its own persistent compilation cache: the processes compile the same programs at the same time,

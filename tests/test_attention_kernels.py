@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clusters import simulated_devices
 from flax import nnx
 
 import models
@@ -299,7 +300,7 @@ def test_an_unknown_attention_setting_names_the_key():
 
 # ------------------------------------------------------------------------------------------- 8 devices
 def test_kernels_on_eight_devices_equal_the_xla_path_on_one(checkpoints):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = simulated_devices(8)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, __file__, checkpoints["llama3"]], env=env, capture_output=True,
                             text=True, timeout=600, cwd=ROOT)

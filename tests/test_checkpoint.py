@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from clusters import simulated_devices
 from flax import nnx
 
 from rlmt_jax.run.checkpoint import (
@@ -500,7 +501,7 @@ for name in ("w", "b"):
 
 
 def test_restore_onto_a_mesh_places_each_shard_on_its_device(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = simulated_devices(8)
     result = subprocess.run(
         [sys.executable, "-c", SHARDED_RESTORE, str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT, env=env
     )

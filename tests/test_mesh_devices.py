@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clusters import simulated_devices
 
 MESHES = {"8x1x1": (8, 1, 1), "1x8x1": (1, 8, 1), "2x2x2": (2, 2, 2)}
 
@@ -144,7 +145,7 @@ def _observe() -> dict:
 
 @pytest.fixture(scope="module")
 def observed() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = simulated_devices(8)
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     result = subprocess.run(

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from clusters import simulated_devices
 
 from rlmt_jax.scale import mesh as mesh_lib
 from rlmt_jax.settings.config import RolloutMeshConfig, resolve
@@ -28,7 +29,7 @@ LOGPROB_TOLERANCE = 1e-5  # as the one-device sampler tests
 
 @pytest.fixture(scope="module")
 def observed() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = simulated_devices(8)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "rollout_layout_worker.py")],
                             env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)

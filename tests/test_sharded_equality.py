@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clusters import simulated_devices
 
 MESHES = ("8x1x1", "1x8x1", "2x2x2")
 TOLERANCE = 1e-5
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def observed() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = simulated_devices(8)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "sharded_equality_worker.py")],

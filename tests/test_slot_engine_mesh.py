@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from clusters import simulated_devices
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def observed() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = simulated_devices(8)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "slot_engine_worker.py")],
                             env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clusters import simulated_devices
 from flax import nnx
 from safetensors.numpy import save_file
 from transformers import AutoTokenizer
@@ -142,8 +143,7 @@ def test_two_processes_building_at_once_get_the_same_complete_models(reference, 
     """Two JAX processes of one cluster (1 CPU device each; process 1 owns no device of process 0) build into
     one fresh cache at the same time; both end with the reference build, and no temporary folder is left."""
     cache = tmp_path / "cache"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               RLMT_JAX_CACHE=str(cache))
+    env = dict(simulated_devices(1), RLMT_JAX_CACHE=str(cache))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     with socket.socket() as s:
         s.bind(("localhost", 0))
