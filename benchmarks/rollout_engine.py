@@ -1,7 +1,8 @@
 """Rollout engines on skewed response lengths over consecutive steps: the static Sampler, the slot engine
-(SlotSampler) and the slot engine with k=1 partial rollouts (SlotSampler max_staleness=1).
+(SlotSampler) and the slot engine with k=1 partial rollouts (SlotSampler max_staleness=1), their carried rows'
+caches recomputed or kept.
 
-All three on the same model, prompts and keys, in one run.
+All four on the same model, prompts and keys, in one run.
 
 Model: the benchmark Llama (benchmarks/common.py: vocab 32000, hidden 512, 8 layers, float32, 56.4M parameters),
 random weights from a fixed seed (models.build_model), layers unscanned, one device.
@@ -28,6 +29,8 @@ The engines:
   and the slots stay busy across the step boundary; the price is the readmit prefill of the carried rows (and,
   in training, tokens sampled by the previous version of the policy, recorded in Rollout.versions). The first
   step has no rows carried in and the last starts none ahead, so the gain grows with --steps.
+- k1keep: k1 with carried_cache="keep": the carried rows decode on in their slots with the caches they have,
+  no readmit prefill (with unchanged params those caches are the ones a readmit would compute).
 
 Every engine draws each row's tokens from the row's own random stream (fold_in of its step's key and its row
 id), so with unchanged params all three return, per step, the same tokens up to float32 rounding: the engines
@@ -36,7 +39,7 @@ log-probs agree to ~1e-6, and a draw that lands on the boundary between two ids 
 the neighbouring id (a rounding flip; with this model's near-uniform logits a few rows in 64 part that way).
 Checked per step against the static sampler: same_tokens=True when every row of every step of both slot
 engines is identical, else the rows that part at a rounding flip are listed (rounding_flips=... for slots,
-k1_rounding_flips=... for k1, summed over the steps), and the run fails on any other difference (after
+k1_rounding_flips=... for k1, summed over the steps; k1keep's are printed with them), and the run fails on any other difference (after
 printing its figures; same_tokens=False then, and the figures count the differing rows' tokens as they are).
 
 Timing: first every slot engine runs the whole step sequence once (compiling every program the calls need:
@@ -323,13 +326,15 @@ def main() -> None:
     prompts = [generator.integers(3, VOCAB, size=(args.prompts, PROMPT)).tolist() for _ in range(args.steps)]
     keys = [jax.random.fold_in(jax.random.key(args.seed), step) for step in range(args.steps)]
     engines = {"k1": SlotSampler(graphdef, config, slots=args.slots, chunk_tokens=args.chunk_tokens, max_staleness=1),
+               "k1keep": SlotSampler(graphdef, config, slots=args.slots, chunk_tokens=args.chunk_tokens,
+                                     max_staleness=1, carried_cache="keep"),
                "slots": SlotSampler(graphdef, config, slots=args.slots, chunk_tokens=args.chunk_tokens),
                "static": Sampler(graphdef, config)}
-    order = ("static", "slots", "k1")  # the order of the turns and of the lines
+    order = ("static", "slots", "k1", "k1keep")  # the order of the turns and of the lines
 
     def call_of(name: str) -> Callable[[int], object]:
         sampler = engines[name]
-        if name != "k1":
+        if not name.startswith("k1"):
             return lambda step: on_host(sampler(params, prompts[step], keys[step]))
 
         def k1_step(step: int):
@@ -364,7 +369,7 @@ def main() -> None:
         print(f"response lengths, {name}: " + "; ".join(f"step {step} {length_summary(lengths[name][step], args.cap)}"
                                                        for step in range(args.steps)))
     flips, drift, other = {}, 0.0, []
-    for name in ("slots", "k1"):
+    for name in ("slots", "k1", "k1keep"):
         flips[name] = 0
         for step in range(args.steps):
             static, mine = rollouts["static"][step], rollouts[name][step]
@@ -376,9 +381,10 @@ def main() -> None:
                       f"{describe(static, mine, parted)}")
             if differ:
                 other.append(f"{name} step {step}: {describe(static, mine, differ)}")
-    same = not flips["slots"] and not flips["k1"]
+    same = not any(flips.values())
     print(f"same tokens for the same keys as static, every step: {same} (log-probs agree within {drift:.1e} until "
-          f"rows part; rows parting at a rounding flip: slots {flips['slots']}, k1 {flips['k1']} of "
+          f"rows part; rows parting at a rounding flip: slots {flips['slots']}, k1 {flips['k1']}, k1keep "
+          f"{flips['k1keep']} of "
           f"{args.steps * rows})")
     if other:  # the figures are still printed, then the run fails
         print("rollout_engine: NOT SAME: rows that differ from static's, not by rounding: " + "; ".join(other))
@@ -403,7 +409,8 @@ def main() -> None:
               f"seconds={seconds[name]:.3f} tok_s={tok_s[name]:.0f} {load_field()}")
     print(f"rollout_engine what=slots tok_s={tok_s['slots']:.0f} static_tok_s={tok_s['static']:.0f} "
           f"ratio={tok_s['slots'] / tok_s['static']:.2f} k1_tok_s={tok_s['k1']:.0f} "
-          f"k1_ratio={tok_s['k1'] / tok_s['static']:.2f} same_tokens={same} rounding_flips={flips['slots']} "
+          f"k1_ratio={tok_s['k1'] / tok_s['static']:.2f} k1keep_tok_s={tok_s['k1keep']:.0f} "
+          f"k1keep_ratio={tok_s['k1keep'] / tok_s['static']:.2f} same_tokens={same} rounding_flips={flips['slots']} "
           f"k1_rounding_flips={flips['k1']} {load_field()}")
     if other:
         raise SystemExit(f"rollout_engine: the engines' rollouts differ from static's for the same key, not by "
