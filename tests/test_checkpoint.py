@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from clusters import simulated_devices
 from flax import nnx
 
 from rlmt_jax.run.checkpoint import (
@@ -501,6 +500,8 @@ for name in ("w", "b"):
 
 
 def test_restore_onto_a_mesh_places_each_shard_on_its_device(tmp_path):
+    from clusters import simulated_devices  # not at the top: DAMAGED_NEWEST's process imports this module
+
     env = simulated_devices(8)
     result = subprocess.run(
         [sys.executable, "-c", SHARDED_RESTORE, str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT, env=env
