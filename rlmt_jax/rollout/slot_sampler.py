@@ -166,7 +166,9 @@ class SlotSampler(Sampler):
     def carry_state(self) -> list[dict]:
         """The rows started for the next calls (max_staleness), JSON-able, one entry per call: what they sampled
         so far, by which versions, and the rows still to start; saved with a checkpoint so that a resumed run
-        goes on exactly as an uninterrupted one (the next call computes their caches again either way)."""
+        goes on as an uninterrupted one: exactly with carried_cache recompute (a resumed run's next call
+        computes their caches as the straight run's does); with keep, the resumed run recomputes what the
+        straight run kept."""
         states = []
         for c in self._carry:
             out = c.out
