@@ -57,6 +57,7 @@ Decode steps (one query per row against the KV cache):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -345,6 +346,7 @@ def paged_decode(q: jax.Array, keys: jax.Array, values: jax.Array, end: jax.Arra
 
 
 def _paged_attention():
+    """JAX's paged-attention kernel (imported when first used, like the other kernels)."""
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
     return paged_attention
@@ -352,8 +354,6 @@ def _paged_attention():
 
 def _tpu_interpret(interpret: bool):
     """TPU interpret mode for the Pallas calls traced under it (off TPU), else nothing."""
-    import contextlib
-
     if not interpret:
         return contextlib.nullcontext()
     from jax.experimental.pallas import tpu as pltpu
