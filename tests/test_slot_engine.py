@@ -3,6 +3,7 @@ whatever the number of slots; rows prefilled into freed slots; greedy == transfo
 teacher-forced forward; the cache written at a slot per row; each row's own random stream; compiles; errors."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -342,6 +343,8 @@ def test_a_row_started_ahead_that_stops_at_its_first_token_is_not_carried_on(lla
     a = engine(params, MORE_PROMPTS, jax.random.key(1), version=0, ahead=[(NEXT_PROMPTS, jax.random.key(2))])
     (carried,) = engine.carry_state()
     assert not carried["readmit"] and any(carried["done"])  # done early, nothing to resume
+    engine.restore_carry(json.loads(json.dumps(carried)))  # as a checkpoint of one carried step saved it
+    assert engine.carry_state() == [carried]
     b = engine(params, NEXT_PROMPTS, jax.random.key(2), version=1)
     static = Sampler(graphdef, cfg)
     assert_same_rollout(static(params, MORE_PROMPTS, jax.random.key(1)), a)
