@@ -372,6 +372,22 @@ def test_slots_decode_a_quarter_length_mean_on_fewer_slots_than_rows_reads_far_l
     assert static == h100_time(H100_OVERRIDES).phase("rollout decode")
 
 
+def test_slots_on_tpu_read_whole_compute_blocks_of_the_paged_kernel_and_skip_the_recompute_with_kept_caches():
+    from rlmt_jax.plans.time_plan import time_plan
+
+    def v5p(overrides):
+        cfg = resolve("grpo_llama31_8b_instruct", ["rollout.engine=slots", "rollout.slots=32", *overrides])
+        return time_plan(cfg, DeviceSpec.parse("v5p-64"), response_mean=1024)
+
+    # splash on TPU: the paged kernel reads prompt + mean response slots, + half a 512-slot block on average
+    assert "~2304 cache slots" in v5p([]).phase("rollout decode").how
+    ahead = ["rollout.max_staleness=1", "algorithm.rollout_correction.weights=token"]
+    recompute, keep = v5p(ahead), v5p([*ahead, "rollout.carried_cache=keep"])
+    assert "carried rows" in recompute.phase("rollout prefill").how
+    assert "carried rows" not in keep.phase("rollout prefill").how
+    assert keep.phase("rollout prefill").seconds < recompute.phase("rollout prefill").seconds
+
+
 def test_slots_steps_are_bounded_below_by_the_cap():
     # ceil(256 x 256 / 32) = 2048 < 4096: the longest row at the cap bounds the step's rollout
     slots = h100_time(SLOTS, response_mean=256).phase("rollout decode")
