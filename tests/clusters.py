@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,15 +36,11 @@ def start_cluster(worker: str, processes: int, devices_per_process: int, payload
     env = simulated_devices(devices_per_process)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     port = free_port()
-    # each process its own persistent compilation cache: the processes compile the same programs at the same time,
-    # and two writers of one cache entry can leave it torn for the next reader (the test session's own cache)
-    caches = tempfile.mkdtemp(prefix="rlmt-cluster-xla-")
     return [
         subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / worker),
              json.dumps({**payload, "process_id": i, "num_processes": processes, "port": port})],
-            env={**env, "JAX_COMPILATION_CACHE_DIR": os.path.join(caches, f"process-{i}")}, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(processes)
     ]
 
