@@ -37,6 +37,8 @@ class DecodeLayout:
         order); the identity when `params` already lie in the layout (one device, in `dtype`): nothing to copy."""
         shardings = mesh_lib.param_shardings(params, self.mesh, self.rules)
         dtype = jnp.dtype(self.dtype)
+        if _devices_of(params) != set(self.mesh.devices.flat):
+            return self._host_local_copier(params, shardings)
         if all(x.dtype == dtype and x.sharding.is_equivalent_to(target, x.ndim)
                for x, target in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True)):
             return lambda p: p
@@ -50,6 +52,45 @@ class DecodeLayout:
 
         return jax.jit(lambda p: jax.tree.map(cast_and_gather, p), out_shardings=shardings)
 
+    def _host_local_copier(self, params: nnx.State, shardings):
+        """Split placement (rollout.devices): the params train on other devices of the same hosts. The copy is
+        one jitted program on the training devices (cast, then gathered whole on each: the collective stays
+        among them), then each process copies its whole tensors to its own decode devices (their tensor slices
+        with tensor > 1): nothing crosses hosts. Params already on the layout's devices pass as they are (the
+        engine's thread gets them pushed)."""
+        dtype = jnp.dtype(self.dtype)
+        source = jax.tree.leaves(params)[0].sharding.mesh
+        for leaf in jax.tree.leaves(params):
+            if {d.process_index for d in leaf.sharding.device_set} != {d.process_index for d in self.mesh.devices.flat}:
+                raise ValueError("split placement: the training and the decode devices must be on the same hosts")
+        gather = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                         out_shardings=NamedSharding(source, PartitionSpec()))
+        decode_devices = set(self.mesh.devices.flat)
+
+        def copy(p):
+            if _devices_of(p) == decode_devices:
+                return p
+            return jax.tree.map(_to_local_devices, gather(p), shardings)
+
+        return copy
+
     def activation_sharding(self):
         """The layout's activation rules (models.sharding.constrain), as a context."""
         return mesh_lib.activation_sharding(self.mesh, self.rules)
+
+
+def _devices_of(params) -> set:
+    """The devices the leaves of `params` lie on, together."""
+    return set().union(*(leaf.sharding.device_set for leaf in jax.tree.leaves(params)))
+
+
+def _to_local_devices(whole: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """`whole` (every device of its process holds all of it) placed by `sharding` on devices of the same
+    process: each of them takes its piece from this process's copy."""
+    local = whole.addressable_shards[0].data
+    pieces = []
+    for device, index in sharding.addressable_devices_indices_map(whole.shape).items():
+        everything = all(i == slice(None) or (i.start in (None, 0) and i.stop in (None, n))
+                         for i, n in zip(index, whole.shape))
+        pieces.append(jax.device_put(local if everything else local[index], device))
+    return jax.make_array_from_single_device_arrays(whole.shape, sharding, pieces)

@@ -24,6 +24,7 @@ from rlmt_jax.algorithms import GROUP_FILTERS, choose_groups, varied_groups
 from rlmt_jax.rollout.rewards import RewardScorer
 from rlmt_jax.rollout.sampling import Rollout, Sampler
 from rlmt_jax.rollout.scored import Conversation, PolicyText, ScoredRollouts
+from rlmt_jax.rollout.split_engine import SplitEngine
 from rlmt_jax.scale import multihost
 from rlmt_jax.settings.config import RolloutConfig
 
@@ -108,7 +109,7 @@ class RolloutStage:
     group_filter, max_sampling_rounds) and template.format_penalty (the reward of a malformed output)."""
 
     text: PolicyText
-    sampler: Sampler
+    sampler: Sampler | SplitEngine
     scorer: RewardScorer
     rollout: RolloutConfig
     format_penalty: float | None
@@ -166,6 +167,8 @@ class RolloutStage:
         metrics = {}
         if self.rollout.max_staleness and rollout.versions is not None:
             metrics = staleness_metrics(rollout, version, self.rollout.max_staleness)
+        if isinstance(self.sampler, SplitEngine):  # time_sample_s: what the step waited for its rows
+            metrics["time_engine_sample_s"] = self.sampler.engine_seconds
         return ScoredGroups(rollouts, metrics, sampled - start, time.perf_counter() - sampled), key
 
     def _filtered(self, params, key: jax.Array, first: ScoredGroups, needed: int,

@@ -155,6 +155,32 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = 
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def split_devices(engine_per_process: int, devices: Sequence[Any] | None = None) -> tuple[list, list]:
+    """Split placement (rollout.devices): (training devices, decode engine devices). Each process keeps its
+    first devices (by id) for training and gives its last `engine_per_process` to the engine, so every host
+    holds both (the weights go host-locally from one to the other) and each process's first device, where
+    the processes agree (multihost.all_gather), trains. 0: (all devices, [])."""
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
+    if engine_per_process == 0:
+        return devices, []
+    per_process: dict[int, list] = {}
+    for device in devices:
+        per_process.setdefault(device.process_index, []).append(device)
+    local = min(len(d) for d in per_process.values())
+    if not 0 < engine_per_process < local:
+        raise UserError(f"rollout.devices={engine_per_process}: each process has {local} devices; the engine takes "
+                        f"between 1 and {local - 1} of them (0: colocated, the engine on every device)")
+    training = [d for group in per_process.values() for d in group[:-engine_per_process]]
+    engine = [d for group in per_process.values() for d in group[-engine_per_process:]]
+    return training, engine
+
+
+def engine_mesh(devices: Sequence[Any]) -> Mesh:
+    """The ('data', 'fsdp', 'tensor') mesh of the engine's devices in order (rollout_mesh regroups it)."""
+    grid = np.asarray(list(devices), object).reshape(-1, 1, 1)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
 def resolve_rollout_shape(config: RolloutMeshConfig, num_devices: int) -> tuple[int, int]:
     """(data, tensor) of the decode layout over `num_devices` devices, the -1 filled."""
     data, tensor = _fill_sizes((config.data, config.tensor), num_devices,

@@ -13,31 +13,54 @@ On one process every helper is a cheap no-op (no collective runs).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlmt_jax.scale import mesh as mesh_lib
 from rlmt_jax.core.errors import UserError
 
 
-def all_gather(values: Any) -> np.ndarray:
+def all_gather(values: Any, devices: Sequence[jax.Device] | None = None) -> np.ndarray:
     """Every process's `values` (same shape and dtype everywhere), stacked: [process_count, *shape].
 
-    The bytes travel, not the numbers, so float64 and int64 values arrive exactly (JAX would make them
-    32-bit on the way).
+    One collective over one device per process (`devices`, in process order; default: each process's first
+    device, `agreement_devices()`), so it waits only for the programs queued on those devices: with split
+    placement (rollout.devices) the engine's devices and the training devices agree apart, each in its own
+    thread. The bytes travel, not the numbers, so float64 and int64 values arrive exactly (JAX would make
+    them 32-bit on the way).
     """
     values = np.ascontiguousarray(values)
     if jax.process_count() == 1:
         return values[None]
-    raw = values.reshape(-1).view(np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(raw))  # [processes, bytes]
-    return np.ascontiguousarray(gathered).view(values.dtype).reshape(jax.process_count(), *values.shape)
+    devices = tuple(agreement_devices() if devices is None else devices)
+    raw = values.reshape(1, -1).view(np.uint8)
+    mesh = Mesh(np.asarray(devices, object), ("processes",))
+    mine = devices[jax.process_index()]
+    stacked = jax.make_array_from_single_device_arrays(
+        (len(devices), raw.shape[1]), NamedSharding(mesh, PartitionSpec("processes")), [jax.device_put(raw, mine)])
+    gathered = np.asarray(_replicated(mesh)(stacked).addressable_data(0))  # [processes, bytes]
+    return np.ascontiguousarray(gathered).view(values.dtype).reshape(len(devices), *values.shape)
+
+
+@functools.cache
+def _replicated(mesh: Mesh):
+    return jax.jit(_identity, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def agreement_devices(devices: Sequence[jax.Device] | None = None) -> tuple[jax.Device, ...]:
+    """One device per process, in process order: each process's first of `devices` (default: all)."""
+    first: dict[int, jax.Device] = {}
+    for device in sorted(jax.devices() if devices is None else devices, key=lambda d: d.id):
+        first.setdefault(device.process_index, device)
+    if sorted(first) != list(range(jax.process_count())):
+        raise UserError(f"the devices {sorted(d.id for d in first.values())} are not on every process")
+    return tuple(first[p] for p in range(jax.process_count()))
 
 
 def global_max_int(value: int) -> int:
@@ -157,6 +180,7 @@ class HostRows:
         self.mesh = mesh
         self.process_count = jax.process_count()
         self.rows_multiple = max(mesh_lib.batch_split(mesh) // self.process_count, 1)
+        self.agreement = agreement_devices(mesh.devices.reshape(-1)) if self.process_count > 1 else ()
 
     def put(self, tree: Any) -> Any:
         return mesh_lib.shard_batch(tree, self.mesh)
@@ -164,9 +188,9 @@ class HostRows:
     def take(self, tree: Any) -> Any:
         return local_rows(tree, self.mesh)
 
-    @staticmethod
-    def gather(values: Any) -> np.ndarray:
-        return all_gather(values)
+    def gather(self, values: Any) -> np.ndarray:
+        """all_gather over this mesh's devices only (one per process)."""
+        return all_gather(values, self.agreement)
 
 
 def gather_bytes(data: bytes) -> list[bytes]:

@@ -31,9 +31,20 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"must not exceed data.max_prompt_tokens ({data.max_prompt_tokens})")
 
     spec.check(cfg, require)
+    if rollout.devices:
+        require(rollout.max_staleness == 1, "rollout.devices",
+                f"(split placement) samples each step's rows during the update before it, one version old: it "
+                f"needs rollout.max_staleness=1, got {rollout.max_staleness}")
+        require(rollout.mesh.reshard, "rollout.devices",
+                "(split placement) decodes from a copy of the weights on its own devices: it needs "
+                "rollout.mesh.reshard=true")
+        require(rollout.carried_cache == "recompute", "rollout.carried_cache",
+                "keep has no rows to keep with split placement (rollout.devices): each step's rows finish "
+                "before its update")
     if rollout.max_staleness:
-        require(rollout.engine == "slots", "rollout.max_staleness",
-                "needs rollout.engine=slots (the next steps' rows start in the slots this step's rows free)")
+        require(rollout.engine == "slots" or rollout.devices, "rollout.max_staleness",
+                "needs rollout.engine=slots (the next steps' rows start in the slots this step's rows free) or "
+                "split placement (rollout.devices)")
         require(spec.loop == "rollouts" and rollout.group_filter is None, "rollout.max_staleness",
                 f"needs an algorithm that samples every step without rollout.group_filter (its extra rounds take "
                 f"the next steps' prompts), not {algo.name} with group_filter={rollout.group_filter}")

@@ -168,6 +168,12 @@ class RolloutConfig:
     # run recomputes them). rlmt_jax.rollout.slot_sampler.CARRIED_CACHE
     carried_cache: Literal["recompute", "keep"] = "recompute"
     mesh: RolloutMeshConfig = field(default_factory=RolloutMeshConfig)
+    # Placement of the decode engine. 0: colocated, the engine on every device, paused while the update runs.
+    # d >= 1: split, each host's last d devices decode while its other devices train (rollout.mesh then
+    # regroups those d per host); the engine samples step t + 1's rows with the weights before update t while
+    # update t runs, so every token is one version old (needs max_staleness 1 and a rollout correction), and
+    # the new weights are pushed host-locally after each update (rlmt_jax.rollout.split_engine).
+    devices: int = 0
     # DAPO's dynamic sampling: a registered group filter (rlmt_jax.algorithms.group_filters; `varied` drops the
     # groups whose rewards are all equal) and more rounds of prompts_per_step prompts until prompts_per_step
     # groups are kept, at most max_sampling_rounds rounds (then dropped groups fill the step). null: off
@@ -190,6 +196,8 @@ class RolloutConfig:
         check(self.chunk_tokens >= 1, "chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")
         check(isinstance(self.max_staleness, int) and self.max_staleness >= 0, "max_staleness",
               f"must be an int >= 0 (0: on-policy; k: rows may start up to k steps ahead), got {self.max_staleness}")
+        check(isinstance(self.devices, int) and self.devices >= 0, "devices",
+              f"must be an int >= 0 (0: colocated; d: each host's last d devices decode), got {self.devices}")
         self.mesh.check(f"{section}.mesh")
         buckets = self.prompt_buckets
         check(all(b >= 1 for b in buckets), "prompt_buckets", "must hold positive lengths")

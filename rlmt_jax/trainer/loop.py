@@ -67,7 +67,9 @@ class Trainer:
         self.spec = spec_of(cfg)  # the models, data, batch and objective of the algorithm
         self.run_dir = cfg.run.output_dir
         mesh_lib.initialize_distributed(**dataclasses.asdict(cfg.distributed))
-        self.mesh = mesh_lib.make_mesh(cfg.mesh)
+        # split placement (rollout.devices): each host's last devices decode, the others train
+        training_devices, self.engine_devices = mesh_lib.split_devices(cfg.rollout.devices)
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, training_devices)
         self.hosts = multihost.HostRows(self.mesh)  # this process's rows of every global batch
         setup.check_multihost(cfg, self.mesh)
         self.step = 0
@@ -148,7 +150,8 @@ class Trainer:
         self.scorer = self.sampler = None
         if spec.reward_model:
             self.scorer = setup.load_scorer(cfg, self.mesh, self.hosts)
-            self.sampler = setup.make_sampler(cfg, self.mesh, self.hosts, self.graphdef, self.text)
+            self.sampler = setup.make_sampler(cfg, self.mesh, self.hosts, self.graphdef, self.text,
+                                              self.engine_devices)
         self.critic_graphdef = critic_params = None
         if spec.critic:
             self.critic_graphdef, critic_params = setup.load_critic(cfg, self.mesh)
@@ -252,6 +255,8 @@ class Trainer:
         return restored
 
     def _save(self, metrics: dict[str, float] | None, final: bool = False) -> None:
+        if not self.store.should_save(self.step, final=final):
+            return  # the items are not made: with split placement they wait for the engine's rows
         try:
             self.store.save(self.step, self._items(), metrics, final=final)
         except ckpt.NonFiniteError as err:
@@ -277,6 +282,10 @@ class Trainer:
         if self.spec.loop != "rollouts":
             self.state, update = self.update_stage(self.state, items)
             return update.step_metrics(), []
+        if self.engine_devices and jax.process_count() > 1:
+            # orbax's barriers run on every device: none may be in flight while the engine's thread queues
+            # programs on its devices (processes could queue the two in different orders)
+            self.store.wait_until_finished()
         groups, self.key = self.rollout_stage(self.params, self.key, items, self.more_prompts, version=self.step,
                                               ahead=self._next_items())
         self.state, update = self.update_stage(self.state, groups.rollouts)

@@ -22,6 +22,7 @@ from rlmt_jax.rollout.rewards import RewardScorer, RewardSettings
 from rlmt_jax.rollout.sampling import DecodeLayout, Sampler, SamplingConfig
 from rlmt_jax.rollout.slot_sampler import SlotSampler
 from rlmt_jax.rollout.scored import PolicyText, template_settings
+from rlmt_jax.rollout.split_engine import SplitEngine
 from rlmt_jax.scale import mesh as mesh_lib
 from rlmt_jax.scale import multihost
 from rlmt_jax.settings.config import RunConfig, frozen_param_dtype
@@ -105,20 +106,27 @@ def load_scorer(cfg: RunConfig, mesh, hosts: multihost.HostRows) -> RewardScorer
                                         place=mesh_lib.make_placer(mesh), hosts=hosts if lockstep else None)
 
 
-def make_sampler(cfg: RunConfig, mesh, hosts: multihost.HostRows, graphdef, text: PolicyText) -> Sampler:
+def make_sampler(cfg: RunConfig, mesh, hosts: multihost.HostRows, graphdef, text: PolicyText,
+                 engine_devices=()) -> Sampler | SplitEngine:
     """The policy's sampler with the rollout section's settings, on the rollout layout (rollout.mesh) unless
-    rollout.mesh.reshard is off (then on the training layout)."""
+    rollout.mesh.reshard is off (then on the training layout); with split placement (rollout.devices), on
+    the layout over `engine_devices`, in a SplitEngine."""
     r = cfg.rollout
     layout = DecodeLayout.of(mesh, r.mesh, cfg.runtime.dtype) if r.mesh.reshard else None
+    if engine_devices:
+        layout = DecodeLayout.of(mesh_lib.engine_mesh(engine_devices), r.mesh, cfg.runtime.dtype)
     config = SamplingConfig(
         n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         eos_ids=text.stop_ids, pad_id=text.pad_id, prompt_buckets=cfg.prompt_buckets,
         cache_dtype=r.cache_dtype or cfg.runtime.dtype, decode_windows=r.decode_windows,
     )
-    if r.engine == "slots":
-        return SlotSampler(graphdef, config, slots=r.slots, chunk_tokens=r.chunk_tokens, hosts=hosts, layout=layout,
-                           max_staleness=r.max_staleness, carried_cache=r.carried_cache)
-    return Sampler(graphdef, config, hosts=hosts, layout=layout)
+    if r.engine == "slots":  # split placement's staleness is the engine's own: each call's rows in that call
+        sampler = SlotSampler(graphdef, config, slots=r.slots, chunk_tokens=r.chunk_tokens, hosts=hosts,
+                              layout=layout, max_staleness=0 if engine_devices else r.max_staleness,
+                              carried_cache=r.carried_cache)
+    else:
+        sampler = Sampler(graphdef, config, hosts=hosts, layout=layout)
+    return SplitEngine(sampler) if engine_devices else sampler
 
 
 def load_critic(cfg: RunConfig, mesh) -> tuple[Any, nnx.State]:
