@@ -502,3 +502,56 @@ def test_slots_engine_counts_its_token_and_logprob_buffers():
     assert plan.shapes["cache_rows"] == 64 and plan.shapes["rollout_rows"] == 512
     static = memory_plan(resolve("grpo_llama31_8b_instruct", H100_OVERRIDES), DeviceSpec.parse("h100"))
     assert "slot buffers" not in [item.name for item in static.items]
+
+
+SPLIT_8B = ["mesh.fsdp=-1", "mesh.tensor=1", "rollout.engine=slots", "rollout.mesh.tensor=1", "rollout.max_staleness=1",
+            "algorithm.rollout_correction.weights=token"]
+
+
+def test_split_placement_plans_the_engine_on_its_devices_and_the_training_on_the_others():
+    # rollout.devices=2 on one 8xH100 host: the engine's 2 devices hold the rollout items the colocated plan
+    # would hold on a 2-device host; the 6 others hold the training state and, for a moment, the whole copy
+    split = memory_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.devices=2"]), DeviceSpec.parse("h100"))
+    alone = memory_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.max_staleness=0"]),
+                        DeviceSpec.parse("h100", 2))
+    training = memory_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.max_staleness=0"]),
+                           DeviceSpec.parse("h100", 6))
+    assert (split.device.count, split.engine_device.count, split.mesh_shape["fsdp"]) == (6, 2, 6)
+    engine = {i.name: i.bytes for i in split.items if i.phase == "engine"}
+    assert engine == {i.name: i.bytes for i in alone.items if i.phase == "rollout"}
+    assert split.engine_bytes == sum(engine.values())
+    assert split.item("policy params").bytes == training.item("policy params").bytes
+    assert split.item("rollout push").bytes == LLAMA_PARAMS * 2 and split.item("rollout push").phase == "rollout"
+    assert split.peak_phase == training.peak_phase == "update" and split.peak_bytes == training.peak_bytes
+    # two 8-GPU hosts: each gives 2, the engine has 4
+    two_hosts = memory_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.devices=2"]),
+                            DeviceSpec.parse("h100", 16))
+    assert (two_hosts.device.count, two_hosts.engine_device.count) == (12, 4)
+    with pytest.raises(UserError, match="rollout.devices=8: a h100 host has 8 devices"):
+        memory_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.devices=8"]), DeviceSpec.parse("h100"))
+
+
+def test_split_placement_step_is_the_push_then_the_longer_of_the_engine_and_the_training():
+    from rlmt_jax.plans.time_plan import time_plan
+
+    device = DeviceSpec.parse("h100")
+    split = time_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.devices=2"]), device,
+                      response_mean=1024)
+    on_two = time_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.max_staleness=0"]),
+                       DeviceSpec.parse("h100", 2), response_mean=1024)
+    on_six = time_plan(resolve("grpo_llama31_8b_instruct", [*SPLIT_8B, "rollout.max_staleness=0"]),
+                       DeviceSpec.parse("h100", 6), response_mean=1024)
+    beside = [p.name for p in split.phases if p.beside]
+    assert beside == ["rollout prefill", "rollout decode"] and split.engine_devices == 2
+    for name in beside:  # the engine's phases: those of the same rollout on 2 devices
+        assert split.phase(name).seconds == pytest.approx(on_two.phase(name).seconds)
+    for name in ("reward scoring", "old log-probs", "reference log-probs", "update"):  # the training's: on 6
+        assert split.phase(name).seconds == pytest.approx(on_six.phase(name).seconds)
+    push = split.phase("rollout push").seconds
+    engine = sum(p.seconds for p in split.phases if p.beside)
+    rest = sum(p.seconds for p in split.phases if not p.beside) - push
+    assert split.step_seconds == pytest.approx(push + max(engine, rest))
+    assert split.step_seconds < sum(p.seconds for p in split.phases)  # they overlap
+    assert split.engine == "slots"  # the engine samples whole steps: no rows carried, the cap bounds them
+    assert split.tokens_per_second_per_chip == pytest.approx(
+        split.sequence_tokens / split.step_seconds / 8)  # per chip of all 8

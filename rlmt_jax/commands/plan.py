@@ -105,6 +105,8 @@ def format_plan(plan, algorithm: str = "") -> str:
     lines = [
         f"rlmt-jax plan: {plan.config_source}" + (f" ({algorithm})" if algorithm else ""),
         f"devices: {plan.device.count} x {plan.device.kind}, {gib(plan.device.hbm_bytes)} GiB each"
+        + (f" (training; + {plan.engine_device.count} decoding beside them, rollout.devices)"
+           if plan.engine_device else "")
         + (f", {plan.device.slices} slices" if plan.device.slices > 1 else "") + f"; mesh {mesh}",
         "models:",
     ]
@@ -136,6 +138,10 @@ def format_plan(plan, algorithm: str = "") -> str:
         + ("fits" if plan.fits else "does NOT fit"),
         f"largest item: {plan.largest.name} ({gib(plan.largest.bytes)} GiB, {plan.largest.phase})",
     ]
+    if plan.engine_device is not None:
+        lines.insert(-1, f"engine devices ({plan.engine_device.count}, split placement): {gib(plan.engine_bytes)} "
+                     f"GiB each while sampling (the {plan.engine_device.count} hold nothing of the training): "
+                     + ("fits" if plan.engine_bytes <= plan.device.hbm_bytes else "does NOT fit"))
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join([*lines, "", *FORMULAS])
 
@@ -146,11 +152,17 @@ def format_time_plan(timing) -> str:
              f"responses {timing.response_mean:g} tokens on average",
              f"{'phase':22s} {'TFLOP':>9s} {'HBM GB':>9s} {'link GB':>9s} {'seconds':>9s}  how"]
     for p in timing.phases:
+        where = f" (on the {timing.engine_devices} engine devices, beside the update)" if p.beside else ""
         lines.append(f"{p.name:22s} {p.flops / 1e12:9.2f} {p.hbm_bytes / 1e9:9.2f} {p.link_bytes / 1e9:9.2f} "
-                     f"{p.seconds:9.2f}  {p.how}")
+                     f"{p.seconds:9.2f}  {p.how}{where}")
     by_engine = timing.decode_by_engine
+    split = ""
+    if timing.engine_devices:
+        split = (f" = push + max(engine {sum(p.seconds for p in timing.phases if p.beside):.1f} s, training "
+                 f"{sum(p.seconds for p in timing.phases if not p.beside and p.name != 'rollout push'):.1f} s)"
+                 " (split placement)")
     lines += [
-        f"step: {timing.step_seconds:.1f} s; {timing.tokens_per_second_per_chip:,.0f} sequence tokens/s per chip "
+        f"step: {timing.step_seconds:.1f} s{split}; {timing.tokens_per_second_per_chip:,.0f} sequence tokens/s per chip "
         f"({timing.sequence_tokens:,} prompt + response tokens, {timing.sampled_tokens:,} sampled)",
         f"decode by engine ({timing.response_mean:g}-token mean responses, {timing.device.kind}): "
         f"static {by_engine['static'].seconds:.1f} s | slots {by_engine['slots'].seconds:.1f} s | "

@@ -59,6 +59,11 @@ DEVICE_ALIASES = {"v5litepod": "v5e"}  # the accelerator type Cloud TPU gives v5
 # device), and chips on v5e and v6e: a v5p-64 is 32 devices, a v5e-64 is 64.
 TPU_CORES_PER_DEVICE = {"v5p": 2, "v4": 2, "v5e": 1, "v6e": 1}
 DEFAULT_DEVICE_COUNT = {"h100": 8, "h200": 8, "a100": 8, "cpu": 1}  # one GPU host; TPU kinds need a count
+# Devices (as JAX counts them) of one host: a TPU VM of a multi-host slice has 4 chips (v5e and v6e slices of up
+# to 8 chips are one host of 8), a GPU host 8.
+DEVICES_PER_HOST = {"v4": 4, "v5p": 4, "v5e": 4, "v6e": 4, "h100": 8, "h200": 8, "a100": 8, "cpu": 1}
+SINGLE_HOST_TPU_CHIPS = {"v5e": 8, "v6e": 8}
+ENGINE_PHASE = "engine"  # split placement: what the engine's devices hold while they sample (rollout.devices)
 DEVICE_KINDS = (*DEVICE_HBM_GIB, "cpu")
 
 LOGITS_CHUNK = 1024  # positions per logits chunk in the update step (objectives.PolicyObjective default)
@@ -119,6 +124,32 @@ class DeviceSpec:
             raise UserError(f"--slices {slices}: must be at least 1 and divide the {devices} devices")
         hbm = host_memory_bytes() if name == "cpu" else DEVICE_HBM_GIB[name] * GIB
         return cls(kind=name, count=devices, hbm_bytes=hbm, slices=slices)
+
+
+    @property
+    def per_host(self) -> int:
+        """Devices of one host."""
+        if self.count <= SINGLE_HOST_TPU_CHIPS.get(self.kind, 0):
+            return self.count
+        return min(DEVICES_PER_HOST[self.kind], self.count)
+
+    @property
+    def hosts(self) -> int:
+        return max(self.count // self.per_host, 1)
+
+
+def split_placement(cfg: RunConfig, device: DeviceSpec) -> tuple[DeviceSpec, DeviceSpec | None]:
+    """(the training devices, the engine's) of split placement (rollout.devices d: each host's last d devices
+    decode); colocated (d = 0): (device, None)."""
+    engine = cfg.rollout.devices
+    if not engine:
+        return device, None
+    if engine >= device.per_host:
+        raise UserError(f"rollout.devices={engine}: a {device.kind} host has {device.per_host} devices; the engine "
+                        f"takes between 1 and {device.per_host - 1} of them")
+    engine_count = engine * device.hosts
+    return (dataclasses.replace(device, count=device.count - engine_count),
+            dataclasses.replace(device, count=engine_count))
 
 
 def plan_mesh(cfg: RunConfig, device: DeviceSpec) -> AbstractMesh:
@@ -378,6 +409,7 @@ class MemoryPlan:
     attention: str = "xla"  # the implementation runtime.attention resolves to on this device
     attention_by_implementation: dict[str, int] = dataclasses.field(default_factory=dict)  # one layer's
     # attention_bytes of an update micro-batch under each implementation
+    engine_device: DeviceSpec | None = None  # split placement: the engine's devices (`device`: the training ones)
 
     def phase_bytes(self) -> dict[str, int]:
         totals: dict[str, int] = {}
@@ -391,8 +423,14 @@ class MemoryPlan:
 
     @property
     def peak_phase(self) -> str | None:
-        phases = {k: v for k, v in self.phase_bytes().items() if k != "resident"}
+        """The training devices' fullest phase (not the engine's: other devices)."""
+        phases = {k: v for k, v in self.phase_bytes().items() if k not in ("resident", ENGINE_PHASE)}
         return max(phases, key=phases.get) if phases else None
+
+    @property
+    def engine_bytes(self) -> int:
+        """Split placement: what each engine device holds while it samples (nothing of the training)."""
+        return self.phase_bytes().get(ENGINE_PHASE, 0)
 
     @property
     def peak_bytes(self) -> int:
@@ -401,7 +439,7 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.device.hbm_bytes
+        return max(self.peak_bytes, self.engine_bytes) <= self.device.hbm_bytes
 
     @property
     def largest(self) -> Item:
@@ -430,6 +468,8 @@ class MemoryPlan:
             "peak_bytes": self.peak_bytes,
             "hbm_bytes": self.device.hbm_bytes,
             "fits": self.fits,
+            "engine_device": None if self.engine_device is None else dataclasses.asdict(self.engine_device),
+            "engine_bytes": self.engine_bytes,
             "largest": self.largest.name,
             "notes": list(self.notes),
         }
@@ -478,6 +518,7 @@ def _params_item(shapes: ModelShapes, mesh: AbstractMesh, name: str, dtype: str 
 
 def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> MemoryPlan:
     """The per-device memory of `cfg` on `device`, by phase (see the module docstring)."""
+    device, engine = split_placement(cfg, device)
     mesh = plan_mesh(cfg, device)
     models = run_models(cfg)
     act = itemsize(cfg.runtime.dtype)
@@ -486,7 +527,7 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
     rows, seq, micro_batches = update_shape(cfg)
     shapes = dict(micro_batch_rows=rows, update_seq=seq, micro_batches=micro_batches)
     if "reward model" in models:
-        rollout_items, rollout_shapes = _rollout_and_reward_items(cfg, device, models, mesh, attention)
+        rollout_items, rollout_shapes = _rollout_and_reward_items(cfg, device, models, mesh, attention, engine)
         items += rollout_items
         shapes.update(rollout_shapes)
 
@@ -500,7 +541,7 @@ def memory_plan(cfg: RunConfig, device: DeviceSpec, config_source: str = "") -> 
     by_attention = {name: attention_bytes(dims, seq, act, name) for name in ATTENTION_IMPLEMENTATIONS}
     return MemoryPlan(config_source, device, dict(mesh.shape), _model_summaries(cfg, models), tuple(items),
                       cfg.runtime.remat, by_remat, shapes, batch_split_notes(cfg, shapes, mesh), attention,
-                      by_attention)
+                      by_attention, engine)
 
 
 def _resident_items(cfg: RunConfig, models: dict[str, ModelShapes], mesh: AbstractMesh) -> list[Item]:
@@ -524,11 +565,21 @@ def _resident_items(cfg: RunConfig, models: dict[str, ModelShapes], mesh: Abstra
 
 
 def _rollout_and_reward_items(cfg: RunConfig, device: DeviceSpec, models: dict[str, ModelShapes],
-                              mesh: AbstractMesh, attention: str) -> tuple[list[Item], dict[str, int]]:
+                              mesh: AbstractMesh, attention: str,
+                              engine: DeviceSpec | None = None) -> tuple[list[Item], dict[str, int]]:
     """The rollout phase on the decode layout (the policy's copy, the KV cache of every row at once, the
-    decode weight copies, one layer of the prefill) and the reward phase on the training mesh.
-    -> (items, the lengths and batch sizes they used)"""
+    decode weight copies, one layer of the prefill) and the reward phase on the training mesh. With split
+    placement (`engine`: the engine's devices) the rollout items are the engine's (ENGINE_PHASE), and the
+    training devices hold the push's whole copy for a moment. -> (items, the lengths and batch sizes they used)"""
     policy = models["policy"]
+    if engine is not None:
+        items, shapes = _rollout_and_reward_items(cfg, engine, models, mesh, attention)
+        rollout = [dataclasses.replace(item, phase=ENGINE_PHASE) for item in items if item.phase == "rollout"]
+        whole = policy.num_params * itemsize(cfg.runtime.dtype)
+        push = Item("rollout push", "rollout", whole,
+                    f"the policy whole in {cfg.runtime.dtype} on each training device ({whole / GIB:.2f} GiB), "
+                    "copied from there to its host's engine devices (rollout.devices)")
+        return [push, *rollout, *(item for item in items if item.phase != "rollout")], shapes
     rollout_mesh, rollout_rules = plan_rollout_mesh(cfg, device)
     items = [_rollout_copy_item(cfg, policy, rollout_mesh, rollout_rules)] if cfg.rollout.mesh.reshard else []
     items += _kv_cache_items(cfg, policy, rollout_mesh)
@@ -542,6 +593,12 @@ def _rollout_and_reward_items(cfg: RunConfig, device: DeviceSpec, models: dict[s
                   cache_slots=_cache_slots(cfg), reward_rows=reward_rows, reward_seq=reward_len,
                   rollout_data=rollout_replicas(rollout_mesh), rollout_tensor=rollout_mesh.shape["tensor"])
     return items, shapes
+
+
+def steps_carried(cfg: RunConfig) -> int:
+    """How many later steps' rows the slots start in a step's tail: rollout.max_staleness, colocated (split
+    placement samples whole steps ahead instead, none carried)."""
+    return 0 if cfg.rollout.devices else cfg.rollout.max_staleness
 
 
 def rollout_replicas(rollout_mesh: AbstractMesh) -> int:
@@ -590,7 +647,7 @@ def _kv_cache_items(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractM
     decode_cache = kv_cache_bytes(policy.module, rows, slots, cache_dtype, rollout_mesh)
     shape = f"x {slots} slots (prompt {prompt_len} + {new} new - 1), {cache_dtype}"
     if cfg.rollout.engine == "slots":
-        ahead = cfg.rollout.max_staleness
+        ahead = steps_carried(cfg)
         held = prompts * (1 + ahead)
         prompt_cache = kv_cache_bytes(policy.module, held, prompt_len, cache_dtype, rollout_mesh)
         steps = f" of this step and the next {ahead}" if ahead else ""
@@ -643,7 +700,7 @@ def _prefill_item(cfg: RunConfig, policy: ModelShapes, rollout_mesh: AbstractMes
     dtype = itemsize(cfg.runtime.dtype)
     candidates = [(layer_activation_bytes(prefill, prompt_len, dtype, attention)["none"],
                    f"one layer's forward on {prefill.rows} prompts x {prompt_len} tokens per device")]
-    if cfg.rollout.engine == "slots" and cfg.rollout.max_staleness and cfg.rollout.carried_cache == "recompute":
+    if cfg.rollout.engine == "slots" and steps_carried(cfg) and cfg.rollout.carried_cache == "recompute":
         carried, length = LocalDims.of(policy.config, _cache_rows(cfg, rollout_mesh), rollout_mesh), _cache_slots(cfg)
         candidates.append((layer_activation_bytes(carried, length, dtype, attention)["none"],
                            f"one layer's forward on {carried.rows} carried rows x {length} tokens per device"))

@@ -39,6 +39,11 @@ rollout mesh, R rows, prompt p (data.max_prompt_tokens), S = rollout.slots:
                at the next step: the prefill phase adds up to S rows a replica of p + m / 2 tokens.
                With k > 1 the same: once the next step's rows are all in slots, the step's tail has long
                been covered, and what more steps ahead add is not modelled.
+Split placement (rollout.devices d): the engine's d devices per host sample the next step while the other
+devices score and update this one, so the step takes the push (the weights cast and gathered whole on the
+training devices, then copied inside each host) + max(the engine's prefill and decode on its devices, the
+reward and update phases on the training devices). The engine samples whole steps (its own engine, static or
+slots: no rows carried across steps), on the rollout mesh over its devices.
 The step's phases use the configured engine (slots k=1 with any rollout.max_staleness >= 1); `decode_by_engine` holds
 the decode phase of all three for the same m. The reward and update phases stay at prompt + N tokens a row (a batch is padded to its longest row, at the
 cap); the step's token counts use m.
@@ -56,7 +61,7 @@ from rlmt_jax.algorithms.specs import spec_of
 from rlmt_jax.core.errors import UserError
 from rlmt_jax.settings.config import RunConfig, frozen_param_dtype
 from rlmt_jax.plans.memory_plan import (DEVICE_PLATFORMS, DeviceSpec, itemsize, plan_mesh, plan_rollout_mesh,
-                                        run_models, update_shape)
+                                        run_models, split_placement, update_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,7 @@ class PhaseTime:
     link_bytes: float  # per device
     seconds: float
     how: str
+    beside: bool = False  # split placement: on the engine's devices, while the training devices run the others
 
 
 # The decode engines the plan compares: rollout.engine's two, and partial rollouts across steps (slots with
@@ -126,10 +132,17 @@ class TimePlan:
     engine: str = "static"  # rollout.engine: whose decode phase is in `phases`
     response_mean: float = 0.0  # the mean response length the decode phase assumes (tokens)
     decode_by_engine: dict[str, PhaseTime] = dataclasses.field(default_factory=dict)  # ENGINES -> decode phase
+    engine_devices: int = 0  # split placement: the engine's devices (rollout.devices x hosts); 0: colocated
 
     @property
     def step_seconds(self) -> float:
-        return sum(p.seconds for p in self.phases)
+        """The phases one after the other; with split placement the push, then the longer of the engine's
+        phases and the training devices' others."""
+        beside = sum(p.seconds for p in self.phases if p.beside)
+        if not beside:
+            return sum(p.seconds for p in self.phases)
+        push = sum(p.seconds for p in self.phases if p.name == PUSH_PHASE)
+        return push + max(beside, sum(p.seconds for p in self.phases if not p.beside and p.name != PUSH_PHASE))
 
     @property
     def tokens_per_second_per_chip(self) -> float:
@@ -145,7 +158,8 @@ class TimePlan:
                 "sampled_tokens": self.sampled_tokens, "sequence_tokens": self.sequence_tokens,
                 "engine": self.engine, "response_mean": self.response_mean,
                 "decode_by_engine": {engine: {"seconds": p.seconds, "how": p.how}
-                                     for engine, p in self.decode_by_engine.items()}}
+                                     for engine, p in self.decode_by_engine.items()},
+                "engine_devices": self.engine_devices}
 
 
 def _phase(name: str, flops: float, hbm: float, link: float, chip: ChipFigures, how: str,
@@ -184,15 +198,21 @@ def time_plan(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures | None = Non
     chip = chip or CHIPS[device.kind]
     models = run_models(cfg)
     policy, rm = models["policy"].config, models["reward model"].config
-    sizes = _StepSizes.of(cfg, device, policy, response_mean)
-    layout = _SamplerLayout.of(cfg, device)
-    by_engine = {engine: _decode_phase(cfg, device, chip, sizes, layout, engine) for engine in ENGINES}
-    phases = [*_rollout_phases(cfg, chip, sizes, layout, by_engine[engine_of(cfg)]),
-              _reward_phase(cfg, chip, rm, sizes),
+    training, engine = split_placement(cfg, device)
+    sizes = _StepSizes.of(cfg, training, policy, response_mean)
+    decoding = engine or device  # the devices the engine samples on
+    layout = _SamplerLayout.of(cfg, decoding)
+    engine_sizes = dataclasses.replace(sizes, devices=decoding.count)
+    by_engine = {name: _decode_phase(cfg, decoding, chip, engine_sizes, layout, name) for name in ENGINES}
+    rollout = _rollout_phases(cfg, chip, engine_sizes, layout, by_engine[engine_of(cfg)])
+    if engine is not None:
+        rollout = [_push_phase(chip, sizes), *(dataclasses.replace(p, beside=True) for p in rollout
+                                               if p.name != "rollout copy")]
+    phases = [*rollout, _reward_phase(cfg, chip, rm, sizes),
               *_update_phases(cfg, chip, sizes, with_reference="reference" in models)]
     sampled = round(sizes.rows * sizes.mean)
     return TimePlan(device, chip, tuple(phases), sampled, sizes.rows * sizes.prompt_len + sampled, engine_of(cfg),
-                    sizes.mean, by_engine)
+                    sizes.mean, by_engine, 0 if engine is None else engine.count)
 
 
 def response_mean_of(metrics_file: str) -> float:
@@ -315,6 +335,18 @@ def _rollout_phases(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout
     return [*phases, _prefill_phase(cfg, chip, sizes, layout), decode]
 
 
+PUSH_PHASE = "rollout push"
+
+
+def _push_phase(chip: ChipFigures, sizes: _StepSizes) -> PhaseTime:
+    """Split placement: the policy cast and gathered whole on every training device (one program among them),
+    then copied to the engine's devices of the same host (not counted: a host-local copy, over PCIe/ICI)."""
+    hbm = sizes.weights * sizes.param / sizes.training_shards + sizes.weights * sizes.act  # read a shard, write it whole
+    link = sizes.weights * sizes.act * _ring(sizes.devices)
+    return _phase(PUSH_PHASE, 0.0, hbm, link, chip, f"cast + all-gather the policy whole on each of the {sizes.devices} "
+                  "training devices, then copied to its host's engine devices")
+
+
 def _kv_bytes_per_slot(cfg: RunConfig, policy: ModelConfig) -> int:
     """Bytes of one row's k and v at one cache slot, over every layer."""
     cache = itemsize(cfg.rollout.cache_dtype or cfg.runtime.dtype)
@@ -342,10 +374,10 @@ def _prefill_phase(cfg: RunConfig, chip: ChipFigures, sizes: _StepSizes, layout:
 
 def engine_of(cfg: RunConfig) -> str:
     """Which of ENGINES the run's rollout settings make: static, slots, or slots k=1 (rollout.max_staleness >= 1,
-    modelled as 1)."""
+    modelled as 1; with split placement the engine's own: it samples whole steps, no rows carried)."""
     if cfg.rollout.engine == "static":
         return "static"
-    return "slots k=1" if cfg.rollout.max_staleness else "slots"
+    return "slots k=1" if cfg.rollout.max_staleness and not cfg.rollout.devices else "slots"
 
 
 def _decode_phase(cfg: RunConfig, device: DeviceSpec, chip: ChipFigures, sizes: _StepSizes,
