@@ -23,8 +23,8 @@ import pytest  # noqa: E402
 # Test files that start processes or compile the most, first: the xdist workers (pyproject addopts) then end
 # on short files instead of one waiting for the other's cluster to finish.
 HEAVY_FILES = ("test_multihost.py", "test_rollout_layout.py", "test_slot_engine_mesh.py", "test_sharded_equality.py",
-               "test_split_placement.py", "test_cli.py", "test_seams_trainer.py", "test_attention_kernels.py", "test_trainer.py",
-               "test_reliability.py", "test_generate_cli.py")
+               "test_split_placement.py", "test_cli.py", "test_seams_trainer.py", "test_attention_kernels.py",
+               "test_trainer.py", "test_reliability.py", "test_generate_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):

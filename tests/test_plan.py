@@ -555,3 +555,15 @@ def test_split_placement_step_is_the_push_then_the_longer_of_the_engine_and_the_
     assert split.engine == "slots"  # the engine samples whole steps: no rows carried, the cap bounds them
     assert split.tokens_per_second_per_chip == pytest.approx(
         split.sequence_tokens / split.step_seconds / 8)  # per chip of all 8
+
+
+def test_plan_cli_says_where_split_placement_puts_what(capsys):
+    assert main(["plan", "grpo_llama31_8b_instruct", *SPLIT_8B, "rollout.devices=2", "--device-kind", "h100",
+                 "--response-mean", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "devices: 6 x h100" in out and "+ 2 decoding beside them" in out
+    assert "engine devices (2, split placement)" in out
+    assert "(on the 2 engine devices, beside the update)" in out and "= push + max(engine" in out
+    assert main(["plan", "grpo_llama31_8b_instruct", *SPLIT_8B, "rollout.devices=2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["engine_device"]["count"] == 2 and plan["time"]["engine_devices"] == 2 and plan["engine_bytes"] > 0

@@ -162,7 +162,8 @@ def format_time_plan(timing) -> str:
                  f"{sum(p.seconds for p in timing.phases if not p.beside and p.name != 'rollout push'):.1f} s)"
                  " (split placement)")
     lines += [
-        f"step: {timing.step_seconds:.1f} s{split}; {timing.tokens_per_second_per_chip:,.0f} sequence tokens/s per chip "
+        f"step: {timing.step_seconds:.1f} s{split}; {timing.tokens_per_second_per_chip:,.0f} sequence tokens/s "
+        "per chip "
         f"({timing.sequence_tokens:,} prompt + response tokens, {timing.sampled_tokens:,} sampled)",
         f"decode by engine ({timing.response_mean:g}-token mean responses, {timing.device.kind}): "
         f"static {by_engine['static'].seconds:.1f} s | slots {by_engine['slots'].seconds:.1f} s | "

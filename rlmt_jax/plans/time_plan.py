@@ -341,10 +341,10 @@ PUSH_PHASE = "rollout push"
 def _push_phase(chip: ChipFigures, sizes: _StepSizes) -> PhaseTime:
     """Split placement: the policy cast and gathered whole on every training device (one program among them),
     then copied to the engine's devices of the same host (not counted: a host-local copy, over PCIe/ICI)."""
-    hbm = sizes.weights * sizes.param / sizes.training_shards + sizes.weights * sizes.act  # read a shard, write it whole
+    hbm = sizes.weights * (sizes.param / sizes.training_shards + sizes.act)  # read a shard, write it whole
     link = sizes.weights * sizes.act * _ring(sizes.devices)
-    return _phase(PUSH_PHASE, 0.0, hbm, link, chip, f"cast + all-gather the policy whole on each of the {sizes.devices} "
-                  "training devices, then copied to its host's engine devices")
+    return _phase(PUSH_PHASE, 0.0, hbm, link, chip, f"cast + all-gather the policy whole on each of the "
+                  f"{sizes.devices} training devices, then copied to its host's engine devices")
 
 
 def _kv_bytes_per_slot(cfg: RunConfig, policy: ModelConfig) -> int:
