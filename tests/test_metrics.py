@@ -201,6 +201,8 @@ def test_progress_line_shows_step_reward_kl_speed_time_split_and_eta():
     assert progress_line(10, 50, metrics, seconds_per_step=2.0) == (
         "step 10/50  20% | reward 0.432 kl 0.00123 valid 0.75 | 12,346 tok/s"
         " | sample 1.3s score 0.3s update 0.8s | ETA 1:20")
+    split = {**metrics, "time_sample_s": 0.02, "time_engine_sample_s": 1.9}  # split placement: waited, engine's
+    assert "| sample 0.0s engine 1.9s score 0.3s update 0.8s |" in progress_line(10, 50, split, seconds_per_step=2.0)
     assert progress_line(3, None, {"loss": 0.5}, seconds_per_step=None) == "step 3 | loss 0.5"
     assert progress_line(50, 50, {}, seconds_per_step=1.0) == "step 50/50 100%"
     assert progress_line(1, 4, {}, seconds_per_step=3600.0, bar_width=8) == "step 1/4  25% [##------] | ETA 3:00:00"

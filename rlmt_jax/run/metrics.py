@@ -156,7 +156,8 @@ def progress_line(
     if "tokens_per_s" in metrics and math.isfinite(metrics["tokens_per_s"]):
         parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
     split = [f"{label} {metrics[key]:.1f}s" for label, key in
-             (("sample", "time_sample_s"), ("score", "time_score_s"), ("update", "time_update_s"))
+             (("sample", "time_sample_s"), ("engine", "time_engine_sample_s"), ("score", "time_score_s"),
+              ("update", "time_update_s"))
              if key in metrics and math.isfinite(metrics[key])]
     if split:
         parts.append(" ".join(split))
