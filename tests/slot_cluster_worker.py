@@ -5,11 +5,13 @@
 Each process passes its own prompts (process 0's rows run long, process 1's short: they run out of rows at
 different chunks and go on in lockstep), sampled by the static sampler and by the slot engine with one slot per
 process; then two calls of the slot engine with partial rollouts (the second call's rows started in the first
-call's tail), carried rows' caches recomputed, and again with them kept. Prints one JSON line with this process's rows of each.
+call's tail), carried rows' caches recomputed, and again with them kept; then a longer sampling whose tails the
+processes pack into fewer slots together. Prints one JSON line with this process's rows of each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -56,7 +58,15 @@ def main(spec: dict) -> None:
         keep(params, prompts, jax.random.key(4), version=0, ahead=[(following, jax.random.key(5))])
         kept = keep._kept is not None
         kept_second = keep(params, following, jax.random.key(5), version=1)
+        # 4 slots a process for its 6 rows, 40 new tokens: the processes pack their tails together (each its own
+        # slots), in lockstep
+        longer = dataclasses.replace(sampling, max_new_tokens=40)
+        static_longer = Sampler(graphdef, longer, hosts=HostRows(mesh))(params, prompts, jax.random.key(4))
+        packing = SlotSampler(graphdef, longer, slots=4, chunk_tokens=2, hosts=HostRows(mesh))
+        packed = packing(params, prompts, jax.random.key(4))
     print(json.dumps({
+        "packed_same": np.array_equal(packed.tokens, np.asarray(static_longer.tokens)),
+        "packings": packing._take._cache_size() if packing._take is not None else 0,
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "static": np.asarray(static.tokens).tolist(), "slots": np.asarray(slots.tokens).tolist(),
         "lengths": np.asarray(slots.response_lengths).tolist(),

@@ -7,10 +7,13 @@ On the training mesh 2x2x2 with the decode layouts rollout.mesh tensor=1 (8 data
             one-device static sampler's
   paged     the same with attention splash on tensor=2: each device's rows and kv heads through the paged
             kernel (TPU interpret mode)
+  packed    the same with 4 slots a replica on tensor=2: the tail packed into 1 slot a device; the packing
+            program's collectives
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -69,6 +72,23 @@ def main() -> dict:
                 "logprob_gap": float(np.max(np.abs(rollout.logprobs - np.asarray(reference.logprobs)))),
                 "slots": engine.slots,
             }
+        # 8 slots a replica (32 in all) for the 24 rows: the tail packs into 2 or 1 a device, each device's rows
+        # from its own slots (the packing program moves nothing between devices)
+        longer = dataclasses.replace(sampling, max_new_tokens=40)  # rows run long apart: a tail to pack
+        expected = Sampler(graphdef32, longer)(params32, PROMPTS, jax.random.key(0))
+        engine = SlotSampler(graphdef32, longer, slots=8, chunk_tokens=2, layout=layout32)
+        rollout = engine(placed32, PROMPTS, jax.random.key(0))
+        with layout32.activation_sharding():
+            state = engine._empty_state(engine._cache_prompt_len(8))
+            text = engine._take.lower(state, *engine._put((np.zeros((4, 1), np.int32),))).compile().as_text()
+        observed["packed/tensor2"] = {
+            "tokens": bool(np.array_equal(rollout.tokens, np.asarray(expected.tokens))),
+            "logprob_gap": float(np.max(np.abs(rollout.logprobs - np.asarray(expected.logprobs)))),
+            "lengths": np.asarray(expected.response_lengths).tolist(),
+            "packings": engine._take._cache_size(),
+            "collectives": sum(text.count(op) for op in ("all-gather", "all-to-all", "collective-permute",
+                                                         "all-reduce", "reduce-scatter")),
+        }
         graphdef_paged, _ = model("float32", "splash")  # the same params; its decode steps take the paged kernel
         engine = SlotSampler(graphdef_paged, sampling, slots=2, chunk_tokens=3, layout=layout32)
         rollout = engine(placed32, PROMPTS, jax.random.key(0))

@@ -350,3 +350,29 @@ def test_a_row_started_ahead_that_stops_at_its_first_token_is_not_carried_on(lla
     assert_same_rollout(static(params, MORE_PROMPTS, jax.random.key(1)), a)
     assert_same_rollout(static(params, NEXT_PROMPTS, jax.random.key(2)), b)
     assert np.all(np.asarray(b.response_lengths) == 1)
+
+
+def test_the_tail_packs_into_fewer_slots_and_every_row_keeps_its_tokens(llama, monkeypatch):
+    # 12 rows through 8 slots: once none waits, the rows still decoding move into 2 slots (then 1 when they
+    # fit), the chunks run on those; every row must still come out with its own tokens, in its own place
+    graphdef, params = _loaded(llama[0], False)
+    cfg = config(n=3, temperature=1.0, max_new_tokens=24)
+    engine = SlotSampler(graphdef, cfg, slots=8, chunk_tokens=2)
+    sizes, chunk_slots = [], []
+    pack = SlotSampler._pack_tail
+
+    def recorded(self, state, slot_row, slot_batch):
+        state, after, batch = pack(self, state, slot_row, slot_batch)
+        sizes.append((len(slot_row), len(after), int((after >= 0).sum()), int(np.asarray(state.active).sum())))
+        chunk_slots.append(state.last.shape[0])
+        return state, after, batch
+
+    monkeypatch.setattr(SlotSampler, "_pack_tail", recorded)
+    key = jax.random.key(7)
+    rollout = engine(params, MORE_PROMPTS, key)
+    assert_same_rollout(Sampler(graphdef, cfg)(params, MORE_PROMPTS, key), rollout)
+    packed = [(before, after, held, active) for before, after, held, active in sizes if after < before]
+    assert packed, sizes
+    for before, after, held, active in packed:  # a quarter or less, holding exactly the rows still decoding
+        assert after * 4 <= before and held == active
+    assert min(chunk_slots) < 8 and engine.compiled_programs() > 0

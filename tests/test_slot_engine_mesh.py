@@ -54,6 +54,14 @@ def test_the_paged_kernel_per_device_samples_the_one_device_static_rollout(obser
     assert paged["tokens"] and 0 < paged["logprob_gap"] <= 1e-3
 
 
+def test_the_tail_packed_into_fewer_slots_per_device_samples_the_one_device_static_rollout(observed):
+    # 24 rows through 4 slots on each of 4 replicas: once none waits, each device's last rows go into 1 slot
+    # of its own (no collective in the packing program), and every row still gets its static tokens
+    packed = observed["packed/tensor2"]
+    assert packed["packings"] >= 1 and packed["collectives"] == 0
+    assert packed["tokens"] and packed["logprob_gap"] <= 1e-5
+
+
 def test_two_processes_stream_their_own_rows_in_lockstep_and_sample_the_static_rollout():
     from clusters import finish_all, last_json_line, start_cluster
 
@@ -68,6 +76,7 @@ def test_two_processes_stream_their_own_rows_in_lockstep_and_sample_the_static_r
         # partial rollouts in lockstep: each call's rows equal the static sampler's, the second's partly by version 0
         assert summary["ahead_first"] and summary["ahead_second"] and summary["ahead_versions"] == [0, 1]
         assert summary["keep_kept"] and summary["keep_second"]  # both processes kept their slots, in lockstep
+        assert summary["packings"] >= 1 and summary["packed_same"]  # the tails packed together, rows intact
     assert sum(s["ahead_carried"] for s in summaries) > 0
     # the processes' rows differ (different prompts and row ids) and stop apart
     assert summaries[0]["slots"] != summaries[1]["slots"]

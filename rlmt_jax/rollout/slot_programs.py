@@ -6,6 +6,8 @@
 - prefill_prompts: every prompt of a call once (right-padded, from position 0), as the static sampler's prefill;
 - admit: up to A rows into chosen free slots, each copying its prompt's prefilled cache and choosing its first
   token (one program per admission bucket A; no model compute);
+- take_slots: the slots still decoding packed into fewer (a step's tail, once no row waits), each device's
+  from its own;
 - decode_chunk: up to `chunk_tokens` decode steps of every active slot, each at its own cache slot and
   position, attending to the first `window + 1` cache blocks only (one program per window); it returns early
   once `refill_at` rows have stopped, so that freed slots do not idle while rows wait.
@@ -268,3 +270,32 @@ def decode_chunk(graphdef: nnx.GraphDef, config: SamplingConfig, longest_prompt:
     _, view, _ = jax.lax.while_loop(continues, advance, (jnp.int32(0), view, jnp.int32(0)))
     state = view._replace(cache=with_window(full, view.cache))
     return state, ChunkSummary(state.active, state.count)
+
+
+def take_slots(model_config, state: SlotState, keep) -> SlotState:
+    """A state of the slots `keep`: [D, K] slot ids inside each of the D blocks the batch split makes (block d:
+    slots d * S / D ... on the d-th shard), so every slot stays on its device: D x K slots, block by block.  The
+    engine packs a step's last active rows into fewer slots with it: a decode step then costs K slots a device,
+    not S / D."""
+    blocks, per_block = keep.shape
+    key_axes, value_axes = cache_axes(model_config)
+
+    def take(x, axes):
+        axis = axes.index("batch")
+        grouped = x.reshape(*x.shape[:axis], blocks, x.shape[axis] // blocks, *x.shape[axis + 1:])
+        index = keep.reshape((1,) * axis + (blocks, per_block) + (1,) * (x.ndim - axis - 1))
+        taken = jnp.take_along_axis(grouped, index, axis=axis + 1, mode="clip")
+        return constrain(taken.reshape(*x.shape[:axis], blocks * per_block, *x.shape[axis + 1:]), axes)
+
+    def take_blocks(blocks_of, axes):
+        if isinstance(blocks_of, CacheBlocks):  # scanned: [layers, S, ...]
+            return CacheBlocks(take(b, axes) for b in blocks_of.blocks)
+        return tuple(CacheBlocks(take(b, axes[1:]) for b in layer.blocks) for layer in blocks_of)
+
+    cache = KVCache(k=take_blocks(state.cache.k, key_axes), v=take_blocks(state.cache.v, value_axes),
+                    valid=take(state.cache.valid, ("batch", None)))
+    vector, rows = ("batch",), ("batch", None)
+    return SlotState(cache=cache, last=take(state.last, vector), index=take(state.index, vector),
+                     row=take(state.row, vector), count=take(state.count, vector), active=take(state.active, vector),
+                     tokens=take(state.tokens, rows), logprobs=take(state.logprobs, rows),
+                     versions=take(state.versions, rows), stream=take(state.stream, rows))

@@ -10,7 +10,9 @@ returns when every row is done, with the Rollout the static sampler returns (the
 tokens for the same key: each row's random stream is its own, rlmt_jax.rollout.decode.row_uniforms).
 
 Cost: each chunk runs its steps on all S slots, stopped or not, so a step's work is set by S, not by the R rows
-of the batch, and the KV cache holds S rows, not R. Each chunk attends to the cache blocks its rows can reach
+of the batch, and the KV cache holds S rows, not R. A call's tail (no row waits, only its own rows decode) is
+packed into PACK_FACTOR times fewer slots a device whenever its rows fit (take_slots: each device's from its
+own), so the few long rows at the end run on a small program instead of S mostly idle slots. Each chunk attends to the cache blocks its rows can reach
 (the static sampler's decode windows, one program per window).
 
 Multi-host: every process runs the same programs in lockstep on global slot arrays split over the mesh's
@@ -37,13 +39,18 @@ from rlmt_jax.rollout.decode_layout import DecodeLayout
 from rlmt_jax.rollout.sampling import (BatchProgress, Rollout, Sampler, agreed_prompt_sizes, bucket_length,
                                        left_pad)
 from rlmt_jax.rollout.sampling_config import SamplingConfig
-from rlmt_jax.rollout.slot_programs import admit, decode_chunk, empty_slots, prefill_prompts, readmit, slot_widths
+from rlmt_jax.rollout.slot_programs import (admit, decode_chunk, empty_slots, prefill_prompts, readmit, slot_widths,
+                                            take_slots)
 from rlmt_jax.scale import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
 # A chunk returns early once this fraction of the slots has stopped in it (and rows wait for slots).
 REFILL_FRACTION = 0.0625
+# A call's tail: once no row waits for a slot, the rows still decoding are packed into this many times fewer
+# slots (a power of two a device, each device's from its own), and again as they stop: each decode step of the
+# tail then runs on the rows left, not on all the slots.
+PACK_FACTOR = 4
 # What rows still decoding at the end of a call (partial rollouts) take into the next call, after the update:
 #   recompute  their caches computed again with the new params (one prefill of prompt + tokens so far), so each
 #              token's log-prob is its version's teacher-forced one; nothing stays on the devices in between.
@@ -98,6 +105,7 @@ class SlotSampler(Sampler):
         self._empty = {}  # longest prompt bucket -> jitted empty_slots
         self._prefill_prompts = jax.jit(functools.partial(prefill_prompts, graphdef, config))
         self._admit = None  # jitted admit, made at the first call (it needs the model config)
+        self._take = None  # jitted take_slots (_pack_tail), likewise
         self._readmit_program = jax.jit(functools.partial(readmit, graphdef, config), donate_argnums=(1,))
         self._chunks = {}  # (longest prompt bucket, window) -> jitted decode_chunk
 
@@ -142,6 +150,8 @@ class SlotSampler(Sampler):
                 mine = (slot_row >= 0) & (slot_batch == 0)
                 if not self._agree_max(int(mine.any() or bool(current.pending))):
                     break
+                if len(batches) == 1 and not self._agree_max(len(current.pending)):
+                    state, slot_row, slot_batch = self._pack_tail(state, slot_row, slot_batch)
                 window = self._window(current.prompt_len, batches, slot_row, slot_batch)
                 refill_at = self._refill_at(sum(len(b.pending) for b in batches))
                 state, summary = self._chunk(self._cache_prompt_len(current.prompt_len), window)(
@@ -326,6 +336,26 @@ class SlotSampler(Sampler):
             slot_row[done if self.carried_cache == "keep" else held] = -1
         self._carry = batches[1:]
 
+    def _pack_tail(self, state, slot_row, slot_batch):
+        """The rows still decoding packed into PACK_FACTOR or more times fewer slots per device (a power of two,
+        agreed between the processes), when they fit; else the state as it is. -> (state, slot_row, slot_batch)"""
+        blocks = self.replicas // (1 if self.hosts is None else self.hosts.process_count)  # this process's devices
+        per_block = len(slot_row) // blocks
+        busy = (slot_row >= 0).reshape(blocks, per_block)
+        need = self._agree_max(int(busy.sum(axis=1).max()))
+        bucket = 1 << max(need - 1, 0).bit_length()
+        if bucket * PACK_FACTOR > per_block:
+            return state, slot_row, slot_batch
+        keep = np.zeros((blocks, bucket), np.int32)
+        for block, taken in enumerate(busy):
+            used, free = np.flatnonzero(taken), np.flatnonzero(~taken)
+            keep[block] = np.concatenate([used, free[:bucket - len(used)]])
+        if self._take is None:
+            self._take = jax.jit(functools.partial(take_slots, self.model_config))  # smaller: nothing to donate to
+        state = self._take(state, *self._put((keep,)))
+        kept = (np.arange(blocks)[:, None] * per_block + keep).reshape(-1)
+        return state, slot_row[kept], slot_batch[kept]
+
     def _kept_rows_go_on(self, carry: list[_Batch], batches: list[_Batch]) -> bool:
         """Whether every call whose rows are kept in slots is one of this call's (its prompts and key came
         back, so _carried took the same rows): then they decode on; else every carried row is readmitted."""
@@ -421,10 +451,11 @@ class SlotSampler(Sampler):
 
     def compiled_programs(self) -> int:
         """Programs compiled so far: prefills (one per prompt count and bucket), admissions (one per bucket),
-        chunks (one per window), empty states."""
-        admit_programs = 0 if self._admit is None else self._admit._cache_size()
-        return (self._prefill_prompts._cache_size() + admit_programs + self._readmit_program._cache_size() + sum(p._cache_size() for p in self._chunks.values())
-                + sum(p._cache_size() for p in self._empty.values()))
+        readmissions, packings of the tail (one per slots bucket), chunks (one per window and slots bucket),
+        empty states."""
+        programs = [self._prefill_prompts, self._admit, self._take, self._readmit_program, *self._chunks.values(),
+                    *self._empty.values()]
+        return sum(p._cache_size() for p in programs if p is not None)
 
 
 def _admission_bucket(admitted: int, local_slots: int, multiple: int) -> int:
