@@ -235,6 +235,8 @@ def profile_sequence(sampler, calls: list[Callable[[], object]]) -> collections.
             before = np.asarray(state.count) * np.asarray(state.active)
             active_before = int(np.asarray(state.active).sum())
             ahead = (slots_of_call["row"] >= 0) & (slots_of_call["batch"] == 1)
+            if len(ahead) != len(before):  # the slots were just packed (only when no row of a later step runs)
+                ahead = np.zeros(len(before), bool)
             start = time.perf_counter()
             state, summary = jax.block_until_ready(program(params, state, version, refill_at))
             stats["chunk_s"] += time.perf_counter() - start
@@ -242,6 +244,7 @@ def profile_sequence(sampler, calls: list[Callable[[], object]]) -> collections.
             steps = int(gained.max(initial=0))
             stats["chunks"] += 1
             stats["steps"] += steps
+            stats["slot_steps"] += steps * int(state.last.shape[0])  # the tail runs on fewer slots, packed
             stats["slot_steps_used"] += int(gained.sum())
             stats["slot_steps_ahead"] += int(gained[ahead].sum())
             stats["active_at_start"] += active_before
@@ -275,8 +278,8 @@ def print_profile(name: str, profile: dict, slots: int, useful: int) -> None:
              if name == "k1" else "")
     print(f"{name} (one instrumented sequence, {profile['call_s']:.2f} s): {profile['chunks']} chunks running "
           f"{profile['steps']} decode steps (by window {profile['steps_by_window']}; {steps / chunks:.1f} per chunk) "
-          f"x {slots} slots = {steps * slots} slot-steps for {useful} tokens "
-          f"({profile['slot_steps_used'] / (steps * slots):.0%} busy; "
+          f"on {slots} slots or fewer (the packed tail) = {profile['slot_steps']} slot-steps for {useful} tokens "
+          f"({profile['slot_steps_used'] / max(profile['slot_steps'], 1):.0%} busy; "
           f"{profile['active_at_start'] / chunks:.1f} slots active at a chunk's start); {profile['admissions']} "
           f"admissions (calls by rows bucket {profile['admitted_by_bucket']}){ahead}")
     readmit = (f"readmissions {profile['readmit_s']:.2f} "

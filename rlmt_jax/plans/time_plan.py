@@ -32,7 +32,8 @@ rollout mesh, R rows, prompt p (data.max_prompt_tokens), S = rollout.slots:
                by its length): m for exponential lengths, and at most (N + 1) / 2 for any lengths capped at N
                (every row at the cap: the static count), so the decode kernel reads p + min(m, (N + 1) / 2) slots
                (TPU's paged kernel half a 512-slot compute block more); the xla path reads the windows so far,
-               as static. Each prompt is prefilled once, as static's.
+               as static. Each prompt is prefilled once, as static's. The engine packs a step's tail into
+               fewer slots (rollout.slot_sampler.PACK_FACTOR); not counted here, so this is an upper bound.
   slots k=1    partial rollouts (rollout.max_staleness 1): the next step's rows fill the slots freed in this
                step's tail, so the cap no longer bounds the step: ceil(R x m / S) steps, each as slots'. The rows
                still decoding when a step's own are done have their caches computed again with the new weights
