@@ -55,7 +55,7 @@ its own step, whichever call sampled them); tok/s = useful tokens / seconds of t
 decode, readmit, results on the host). XLA runs as it starts (benchmarks/fair_timing.py xla_threads_note);
 every figure line ends with the load average.
 
-With --profile (off by default: it adds about a minute at the defaults), one more step sequence of each slot
+With --profile (off by default: it adds a minute or two at the defaults), one more step sequence of each slot
 engine, instrumented (each program waited for in turn; its seconds are
 one sequence's, not the best of --repeats): how many chunks, admissions and readmissions it runs, the decode
 steps its chunks run, how busy the slots are in them (and, for k1, how many slot-steps went to the next step's
@@ -291,10 +291,12 @@ def print_profile(name: str, profile: dict, slots: int, useful: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt (rows = prompts * n per step)")
+    # defaults: the recipe's shape per data-parallel replica (64 prompts x 8 over the 2 replicas of 8xH100 with
+    # rollout.mesh.tensor 4: 256 rows through 64 slots; ~20 minutes here); --prompts 16 --n 4 --slots 16 is quicker
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per step")
+    parser.add_argument("--n", type=int, default=8, help="samples per prompt (rows = prompts * n per step)")
     parser.add_argument("--cap", type=int, default=256, help="max_new_tokens; mean response length ~cap/4")
-    parser.add_argument("--slots", type=int, default=16, help="the slot engines' slots")
+    parser.add_argument("--slots", type=int, default=64, help="the slot engines' slots")
     parser.add_argument("--chunk-tokens", type=int, default=16, help="the slot engines' decode steps per chunk")
     parser.add_argument("--steps", type=int, default=3, help="consecutive steps (rollout calls), each its own "
                                                              "prompts and key")
