@@ -37,7 +37,7 @@ class DecodeLayout:
         order); the identity when `params` already lie in the layout (one device, in `dtype`): nothing to copy."""
         shardings = mesh_lib.param_shardings(params, self.mesh, self.rules)
         dtype = jnp.dtype(self.dtype)
-        if _devices_of(params) != set(self.mesh.devices.flat):
+        if _devices_of(params).isdisjoint(self.mesh.devices.flat):  # split placement: the training devices
             return self._host_local_copier(params, shardings)
         if all(x.dtype == dtype and x.sharding.is_equivalent_to(target, x.ndim)
                for x, target in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True)):
