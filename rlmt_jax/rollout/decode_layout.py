@@ -60,12 +60,11 @@ class DecodeLayout:
         engine's thread gets them pushed)."""
         dtype = jnp.dtype(self.dtype)
         source = jax.tree.leaves(params)[0].sharding.mesh
-        for leaf in jax.tree.leaves(params):
-            if {d.process_index for d in leaf.sharding.device_set} != {d.process_index for d in self.mesh.devices.flat}:
-                raise ValueError("split placement: the training and the decode devices must be on the same hosts")
+        decode_devices = set(self.mesh.devices.flat)
+        if {d.process_index for d in _devices_of(params)} != {d.process_index for d in decode_devices}:
+            raise ValueError("split placement: the training and the decode devices must be on the same hosts")
         gather = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
                          out_shardings=NamedSharding(source, PartitionSpec()))
-        decode_devices = set(self.mesh.devices.flat)
 
         def copy(p):
             if _devices_of(p) == decode_devices:
