@@ -12,8 +12,8 @@ tokens for the same key: each row's random stream is its own, rlmt_jax.rollout.d
 Cost: each chunk runs its steps on all S slots, stopped or not, so a step's work is set by S, not by the R rows
 of the batch, and the KV cache holds S rows, not R. A call's tail (no row waits, only its own rows decode) is
 packed into PACK_FACTOR times fewer slots a device whenever its rows fit (take_slots: each device's from its
-own), so the few long rows at the end run on a small program instead of S mostly idle slots. Each chunk attends to the cache blocks its rows can reach
-(the static sampler's decode windows, one program per window).
+own), so the few long rows at the end run on a small program instead of S mostly idle slots. Each chunk
+attends to the cache blocks its rows can reach (the static sampler's decode windows, one program per window).
 
 Multi-host: every process runs the same programs in lockstep on global slot arrays split over the mesh's
 batch axes; each process streams its own rows through its own share of the slots and the processes agree on

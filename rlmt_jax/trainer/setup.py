@@ -112,9 +112,11 @@ def make_sampler(cfg: RunConfig, mesh, hosts: multihost.HostRows, graphdef, text
     rollout.mesh.reshard is off (then on the training layout); with split placement (rollout.devices), on
     the layout over `engine_devices`, in a SplitEngine."""
     r = cfg.rollout
-    layout = DecodeLayout.of(mesh, r.mesh, cfg.runtime.dtype) if r.mesh.reshard else None
-    if engine_devices:
+    layout = None
+    if engine_devices:  # rollout.mesh regroups the engine's devices only (the training mesh need not fit it)
         layout = DecodeLayout.of(mesh_lib.engine_mesh(engine_devices), r.mesh, cfg.runtime.dtype)
+    elif r.mesh.reshard:
+        layout = DecodeLayout.of(mesh, r.mesh, cfg.runtime.dtype)
     config = SamplingConfig(
         n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         eos_ids=text.stop_ids, pad_id=text.pad_id, prompt_buckets=cfg.prompt_buckets,
